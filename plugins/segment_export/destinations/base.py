@@ -1,0 +1,65 @@
+"""The contract between the exporter and a destination."""
+
+from __future__ import annotations
+
+import json
+import re
+from abc import ABC, abstractmethod
+from typing import Any
+
+from segment_export.batching import Batch
+from segment_export.mapping import Profile, Rejection
+from segment_export.summary import BatchResult
+
+_dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+
+
+def dump_bytes(value: Any) -> bytes:
+    """Compact UTF-8 JSON, the form every payload fragment takes."""
+    return _dumps(value).encode("utf-8")
+
+
+_EMAIL_IN_TEXT = re.compile(r"[^\s@\"'<>()]+@[^\s@\"'<>()]+")
+
+
+def redact_emails(text: str) -> str:
+    """A destination's message with any address it quotes replaced, so it can be logged and counted."""
+    return _EMAIL_IN_TEXT.sub("<email>", text)
+
+
+class Destination(ABC):
+    """One Klaviyo list or Mailchimp audience: what a batch may hold, how a profile is written, how it is sent."""
+
+    type: str
+    #: profiles per request and the bytes they may take in it (the request envelope already paid for)
+    max_batch_profiles: int
+    max_batch_bytes: int
+    #: the largest serialized profile the destination takes (None: no separate cap)
+    max_profile_bytes: int | None = None
+    #: batches in flight at once; the hook's connection pool is sized to it
+    concurrency: int = 10
+
+    target_id: str
+
+    @abstractmethod
+    def preflight(self) -> None:
+        """Check, before anything is sent, that the target exists and can take the mapped fields."""
+
+    @abstractmethod
+    def serialize(self, profile: Profile) -> bytes:
+        """One profile's payload fragment (pure)."""
+
+    def encode(self, profile: Profile) -> bytes | Rejection:
+        fragment = self.serialize(profile)
+        if self.max_profile_bytes is not None and len(fragment) > self.max_profile_bytes:
+            return Rejection(f"profile is larger than the {self.type} limit of {self.max_profile_bytes:,} bytes")
+        return fragment
+
+    @abstractmethod
+    def send(self, batch: Batch) -> BatchResult:
+        """Send one batch and return what the destination accepted and rejected, with reasons."""
+
+    @property
+    @abstractmethod
+    def request_stats(self) -> dict[str, int]:
+        """Requests sent and retried so far (for the summary and benchmarks)."""

@@ -1,0 +1,103 @@
+"""Klaviyo list destination: profiles go out as bulk profile import jobs with the list as relationship."""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from typing import Any
+
+from segment_export.batching import Batch
+from segment_export.destinations.base import Destination, dump_bytes
+from segment_export.hooks.base import DestinationError
+from segment_export.hooks.klaviyo import KlaviyoHook
+from segment_export.mapping import Profile
+from segment_export.spec import ExportSpec
+from segment_export.summary import BatchResult
+
+MAX_JOB_PROFILES = 10_000
+MAX_JOB_BYTES = 5_000_000  # "5 MB" per job; decimal megabytes, to stay clear of the cap either way
+MAX_PROFILE_BYTES = 100_000  # "100 KB" per profile
+FINAL_STATUSES = ("complete", "cancelled")
+
+
+def profile_fragment(profile: Profile) -> bytes:
+    """A profile as a JSON:API resource of a bulk import job; unmapped or blank fields are left out."""
+    attributes: dict[str, Any] = {"email": profile.email}
+    for name in ("first_name", "last_name", "phone_number", "external_id"):
+        value = getattr(profile, name)
+        if value is not None:
+            attributes[name] = value
+    if profile.attributes:
+        attributes["properties"] = profile.attributes
+    return dump_bytes({"type": "profile", "attributes": attributes})
+
+
+def job_envelope(list_id: str) -> tuple[bytes, bytes]:
+    """The bytes before and after the joined profiles of a bulk import job body."""
+    lists = dump_bytes({"lists": {"data": [{"type": "list", "id": list_id}]}})
+    head = b'{"data":{"type":"profile-bulk-import-job","attributes":{"profiles":{"data":['
+    tail = b"]}},\"relationships\":" + lists + b"}}"
+    return head, tail
+
+
+class KlaviyoDestination(Destination):
+    type = "klaviyo"
+    max_batch_profiles = MAX_JOB_PROFILES
+    max_profile_bytes = MAX_PROFILE_BYTES
+
+    def __init__(self, hook: KlaviyoHook, list_id: str, *, concurrency: int = 10, poll_interval: float = 0.5, poll_max_interval: float = 5.0):
+        self.hook, self.target_id = hook, list_id
+        self.concurrency = concurrency
+        self.poll_interval, self.poll_max_interval = poll_interval, poll_max_interval
+        self._head, self._tail = job_envelope(list_id)
+        self.max_batch_bytes = MAX_JOB_BYTES - len(self._head) - len(self._tail)
+
+    @classmethod
+    def from_spec(cls, spec: ExportSpec) -> KlaviyoDestination:
+        return cls(KlaviyoHook(spec.destination.connection_id, max_concurrency=10), spec.destination.target_id)
+
+    def preflight(self) -> None:
+        self.hook.get_list(self.target_id)
+
+    def serialize(self, profile: Profile) -> bytes:
+        return profile_fragment(profile)
+
+    def job_body(self, batch: Batch) -> bytes:
+        return self._head + b",".join(batch.fragments) + self._tail
+
+    def send(self, batch: Batch) -> BatchResult:
+        job = self.hook.submit_bulk_import(self.job_body(batch))
+        job = self._await(job)
+        attrs = job["attributes"]
+        accepted = int(attrs.get("completed_count") or 0)
+        failed = int(attrs.get("failed_count") or 0)
+        rejected: Counter[str] = Counter()
+        if failed:
+            for error in self.hook.iter_import_errors(job["id"]):
+                a = error.get("attributes", {})
+                rejected[f"{a.get('code') or 'import_error'}: {a.get('title') or 'import error'}"] += 1
+            # Count what Klaviyo reported even if its error listing was shorter than failed_count.
+            missing = failed - sum(rejected.values())
+            if missing > 0:
+                rejected["import error without details"] += missing
+        unaccounted = len(batch) - accepted - sum(rejected.values())
+        if unaccounted > 0:
+            reason = "job cancelled by Klaviyo" if attrs["status"] == "cancelled" else "not confirmed by Klaviyo"
+            rejected[reason] += unaccounted
+        return BatchResult(accepted=accepted, rejected=rejected)
+
+    def _await(self, job: dict[str, Any]) -> dict[str, Any]:
+        """Poll a job until it is complete or cancelled, backing off between polls."""
+        interval = self.poll_interval
+        while job["attributes"]["status"] not in FINAL_STATUSES:
+            time.sleep(interval)
+            interval = min(self.poll_max_interval, interval * 1.5)
+            job = self.hook.get_bulk_import_job(job["id"])
+        return job
+
+    @property
+    def request_stats(self) -> dict[str, int]:
+        return {"requests": self.hook.requests, "retries": self.hook.retries}
+
+
+__all__ = ["KlaviyoDestination", "profile_fragment", "job_envelope", "DestinationError"]

@@ -1,0 +1,1 @@
+"""Hooks: one per destination, each owning auth, base URL, pacing and retries."""

@@ -1,0 +1,95 @@
+"""Klaviyo hook: API-key auth, the pinned revision, JSON:API errors, bulk profile import jobs."""
+
+from __future__ import annotations
+
+from typing import Any, Iterator
+
+import requests
+
+from segment_export.hooks.base import DestinationError, DestinationHook
+
+KLAVIYO_REVISION = "2026-07-15"
+JSON_API = "application/vnd.api+json"
+
+
+class KlaviyoHook(DestinationHook):
+    """Talks to Klaviyo with a private API key (connection password); host defaults to https://a.klaviyo.com.
+
+    :param conn_id: Airflow connection of type ``klaviyo`` (default ``klaviyo_default``).
+    """
+
+    default_conn_name = "klaviyo_default"
+    conn_type = "klaviyo"
+    hook_name = "Klaviyo"
+    # Documented per-account limits (burst per second, steady per minute), see x-klaviyo-ratelimit.
+    rate_limits = {
+        "bulk-import": (10, 150),
+        "bulk-import-read": (10, 150),
+        "lists": (75, 750),
+        "accounts": (1, 15),
+    }
+
+    def default_base_url(self, connection: Any) -> str:
+        return "https://a.klaviyo.com"
+
+    def _configure_session_from_auth(self, session: requests.Session, connection: Any) -> requests.Session:
+        session.auth = None
+        session.headers.update(
+            {
+                "Authorization": f"Klaviyo-API-Key {self.api_key(connection)}",
+                "revision": KLAVIYO_REVISION,
+                "Accept": JSON_API,
+                "Content-Type": JSON_API,
+            }
+        )
+        return session
+
+    def error_message(self, response: requests.Response) -> str:
+        try:
+            errors = response.json()["errors"]
+            parts = [f"{e.get('title') or e.get('code')}: {e.get('detail', '')}".rstrip(": ") for e in errors]
+            pointers = [e.get("source", {}).get("pointer") for e in errors if e.get("source")]
+            text = "; ".join(parts)
+            if any(pointers):
+                text += f" (at {', '.join(p for p in pointers if p)})"
+            return f"HTTP {response.status_code} {text}"
+        except (ValueError, KeyError, TypeError, AttributeError):
+            return super().error_message(response)
+
+    # -- API ---------------------------------------------------------------------------------------------
+    def test_connection(self) -> tuple[bool, str]:
+        try:
+            accounts = self.request_json("GET", "/api/accounts", limit_key="accounts")
+            count = len(accounts.get("data", []))
+            return True, f"Connected to Klaviyo ({count} account{'s' if count != 1 else ''}, revision {KLAVIYO_REVISION})"
+        except DestinationError as exc:
+            return False, str(exc)
+
+    def get_list(self, list_id: str) -> dict[str, Any]:
+        """The list resource; a missing list fails with Klaviyo's 404 message."""
+        return self.request_json("GET", f"/api/lists/{list_id}", limit_key="lists")["data"]
+
+    def submit_bulk_import(self, body: bytes) -> dict[str, Any]:
+        """POST a pre-serialized bulk import job body; return the job resource (status ``queued``)."""
+        return self.request_json("POST", "/api/profile-bulk-import-jobs", data=body, limit_key="bulk-import")["data"]
+
+    def get_bulk_import_job(self, job_id: str) -> dict[str, Any]:
+        return self.request_json(
+            "GET", f"/api/profile-bulk-import-jobs/{job_id}", limit_key="bulk-import-read"
+        )["data"]
+
+    def iter_import_errors(self, job_id: str) -> Iterator[dict[str, Any]]:
+        """Every import error of a job, following the cursor pagination (100 per page)."""
+        endpoint: str | None = f"/api/profile-bulk-import-jobs/{job_id}/import-errors"
+        params: dict[str, Any] | None = {"page[size]": 100}
+        while endpoint:
+            page = self.request_json("GET", endpoint, params=params, limit_key="bulk-import-read")
+            yield from page.get("data", [])
+            next_url = (page.get("links") or {}).get("next")
+            endpoint, params = (next_url, None) if next_url else (None, None)
+
+    def url_from_endpoint(self, endpoint: str | None) -> str:
+        # Pagination links are absolute URLs; keep them as Klaviyo gave them.
+        if endpoint and "://" in endpoint:
+            return endpoint
+        return super().url_from_endpoint(endpoint)

@@ -1,0 +1,86 @@
+"""Mailchimp hook: basic auth with the API key, the data-center base URL, problem+json errors."""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+import requests
+from requests.auth import HTTPBasicAuth
+
+from segment_export.hooks.base import DestinationError, DestinationHook
+
+MAX_CONNECTIONS_PER_KEY = 10  # Mailchimp refuses the 11th simultaneous connection of an API key
+
+
+def subscriber_hash(email: str) -> str:
+    """Mailchimp's member id: MD5 of the lower-cased address."""
+    return hashlib.md5(email.lower().encode("utf-8")).hexdigest()
+
+
+def data_center(api_key: str) -> str:
+    """The key's data-center suffix (``…-us6`` → ``us6``), which names the API host."""
+    _, sep, dc = api_key.rpartition("-")
+    if not sep or not dc.isalnum():
+        raise DestinationError(
+            "the Mailchimp API key has no data-center suffix (it should end in '-us6' or similar); "
+            "set the connection's host to the API base URL instead"
+        )
+    return dc
+
+
+class MailchimpHook(DestinationHook):
+    """Talks to the Mailchimp Marketing API 3.0 with an API key (connection password).
+
+    The base URL is ``https://<dc>.api.mailchimp.com/3.0`` from the key's suffix, unless the connection's host
+    gives one (e.g. the sandbox's ``http://127.0.0.1:PORT/3.0``).
+
+    :param conn_id: Airflow connection of type ``mailchimp`` (default ``mailchimp_default``).
+    """
+
+    default_conn_name = "mailchimp_default"
+    conn_type = "mailchimp"
+    hook_name = "Mailchimp"
+
+    def __init__(self, conn_id: str | None = None, *, max_concurrency: int = MAX_CONNECTIONS_PER_KEY, **kwargs: Any):
+        super().__init__(conn_id, max_concurrency=min(max_concurrency, MAX_CONNECTIONS_PER_KEY), **kwargs)
+
+    def default_base_url(self, connection: Any) -> str:
+        return f"https://{data_center(self.api_key(connection))}.api.mailchimp.com/3.0"
+
+    def _configure_session_from_auth(self, session: requests.Session, connection: Any) -> requests.Session:
+        session.auth = HTTPBasicAuth(connection.login or "segment-export", self.api_key(connection))
+        session.headers.update({"Accept": "application/json"})
+        return session
+
+    def error_message(self, response: requests.Response) -> str:
+        try:
+            body = response.json()
+            text = f"{body['title']}: {body.get('detail', '')}".rstrip(": ")
+            errors = body.get("errors") or []
+            if errors:
+                text += " (" + "; ".join(f"{e.get('field')}: {e.get('message')}" for e in errors) + ")"
+            return f"HTTP {response.status_code} {text}"
+        except (ValueError, KeyError, TypeError):
+            return super().error_message(response)
+
+    # -- API ---------------------------------------------------------------------------------------------
+    def test_connection(self) -> tuple[bool, str]:
+        try:
+            body = self.request_json("GET", "/ping")
+            return True, f"Connected to Mailchimp: {body.get('health_status', 'ok')}"
+        except DestinationError as exc:
+            return False, str(exc)
+
+    def get_audience(self, audience_id: str) -> dict[str, Any]:
+        return self.request_json("GET", f"/lists/{audience_id}")
+
+    def get_merge_fields(self, audience_id: str) -> list[dict[str, Any]]:
+        body = self.request_json("GET", f"/lists/{audience_id}/merge-fields", params={"count": 1000})
+        return body.get("merge_fields", [])
+
+    def batch_subscribe(self, audience_id: str, body: bytes) -> dict[str, Any]:
+        """POST /lists/{id}: at most 500 members; per-member errors come back in a 200 answer."""
+        return self.request_json(
+            "POST", f"/lists/{audience_id}", data=body, headers={"Content-Type": "application/json"}
+        )

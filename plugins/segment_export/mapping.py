@@ -1,0 +1,131 @@
+"""Field mapping: a source row becomes a profile, or a rejection with a reason. Pure, no I/O.
+
+Only mapped columns are read, so nothing else from the segment row can ever leave.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from datetime import date, datetime, time
+from decimal import Decimal
+from typing import Any, Sequence
+
+from segment_export.spec import MappingSpec
+
+# Pragmatic address check: what both destinations would refuse anyway, caught before it is sent.
+_EMAIL_RE = re.compile(r"^[^@\s\"<>(),;:\\\[\]]+@[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?)+$")
+MAX_EMAIL_LENGTH = 254
+
+
+class MissingColumnsError(ValueError):
+    """The mapping names columns the source does not have; raised before anything is sent."""
+
+    def __init__(self, missing: list[str], available: Sequence[str]):
+        self.missing, self.available = missing, list(available)
+        super().__init__(
+            f"mapped column(s) {missing} not found in the source; the source has: {', '.join(self.available)}"
+        )
+
+
+@dataclass(slots=True)
+class Profile:
+    """One customer as the destination will hold it. ``key`` is the normalised email, used to de-duplicate."""
+
+    email: str
+    key: str
+    first_name: str | None = None
+    last_name: str | None = None
+    phone_number: str | None = None
+    external_id: str | None = None
+    attributes: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Rejection:
+    """A row that cannot become a profile; ``reason`` never contains the row's personal data."""
+
+    reason: str
+
+
+def is_blank(value: Any) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value)) or (isinstance(value, str) and not value.strip())
+
+
+def to_text(value: Any) -> str | None:
+    """A text field's value: numbers and dates become their usual text, blanks become None."""
+    if is_blank(value):
+        return None
+    if isinstance(value, bytes):
+        value = value.decode("utf-8")  # a UnicodeDecodeError is turned into a rejection by the caller
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    if isinstance(value, (datetime, date, time)):
+        return value.isoformat()
+    return str(value).strip()
+
+
+def to_json_value(value: Any) -> Any:
+    """An attribute's value as JSON can carry it (Decimal, dates and numpy scalars included)."""
+    if is_blank(value):
+        return None
+    if isinstance(value, (str, bool, int)):
+        return value
+    if isinstance(value, float):
+        return value
+    if isinstance(value, Decimal):
+        return int(value) if value == value.to_integral_value() else float(value)
+    if isinstance(value, (datetime, date, time)):
+        return value.isoformat()
+    if isinstance(value, bytes):
+        return value.decode("utf-8")
+    if hasattr(value, "item"):  # numpy / pandas scalars
+        return to_json_value(value.item())
+    if hasattr(value, "isoformat"):  # pandas Timestamp
+        return value.isoformat()
+    return str(value)
+
+
+def normalise_email(value: Any) -> str | None:
+    """The address to send (surrounding spaces removed) or None when blank."""
+    text = to_text(value)
+    return text or None
+
+
+class RowMapper:
+    """Compiled mapping for one source's column order: ``map(row)`` turns a row tuple into a profile."""
+
+    _TEXT_FIELDS = ("first_name", "last_name", "phone_number", "external_id")
+
+    def __init__(self, mapping: MappingSpec, columns: Sequence[str]):
+        index = {name: i for i, name in enumerate(columns)}
+        missing = [c for c in mapping.columns() if c not in index]
+        if missing:
+            raise MissingColumnsError(missing, columns)
+        self._email = index[mapping.email]
+        self._text = [(f, index[getattr(mapping, f)]) for f in self._TEXT_FIELDS if getattr(mapping, f)]
+        self._attrs = [(name, index[col]) for name, col in mapping.attributes.items()]
+
+    def map(self, row: Sequence[Any]) -> Profile | Rejection:
+        try:
+            email = normalise_email(row[self._email])
+        except UnicodeDecodeError:
+            return Rejection("email is not valid UTF-8")
+        if email is None:
+            return Rejection("email is empty")
+        if len(email) > MAX_EMAIL_LENGTH or not _EMAIL_RE.match(email):
+            return Rejection("email is not a valid address")
+        profile = Profile(email=email, key=email.lower())
+        try:
+            for name, i in self._text:
+                setattr(profile, name, to_text(row[i]))
+            attributes = {}
+            for name, i in self._attrs:
+                value = to_json_value(row[i])
+                if value is not None:
+                    attributes[name] = value
+        except UnicodeDecodeError:
+            return Rejection("a mapped field is not valid UTF-8")
+        profile.attributes = attributes
+        return profile

@@ -1,0 +1,1 @@
+"""Operators: thin wiring of a spec, a source, a destination and the exporter."""

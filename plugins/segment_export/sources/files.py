@@ -1,0 +1,140 @@
+"""File sources: CSV and Parquet, read in chunks.
+
+CSV values are read as text (a zip code keeps its leading zero), a UTF-8 byte-order mark is ignored, blank
+cells are empty. Parquet keeps its types. Segment filtering happens per chunk. Truncation in ``order_by``
+order needs the whole key column once (one value per row, not whole rows): a first pass picks the row
+positions to keep, a second pass streams them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+from segment_export.sources.base import Row, Source, SourceError
+from segment_export.spec import SourceSpec
+
+
+class FileSource(Source):
+    """Shared logic; subclasses only know how to read raw chunks of some columns from their format."""
+
+    def __init__(self, spec: SourceSpec):
+        self.spec = spec
+        self.path = Path(spec.path or "")
+        self.chunk_size = spec.chunk_size
+        self.description = f"{spec.file_format} file {self.path.name}"
+        if not self.path.is_file():
+            raise SourceError(f"the source file {self.path} does not exist")
+
+    def _raw_chunks(self, columns: Sequence[str]) -> Iterator[list[Row]]:
+        raise NotImplementedError
+
+    def _segment_rows(self, columns: Sequence[str]) -> Iterator[list[Row]]:
+        """Chunks of ``columns`` rows, filtered to the spec's segments (the segment column read alongside)."""
+        seg_col = self.spec.segment_column
+        if not seg_col:
+            yield from self._raw_chunks(columns)
+            return
+        wanted = set(self.spec.segments or [])
+        cols = list(columns) + [seg_col]
+        for rows in self._raw_chunks(cols):
+            kept = [r[:-1] for r in rows if r[-1] in wanted]
+            if kept:
+                yield kept
+
+    def count(self) -> int:
+        first = self.columns()[0]
+        return sum(len(rows) for rows in self._segment_rows([first]))
+
+    def chunks(self, columns, *, order_by=None, tie_breaker=None, limit=None) -> Iterator[list[Row]]:
+        if limit is None:
+            yield from self._segment_rows(columns)
+            return
+        keep = self._positions_to_keep(order_by, tie_breaker, limit)
+        position = 0
+        for rows in self._segment_rows(columns):
+            kept = [row for offset, row in enumerate(rows) if position + offset in keep]
+            position += len(rows)
+            if kept:
+                yield kept
+
+    def _positions_to_keep(self, order_by: str | None, tie_breaker: str | None, limit: int) -> set[int]:
+        """Positions (in segment order) of the first ``limit`` rows by ``order_by``, then ``tie_breaker``."""
+        if not order_by:
+            return set(range(limit))
+        cols = list(dict.fromkeys(c for c in (order_by, tie_breaker) if c))
+        primary: list[Any] = []
+        secondary: list[Any] = []
+        for rows in self._segment_rows(cols):
+            primary.extend(r[0] for r in rows)
+            secondary.extend(str(r[-1] or "") for r in rows)
+        primary = _numeric_if_text_numbers(primary)
+        try:
+            order = sorted(
+                range(len(primary)),
+                key=lambda i: (primary[i] is None, 0 if primary[i] is None else primary[i], secondary[i]),
+            )
+        except TypeError as exc:  # mixed types in the key column
+            raise SourceError(f"cannot order {self.description} by {order_by!r}: {exc}") from exc
+        return set(order[:limit])
+
+
+def _numeric_if_text_numbers(values: list[Any]) -> list[Any]:
+    """CSV keys are text; order them as numbers when every one is a number, so "10" comes after "9"."""
+    values = [None if v is None or v == "" else v for v in values]
+    if not all(v is None or isinstance(v, str) for v in values):
+        return values
+    try:
+        return [None if v is None else float(v) for v in values]
+    except ValueError:
+        return values
+
+
+class CsvSource(FileSource):
+    def columns(self) -> list[str]:
+        import pandas as pd
+
+        try:
+            return [str(c) for c in pd.read_csv(self.path, nrows=0, encoding="utf-8-sig").columns]
+        except (ValueError, UnicodeDecodeError, OSError) as exc:
+            raise SourceError(f"cannot read the header of {self.path}: {exc}") from exc
+
+    def _raw_chunks(self, columns: Sequence[str]) -> Iterator[list[Row]]:
+        import pandas as pd
+
+        order = list(columns)
+        try:
+            reader = pd.read_csv(
+                self.path, usecols=order, dtype=str, keep_default_na=False, encoding="utf-8-sig",
+                chunksize=self.chunk_size,
+            )
+            for frame in reader:
+                yield list(frame[order].itertuples(index=False, name=None))
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise SourceError(f"cannot read {self.path}: {exc}") from exc
+
+
+class ParquetSource(FileSource):
+    def _file(self):
+        import pyarrow.parquet as pq
+
+        try:
+            return pq.ParquetFile(self.path)
+        except Exception as exc:  # noqa: BLE001 - pyarrow raises several kinds
+            raise SourceError(f"cannot open {self.path} as Parquet: {exc}") from exc
+
+    def columns(self) -> list[str]:
+        return list(self._file().schema_arrow.names)
+
+    def count(self) -> int:
+        if not self.spec.segment_column:
+            return self._file().metadata.num_rows  # from the footer, without reading rows
+        return super().count()
+
+    def _raw_chunks(self, columns: Sequence[str]) -> Iterator[list[Row]]:
+        for batch in self._file().iter_batches(batch_size=self.chunk_size, columns=list(columns)):
+            yield list(zip(*(batch.column(name).to_pylist() for name in columns)))
+
+
+def file_source(spec: SourceSpec) -> FileSource:
+    return CsvSource(spec) if spec.file_format == "csv" else ParquetSource(spec)

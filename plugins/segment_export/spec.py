@@ -1,0 +1,292 @@
+"""The export spec: what a data engineer writes in YAML, validated before any DAG is built.
+
+Pure: no Airflow, no network, no segment data. Parsing a DAG file only ever reads YAML through this module.
+Every model forbids unknown keys, so a typo is an error instead of a silently ignored setting.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import date
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+# The destinations' documented per-export caps (the seed product's limits), used when a spec gives none.
+DEFAULT_MAX_PROFILES = {"klaviyo": 100_000, "mailchimp": 1_000_000}
+DEFAULT_CONN_IDS = {"klaviyo": "klaviyo_default", "mailchimp": "mailchimp_default"}
+
+_ID_RE = re.compile(r"^[A-Za-z0-9_.-]{1,200}$")
+# Mailchimp merge tags: letters, digits and underscores, at most 10 characters.
+_MERGE_TAG_RE = re.compile(r"^[A-Z0-9_]{1,10}$")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SourceSpec(_Strict):
+    """Where the segment comes from: a table (optionally filtered by segment), a SQL query, or a CSV/Parquet file."""
+
+    conn_id: str | None = Field(None, description="Airflow SQL connection id (table or query sources).")
+    table: str | None = Field(None, description="Table name, optionally schema-qualified (quoted as an identifier).")
+    query: str | None = Field(None, description="A SELECT statement whose rows are the segment.")
+    path: str | None = Field(None, description="CSV or Parquet file (relative paths are relative to the spec file).")
+    format: Literal["csv", "parquet"] | None = Field(None, description="File format; inferred from the suffix.")
+    segment_column: str | None = None
+    segments: list[str] | None = None
+    chunk_size: int = Field(10_000, ge=1, le=1_000_000, description="Rows read per chunk; bounds memory.")
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> SourceSpec:
+        kinds = [k for k in ("table", "query", "path") if getattr(self, k)]
+        if len(kinds) != 1:
+            raise ValueError(f"give exactly one of 'table', 'query' or 'path' (got {kinds or 'none'})")
+        if self.path is None and not self.conn_id:
+            raise ValueError(f"'conn_id' is required with '{kinds[0]}' (the Airflow SQL connection to read from)")
+        if self.path is not None and self.conn_id:
+            raise ValueError("'conn_id' does not apply to a file source ('path')")
+        if self.segments is not None and not self.segment_column:
+            raise ValueError("'segments' needs 'segment_column' (the column holding each row's segment name)")
+        if self.segment_column and not self.segments:
+            raise ValueError("'segment_column' needs 'segments' (the segment names to export)")
+        if self.path is not None and self.format is None:
+            suffix = Path(self.path).suffix.lower()
+            if suffix not in (".csv", ".parquet", ".pq"):
+                raise ValueError(f"cannot infer the file format of {self.path!r}; set 'format: csv|parquet'")
+        return self
+
+    @property
+    def kind(self) -> Literal["table", "query", "file"]:
+        return "table" if self.table else "query" if self.query else "file"
+
+    @property
+    def file_format(self) -> Literal["csv", "parquet"]:
+        if self.format:
+            return self.format
+        return "csv" if Path(self.path or "").suffix.lower() == ".csv" else "parquet"
+
+
+class _DestinationBase(_Strict):
+    conn_id: str | None = Field(None, description="Airflow connection id; defaults to '<type>_default'.")
+
+    @property
+    def connection_id(self) -> str:
+        return self.conn_id or DEFAULT_CONN_IDS[self.type]  # type: ignore[attr-defined]
+
+
+class KlaviyoDestinationSpec(_DestinationBase):
+    type: Literal["klaviyo"]
+    list_id: str = Field(min_length=1, description="The Klaviyo list that receives the profiles.")
+
+    @property
+    def target_id(self) -> str:
+        return self.list_id
+
+
+class MailchimpDestinationSpec(_DestinationBase):
+    type: Literal["mailchimp"]
+    audience_id: str = Field(min_length=1, description="The Mailchimp audience (list) id.")
+    new_member_status: Literal["subscribed", "pending", "unsubscribed", "transactional"] = Field(
+        description=(
+            "Status given to members the export creates. Required: adding a person to an audience is a consent "
+            "decision. Existing members' status is never changed by an export."
+        )
+    )
+
+    @property
+    def target_id(self) -> str:
+        return self.audience_id
+
+
+DestinationSpec = Annotated[KlaviyoDestinationSpec | MailchimpDestinationSpec, Field(discriminator="type")]
+
+
+class MappingSpec(_Strict):
+    """Which source column feeds each profile field. Only mapped fields ever leave the warehouse."""
+
+    email: str = Field(min_length=1)
+    first_name: str | None = None
+    last_name: str | None = None
+    phone_number: str | None = None
+    external_id: str | None = None
+    attributes: dict[str, str] = Field(
+        default_factory=dict,
+        description="Extra attributes: Klaviyo custom properties, or Mailchimp merge fields keyed by merge tag.",
+    )
+
+    def columns(self) -> list[str]:
+        """Every source column the mapping reads, in a stable order, without repeats."""
+        cols = [self.email, self.first_name, self.last_name, self.phone_number, self.external_id]
+        cols += list(self.attributes.values())
+        return list(dict.fromkeys(c for c in cols if c))
+
+
+class LimitSpec(_Strict):
+    max_profiles: int | None = Field(None, ge=1, description="Defaults to the destination's documented cap.")
+    on_exceed: Literal["fail", "truncate"] = "fail"
+    order_by: str | None = Field(None, description="Column that orders rows when truncating (deterministic).")
+
+    @model_validator(mode="after")
+    def _truncate_needs_key(self) -> LimitSpec:
+        if self.on_exceed == "truncate" and not self.order_by:
+            raise ValueError("'order_by' is required with 'on_exceed: truncate', so every run keeps the same rows")
+        return self
+
+
+class ExportSpec(_Strict):
+    """One export: one destination fed by one source; becomes one DAG whose dag_id is ``id``."""
+
+    id: str
+    name: str | None = None
+    description: str | None = None
+    owner: str = "segment-export"
+    tags: list[str] = Field(default_factory=list)
+    schedule: str | None = Field(None, description="Cron expression or preset; null for on-demand only.")
+    start_date: date = date(2024, 1, 1)
+    privacy_acknowledged: bool = Field(
+        description=(
+            "Must be true: the person responsible acknowledges that the mapped fields leave the compliance "
+            "boundary for a third-party marketing platform."
+        )
+    )
+    source: SourceSpec
+    destination: DestinationSpec
+    mapping: MappingSpec
+    limit: LimitSpec = Field(default_factory=LimitSpec)
+
+    @field_validator("id")
+    @classmethod
+    def _valid_id(cls, v: str) -> str:
+        if not _ID_RE.match(v):
+            raise ValueError("must be 1-200 letters, digits, '_', '.' or '-' (it becomes the dag_id)")
+        return v
+
+    @field_validator("privacy_acknowledged")
+    @classmethod
+    def _acknowledged(cls, v: bool) -> bool:
+        if v is not True:
+            raise ValueError(
+                "must be true: an export sends personal data to a third party; set it only once the person "
+                "responsible for the data has agreed that it may leave the compliance boundary"
+            )
+        return v
+
+    @field_validator("schedule")
+    @classmethod
+    def _valid_schedule(cls, v: str | None) -> str | None:
+        if v is None or v.startswith("@"):
+            return v
+        if len(v.split()) not in (5, 6):
+            raise ValueError(f"{v!r} is neither a cron expression (5 fields) nor a preset such as '@daily'")
+        return v
+
+    @model_validator(mode="after")
+    def _destination_rules(self) -> ExportSpec:
+        if self.destination.type == "mailchimp":
+            if self.mapping.external_id:
+                raise ValueError(
+                    "mapping.external_id: Mailchimp has no external id; map the column to a merge field in "
+                    "'mapping.attributes' instead"
+                )
+            bad = [tag for tag in self.mapping.attributes if not _MERGE_TAG_RE.match(tag)]
+            if bad:
+                raise ValueError(
+                    f"mapping.attributes: {bad} are not Mailchimp merge tags (A-Z, 0-9, '_', at most 10 characters)"
+                )
+        return self
+
+    @property
+    def max_profiles(self) -> int:
+        return self.limit.max_profiles or DEFAULT_MAX_PROFILES[self.destination.type]
+
+    @property
+    def display_name(self) -> str:
+        return self.name or self.id
+
+
+class SpecError(ValueError):
+    """A spec that cannot become a DAG. The message names the file, the export and the field."""
+
+    def __init__(self, file: str | Path, export_id: str | None, field: str | None, message: str):
+        self.file, self.export_id, self.field, self.reason = str(file), export_id, field, message
+        where = [f"file {self.file}"]
+        if export_id:
+            where.append(f"export {export_id!r}")
+        if field:
+            where.append(f"field {field!r}")
+        super().__init__(f"{', '.join(where)}: {message}")
+
+
+def _field_path(loc: tuple[Any, ...]) -> str:
+    # Drop pydantic's discriminator tags ("klaviyo"/"mailchimp") so the path reads as the YAML does.
+    parts = [str(p) for p in loc if p not in ("klaviyo", "mailchimp")]
+    return ".".join(parts)
+
+
+def _errors_from_validation(file: Path, export_id: str | None, exc: ValidationError) -> list[SpecError]:
+    errors = []
+    for err in exc.errors(include_url=False):
+        field = _field_path(err["loc"]) or None
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key (not part of the export spec; check its spelling)"
+        errors.append(SpecError(file, export_id, field, msg))
+    return errors
+
+
+def parse_spec_file(path: Path) -> tuple[list[ExportSpec], list[SpecError]]:
+    """Parse one YAML file holding ``exports: [...]``; return the valid exports and one error per problem.
+
+    Each export is validated on its own, so one bad export does not hide the good ones in the same file.
+    """
+    try:
+        doc = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        return [], [SpecError(path, None, None, f"malformed YAML{where}: {getattr(exc, 'problem', exc)}")]
+    except (OSError, UnicodeDecodeError) as exc:
+        return [], [SpecError(path, None, None, f"cannot read the file: {exc}")]
+    if not isinstance(doc, dict) or set(doc) != {"exports"} or not isinstance(doc["exports"], list):
+        return [], [SpecError(path, None, "exports", "the file must hold one top-level key 'exports' with a list")]
+    specs: list[ExportSpec] = []
+    errors: list[SpecError] = []
+    for index, raw in enumerate(doc["exports"]):
+        export_id = str(raw.get("id")) if isinstance(raw, dict) and raw.get("id") else f"#{index + 1}"
+        if not isinstance(raw, dict):
+            errors.append(SpecError(path, export_id, None, "each export must be a mapping"))
+            continue
+        try:
+            spec = ExportSpec.model_validate(raw)
+        except ValidationError as exc:
+            errors.extend(_errors_from_validation(path, export_id, exc))
+            continue
+        if spec.source.path and not Path(spec.source.path).is_absolute():
+            source = spec.source.model_copy(update={"path": str((path.parent / spec.source.path).resolve())})
+            spec = spec.model_copy(update={"source": source})
+        specs.append(spec)
+    return specs, errors
+
+
+def load_specs(folder: str | Path) -> tuple[list[ExportSpec], list[SpecError]]:
+    """Read every ``*.yaml``/``*.yml`` under ``folder``; an id used twice is an error for each later use."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return [], [SpecError(folder, None, None, "the export specs folder does not exist")]
+    specs: list[ExportSpec] = []
+    errors: list[SpecError] = []
+    seen: dict[str, Path] = {}
+    files = sorted(p for p in folder.rglob("*") if p.suffix in (".yaml", ".yml") and p.is_file())
+    for file in files:
+        file_specs, file_errors = parse_spec_file(file)
+        errors.extend(file_errors)
+        for spec in file_specs:
+            if spec.id in seen:
+                errors.append(SpecError(file, spec.id, "id", f"export id already used in {seen[spec.id]}"))
+                continue
+            seen[spec.id] = file
+            specs.append(spec)
+    return specs, errors

@@ -1,0 +1,153 @@
+"""Spec validation and its error messages: every error names the file, the export and the field."""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from segment_export.spec import DEFAULT_MAX_PROFILES, load_specs, parse_spec_file
+
+GOOD = """
+exports:
+  - id: vip_to_klaviyo
+    privacy_acknowledged: true
+    source: {conn_id: warehouse, table: analytics.segment_members, segment_column: segment, segments: [vip]}
+    destination: {type: klaviyo, list_id: Y6nRLr}
+    mapping: {email: email, first_name: first_name, attributes: {loyalty_tier: tier}}
+"""
+
+
+def write(tmp_path: Path, name: str, text: str) -> Path:
+    path = tmp_path / name
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+def only_error(path: Path):
+    specs, errors = parse_spec_file(path)
+    assert specs == [] and len(errors) == 1, errors
+    return errors[0]
+
+
+def test_good_spec_gets_defaults(tmp_path):
+    specs, errors = parse_spec_file(write(tmp_path, "a.yaml", GOOD))
+    assert errors == []
+    (spec,) = specs
+    assert spec.id == "vip_to_klaviyo"
+    assert spec.destination.connection_id == "klaviyo_default"
+    assert spec.max_profiles == DEFAULT_MAX_PROFILES["klaviyo"] == 100_000
+    assert spec.limit.on_exceed == "fail"
+    assert spec.mapping.columns() == ["email", "first_name", "tier"]
+    assert spec.source.kind == "table"
+
+
+def test_mailchimp_default_limit_is_one_million(tmp_path):
+    text = GOOD.replace("{type: klaviyo, list_id: Y6nRLr}", "{type: mailchimp, audience_id: a1, new_member_status: pending}")
+    text = text.replace("loyalty_tier", "TIER")
+    (spec,), _ = parse_spec_file(write(tmp_path, "a.yaml", text))
+    assert spec.max_profiles == 1_000_000
+
+
+def test_unknown_key_is_an_error_naming_file_export_and_field(tmp_path):
+    path = write(tmp_path, "typo.yaml", GOOD.replace("first_name: first_name", "firstname: first_name"))
+    error = only_error(path)
+    assert error.file == str(path) and error.export_id == "vip_to_klaviyo" and error.field == "mapping.firstname"
+    assert "unknown key" in str(error) and "typo.yaml" in str(error) and "'mapping.firstname'" in str(error)
+
+
+def test_missing_list_id(tmp_path):
+    error = only_error(write(tmp_path, "a.yaml", GOOD.replace(", list_id: Y6nRLr", "")))
+    assert error.field == "destination.list_id"
+    assert "Field required" in error.reason
+
+
+def test_unknown_destination_type(tmp_path):
+    error = only_error(write(tmp_path, "a.yaml", GOOD.replace("type: klaviyo", "type: hubspot")))
+    assert error.field == "destination"
+    assert "klaviyo" in error.reason and "mailchimp" in error.reason
+
+
+def test_privacy_must_be_acknowledged(tmp_path):
+    error = only_error(write(tmp_path, "a.yaml", GOOD.replace("privacy_acknowledged: true", "privacy_acknowledged: false")))
+    assert error.field == "privacy_acknowledged" and "compliance boundary" in error.reason
+
+
+def test_truncate_needs_order_by(tmp_path):
+    text = GOOD + "    limit: {max_profiles: 10, on_exceed: truncate}\n"
+    error = only_error(write(tmp_path, "a.yaml", text))
+    assert error.field == "limit" and "order_by" in error.reason
+
+
+@pytest.mark.parametrize(
+    "source, message",
+    [
+        ("{conn_id: w}", "exactly one of 'table', 'query' or 'path'"),
+        ("{conn_id: w, table: t, query: 'select 1'}", "exactly one of"),
+        ("{table: t}", "'conn_id' is required"),
+        ("{conn_id: w, table: t, segments: [a]}", "'segments' needs 'segment_column'"),
+        ("{path: data.txt}", "cannot infer the file format"),
+    ],
+)
+def test_source_rules(tmp_path, source, message):
+    text = GOOD.replace(
+        "{conn_id: warehouse, table: analytics.segment_members, segment_column: segment, segments: [vip]}", source
+    )
+    error = only_error(write(tmp_path, "a.yaml", text))
+    assert error.field == "source" and message in error.reason
+
+
+def test_mailchimp_rules(tmp_path):
+    text = GOOD.replace("{type: klaviyo, list_id: Y6nRLr}", "{type: mailchimp, audience_id: a1}")
+    error = only_error(write(tmp_path, "a.yaml", text))
+    assert error.field == "destination.new_member_status"
+    text = GOOD.replace("{type: klaviyo, list_id: Y6nRLr}", "{type: mailchimp, audience_id: a1, new_member_status: subscribed}")
+    error = only_error(write(tmp_path, "b.yaml", text))  # 'loyalty_tier' is not a merge tag
+    assert "merge tags" in error.reason and "loyalty_tier" in error.reason
+
+
+def test_bad_schedule_and_bad_id(tmp_path):
+    error = only_error(write(tmp_path, "a.yaml", GOOD.replace("privacy_acknowledged", "schedule: every day\n    privacy_acknowledged")))
+    assert error.field == "schedule"
+    error = only_error(write(tmp_path, "b.yaml", GOOD.replace("id: vip_to_klaviyo", "id: vip to klaviyo")))
+    assert error.field == "id" and error.export_id == "vip to klaviyo"
+
+
+def test_malformed_yaml_names_line(tmp_path):
+    error = only_error(write(tmp_path, "a.yaml", "exports:\n  - id: [unclosed\n"))
+    assert "malformed YAML" in error.reason and "line" in error.reason and error.file.endswith("a.yaml")
+
+
+def test_top_level_must_be_exports(tmp_path):
+    error = only_error(write(tmp_path, "a.yaml", "export: []\n"))
+    assert error.field == "exports"
+
+
+def test_one_bad_export_does_not_hide_the_good_one(tmp_path):
+    bad = GOOD.replace("id: vip_to_klaviyo", "id: second").replace("list_id: Y6nRLr", "list_idd: Y6nRLr")
+    text = GOOD + bad.split("exports:\n", 1)[1]
+    specs, errors = parse_spec_file(write(tmp_path, "a.yaml", text))
+    assert [s.id for s in specs] == ["vip_to_klaviyo"]
+    assert {e.export_id for e in errors} == {"second"}
+
+
+def test_folder_load_rejects_duplicate_ids_and_keeps_going(tmp_path):
+    write(tmp_path, "a.yaml", GOOD)
+    write(tmp_path, "b.yaml", GOOD)
+    write(tmp_path, "c.yml", GOOD.replace("vip_to_klaviyo", "other"))
+    write(tmp_path, "notes.txt", "not a spec")
+    specs, errors = load_specs(tmp_path)
+    assert sorted(s.id for s in specs) == ["other", "vip_to_klaviyo"]
+    assert len(errors) == 1 and errors[0].field == "id" and "already used" in errors[0].reason
+    assert errors[0].file.endswith("b.yaml")
+
+
+def test_relative_file_paths_resolve_against_the_spec(tmp_path):
+    text = GOOD.replace(
+        "{conn_id: warehouse, table: analytics.segment_members, segment_column: segment, segments: [vip]}",
+        "{path: data/seg.parquet}",
+    )
+    (spec,), _ = parse_spec_file(write(tmp_path, "a.yaml", text))
+    assert spec.source.path == str((tmp_path / "data" / "seg.parquet").resolve())
+    assert spec.source.file_format == "parquet"
