@@ -1,0 +1,350 @@
+"""Plumbing shared by both emulated APIs: request/response objects, routing,
+JSON and schema helpers, ids, timestamps, the request log.
+
+Why here: the brief for the sandbox is that Klaviyo and Mailchimp share no
+copy-pasted code.  Each API module only holds that API's *behaviour*; anything
+about HTTP shape (parsing bodies, matching paths, counting requests, validating a
+body against a schema) is written once here and used by both.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as _dt
+import json
+import os
+import re
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+from urllib.parse import parse_qs, urlencode
+
+JSON = Any
+
+# --- requests and responses ------------------------------------------------------------
+
+
+@dataclass
+class ApiRequest:
+    """An HTTP request as the API classes see it (no sockets, easy to build in tests)."""
+
+    method: str
+    path: str
+    query: dict[str, list[str]] = field(default_factory=dict)
+    headers: dict[str, str] = field(default_factory=dict)  # keys lower-cased
+    body: bytes = b""
+    base_url: str = "http://127.0.0.1"
+    path_params: dict[str, str] = field(default_factory=dict)
+    account: Any = None  # set by the API's authenticate()
+
+    @classmethod
+    def build(
+        cls,
+        method: str,
+        target: str,
+        headers: Optional[dict[str, str]] = None,
+        body: bytes | str | JSON = b"",
+        base_url: str = "http://127.0.0.1",
+    ) -> "ApiRequest":
+        """Convenience constructor for tests: ``target`` may carry a query string."""
+        path, _, qs = target.partition("?")
+        if not isinstance(body, (bytes, str)):
+            body = json.dumps(body)
+        if isinstance(body, str):
+            body = body.encode()
+        return cls(
+            method=method.upper(),
+            path=path,
+            query=parse_qs(qs, keep_blank_values=True),
+            headers={k.lower(): v for k, v in (headers or {}).items()},
+            body=body,
+            base_url=base_url,
+        )
+
+    def header(self, name: str) -> Optional[str]:
+        return self.headers.get(name.lower())
+
+    def arg(self, name: str) -> Optional[str]:
+        """First value of a query parameter, or None."""
+        values = self.query.get(name)
+        return values[0] if values else None
+
+    def url(self, path: Optional[str] = None, **query: str) -> str:
+        """Absolute URL on this server (for JSON:API ``links``)."""
+        url = self.base_url + (self.path if path is None else path)
+        return url + ("?" + urlencode(query) if query else "")
+
+
+@dataclass
+class ApiResponse:
+    status: int
+    body: JSON = None
+    content_type: str = "application/json"
+    headers: dict[str, str] = field(default_factory=dict)
+
+    def encoded(self) -> bytes:
+        if self.body is None:
+            return b""
+        return json.dumps(self.body, separators=(",", ":")).encode()
+
+
+class ApiError(Exception):
+    """Raised inside handlers to answer with an error response right away."""
+
+    def __init__(self, response: ApiResponse):
+        super().__init__(response.status)
+        self.response = response
+
+
+Handler = Callable[[ApiRequest], ApiResponse]
+
+
+@dataclass
+class Route:
+    """One endpoint: ``template`` uses ``{name}`` placeholders for path segments.
+
+    ``kind`` selects the latency knob; ``rate_limit`` is ``(burst per second,
+    steady per minute)`` or None.
+    """
+
+    method: str
+    template: str
+    handler: Handler
+    kind: str
+    rate_limit: Optional[tuple[int, int]] = None
+    regex: re.Pattern[str] = field(init=False)
+
+    def __post_init__(self) -> None:
+        pattern = re.sub(r"\\\{(\w+)\\\}", r"(?P<\1>[^/]+)", re.escape(self.template))
+        self.regex = re.compile("^" + pattern + "/?$")
+
+    @property
+    def name(self) -> str:
+        return f"{self.method} {self.template}"
+
+
+def match_route(routes: list[Route], method: str, path: str) -> tuple[Optional[Route], bool, dict[str, str]]:
+    """Return (route, path_exists, params).  ``path_exists`` tells 405 from 404."""
+    path_exists = False
+    for route in routes:
+        m = route.regex.match(path)
+        if m:
+            path_exists = True
+            if route.method == method:
+                return route, True, m.groupdict()
+    return None, path_exists, {}
+
+
+# --- JSON helpers ----------------------------------------------------------------------
+
+
+class BodyError(ValueError):
+    """The body is not a JSON document."""
+
+
+def parse_json_body(body: bytes) -> JSON:
+    if not body.strip():
+        raise BodyError("empty body")
+    try:
+        return json.loads(body.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise BodyError(str(exc)) from exc
+
+
+def json_size(value: JSON) -> int:
+    """Bytes of the compact JSON encoding (how size caps are measured)."""
+    return len(json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode())
+
+
+def query_bool(value: Optional[str]) -> bool:
+    return value is not None and value.lower() in ("true", "1", "yes")
+
+
+def query_int(value: Optional[str], default: int) -> Optional[int]:
+    """Parse an int query param; None means 'present but not an integer'."""
+    if value is None:
+        return default
+    try:
+        return int(value)
+    except ValueError:
+        return None
+
+
+# --- a small JSON-schema subset validator -------------------------------------------------
+
+
+@dataclass
+class SchemaViolation:
+    """First problem found in a body: where (JSON pointer), what kind, which field."""
+
+    pointer: str
+    kind: str  # required | type | enum | additional | max_items | min_items | format
+    field: str
+    message: str
+    value: Any = None
+
+
+_TYPES: dict[str, Callable[[Any], bool]] = {
+    "object": lambda v: isinstance(v, dict),
+    "array": lambda v: isinstance(v, list),
+    "string": lambda v: isinstance(v, str),
+    "boolean": lambda v: isinstance(v, bool),
+    "integer": lambda v: isinstance(v, int) and not isinstance(v, bool),
+    "number": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+}
+
+
+def validate_schema(value: Any, schema: dict[str, Any], pointer: str = "", name: str = "") -> Optional[SchemaViolation]:
+    """Check ``value`` against a JSON-schema subset (type/nullable/enum/required/
+    properties/additionalProperties/items/maxItems/minItems/oneOf-of-types).
+
+    Both APIs describe their request bodies with this subset, taken from the
+    official specs' request schemas, so a malformed body is refused with a pointer
+    to the field instead of being half-processed.
+    """
+    if value is None:
+        if schema.get("nullable"):
+            return None
+        if "type" in schema or "oneOf" in schema:
+            return SchemaViolation(pointer or "/", "type", name, f"expected {schema.get('type', 'a value')}, got null")
+        return None
+    if "oneOf" in schema:
+        if not any(validate_schema(value, alt, pointer, name) is None for alt in schema["oneOf"]):
+            types = "/".join(alt.get("type", "?") for alt in schema["oneOf"])
+            return SchemaViolation(pointer or "/", "type", name, f"expected {types}")
+        return None
+    expected = schema.get("type")
+    if expected and not _TYPES[expected](value):
+        return SchemaViolation(pointer or "/", "type", name, f"expected {expected}, got {type(value).__name__}", value)
+    if "enum" in schema and value not in schema["enum"]:
+        return SchemaViolation(pointer or "/", "enum", name, f"must be one of {schema['enum']}", value)
+    if isinstance(value, dict):
+        for req in schema.get("required", ()):
+            if req not in value:
+                return SchemaViolation(f"{pointer}/{req}", "required", req, f"'{req}' is required")
+        props = schema.get("properties", {})
+        for key, sub in value.items():
+            if key in props:
+                problem = validate_schema(sub, props[key], f"{pointer}/{key}", key)
+                if problem:
+                    return problem
+            elif schema.get("additionalProperties") is False:
+                return SchemaViolation(f"{pointer}/{key}", "additional", key, f"'{key}' is not allowed")
+            elif isinstance(schema.get("additionalProperties"), dict):
+                problem = validate_schema(sub, schema["additionalProperties"], f"{pointer}/{key}", key)
+                if problem:
+                    return problem
+    if isinstance(value, list):
+        if "maxItems" in schema and len(value) > schema["maxItems"]:
+            return SchemaViolation(pointer or "/", "max_items", name, f"at most {schema['maxItems']} items", len(value))
+        if "minItems" in schema and len(value) < schema["minItems"]:
+            return SchemaViolation(pointer or "/", "min_items", name, f"at least {schema['minItems']} items", len(value))
+        if "items" in schema:
+            for i, item in enumerate(value):
+                problem = validate_schema(item, schema["items"], f"{pointer}/{i}", name)
+                if problem:
+                    return problem
+    return None
+
+
+# --- identifiers, emails, time -----------------------------------------------------------
+
+_CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
+
+
+def new_ulid() -> str:
+    """A 26-char ULID (time-ordered), the shape of Klaviyo profile and job ids."""
+    value = (int(time.time() * 1000) << 80) | int.from_bytes(os.urandom(10), "big")
+    return "".join(_CROCKFORD[(value >> (5 * i)) & 31] for i in reversed(range(26)))
+
+
+def new_uuid() -> str:
+    return str(uuid.uuid4())
+
+
+def new_hex(n: int) -> str:
+    return os.urandom((n + 1) // 2).hex()[:n]
+
+
+# Deliberately plain: one @, a dot in the domain, no spaces, sane length.  Both
+# vendors refuse addresses like "not-an-email", "a@b", "x y@z.com".
+_EMAIL_RE = re.compile(r"^[A-Za-z0-9.!#$%&'*+/=?^_`{|}~-]+@[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?)+$")
+
+
+def is_valid_email(value: Any) -> bool:
+    if not isinstance(value, str) or len(value) > 254 or ".." in value:
+        return False
+    if not _EMAIL_RE.match(value):
+        return False
+    tld = value.rsplit(".", 1)[-1]
+    return len(tld) >= 2 and not tld.isdigit()
+
+
+def iso_now(ts: Optional[float] = None, *, micro: bool = False) -> str:
+    """ISO-8601 UTC with ``+00:00`` (both vendors' style)."""
+    moment = _dt.datetime.fromtimestamp(time.time() if ts is None else ts, _dt.timezone.utc)
+    return moment.isoformat(timespec="microseconds" if micro else "seconds")
+
+
+def encode_cursor(offset: int) -> str:
+    """Opaque page cursor (Klaviyo's cursors are opaque strings too)."""
+    return base64.urlsafe_b64encode(f"o:{offset}".encode()).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> Optional[int]:
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+    except (ValueError, UnicodeDecodeError):
+        return None
+    if not raw.startswith("o:") or not raw[2:].isdigit():
+        return None
+    return int(raw[2:])
+
+
+# --- request log -------------------------------------------------------------------------
+
+
+class RequestLog:
+    """Counts requests per endpoint and status; tracks in-flight peaks per API.
+
+    Tests and benchmarks read it through ``state()['requests']`` to prove e.g. that
+    the exporter retried after a 429, or sent N batches.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.reset()
+
+    def reset(self) -> None:
+        with self._lock:
+            self._count = 0
+            self._by_endpoint: dict[str, dict[str, Any]] = {}
+            self._in_flight: dict[str, int] = {}
+            self._max_in_flight: dict[str, int] = {}
+
+    def enter(self, api: str) -> None:
+        with self._lock:
+            n = self._in_flight.get(api, 0) + 1
+            self._in_flight[api] = n
+            self._max_in_flight[api] = max(n, self._max_in_flight.get(api, 0))
+
+    def leave(self, api: str) -> None:
+        with self._lock:
+            self._in_flight[api] = self._in_flight.get(api, 1) - 1
+
+    def record(self, endpoint: str, status: int) -> None:
+        with self._lock:
+            self._count += 1
+            entry = self._by_endpoint.setdefault(endpoint, {"count": 0, "status": {}})
+            entry["count"] += 1
+            entry["status"][str(status)] = entry["status"].get(str(status), 0) + 1
+
+    def snapshot(self) -> dict[str, Any]:
+        with self._lock:
+            return {
+                "count": self._count,
+                "by_endpoint": {k: {"count": v["count"], "status": dict(v["status"])} for k, v in sorted(self._by_endpoint.items())},
+                "max_in_flight": dict(self._max_in_flight),
+            }

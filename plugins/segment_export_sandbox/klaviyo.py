@@ -1,0 +1,938 @@
+"""Klaviyo API (revision 2026-07-15) subset used by the exporter, over an in-memory store.
+
+Everything here is plain Python: ``KlaviyoService.handle``-style route handlers
+take an :class:`~segment_export_sandbox.common.ApiRequest` and return an
+:class:`~segment_export_sandbox.common.ApiResponse`, so behaviour is testable
+without sockets.  The HTTP server adds auth, revision, rate limits and latency
+by calling the hooks below in order.
+
+Modelled behaviour (and where it comes from)
+--------------------------------------------
+* Auth: ``Authorization: Klaviyo-API-Key <private key>``.  Missing header, wrong
+  scheme or unknown key -> 401 ``not_authenticated`` "Authentication credentials
+  were not provided." (the body Klaviyo returns, seen in public bug reports, with
+  integer ``status`` and ``source.pointer = "/data/"``).
+* ``revision`` header required (spec: every operation has it ``required: true``).
+  Missing, malformed or not ``2026-07-15`` -> 400 ``invalid``.  *Guess*: the real
+  API maps older dates to older behaviour; the sandbox only implements 2026-07-15,
+  so it refuses others rather than pretend.
+* Bodies: ``application/vnd.api+json`` or ``application/json``; anything else with
+  a body -> 415.  Malformed JSON -> 400 ``parse_error``.  A body not matching the
+  request schema (transcribed from the spec, plus "unknown attribute" checks that
+  Klaviyo applies: "'x' is not a valid field for the resource 'profile'.") -> 400
+  ``invalid`` with ``source.pointer`` naming the field.
+* ``POST /api/profile-bulk-import-jobs`` -> 202 job (status ``queued``).  Caps
+  from the spec description: <= 10,000 profiles (more -> 400, pointer
+  ``/data/attributes/profiles/data``), <= 100 KB per profile (-> 400, pointer to
+  that profile), <= 5 MB payload (-> 413).  *Guess*: the status codes for the caps
+  are not documented; 400 for content rules and 413 for the raw payload size.
+  ``relationships.lists`` naming a list that does not exist -> 400 pointing at the
+  list id (*guess*: Klaviyo refuses the job; code/detail not documented).
+* Job progress is computed from elapsed time: ``queued`` for
+  ``klaviyo_job_queue_seconds``, then ``processing`` at
+  ``klaviyo_profiles_per_second``, then ``complete``.  Profiles are applied to the
+  store as they are processed (so reads mid-job see partial results).
+  ``completed_count`` counts successful profiles and ``failed_count`` failed ones
+  (*guess*: the spec's wording allows both readings; disjoint counts sum to
+  ``total_count`` at the end).
+* Per-profile problems do not fail the request: an invalid email or phone
+  (E.164), or no identifier (email/phone_number/external_id/_kx) becomes an
+  *import error* ``{code: "invalid", title: "Invalid input.", detail, source:
+  {pointer: "/data/attributes/profiles/data/<i>/attributes/<field>"},
+  original_payload: <that profile's attributes>}`` and counts in ``failed_count``.
+* Upsert: match by profile ``id``, then email (case-insensitive), phone number,
+  external id.  Given attributes overwrite, ``null`` clears (spec: "setting a field
+  to null will clear out the field"), absent ones are kept; ``location`` and
+  ``properties`` are merged key by key; ``meta.patch_properties`` append/unappend/
+  unset are honoured.
+* Every processed profile of a job is added to each list in the job's
+  ``relationships.lists``.
+* Suppressed profiles (seeded with ``/_sandbox/klaviyo/suppressed``) are kept.
+  An import updates their attributes and adds them to lists, but never changes
+  consent: neither bulk import nor list relationships grant consent in Klaviyo
+  (its docs point to the Subscribe Profiles endpoint for consent, and say removing
+  from a list does not affect consent).  Such a profile stays
+  ``can_receive_email_marketing: false``; state shows ``suppressed: true``.
+* ``POST /api/profile-import``: one profile, 201 created / 200 updated; 100 KB cap
+  (-> 413); invalid email/phone or no identifier -> 400 (not an import error).
+* ``GET/POST/DELETE /api/lists/{id}/relationships/profiles``: <= 1,000 ids per
+  call (-> 400), unknown profile ids -> 400 pointing at the id (*guess*), 204.
+* Cursor pagination: ``page[size]`` (spec min/max/default per endpoint), opaque
+  ``page[cursor]``, ``links.self/next/prev``; bad values -> 400.
+* Rate limits (per account, per endpoint, fixed windows) are the spec's
+  ``x-klaviyo-ratelimit`` values, listed in ``RATE_LIMITS`` below.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+from .common import (
+    ApiError,
+    ApiRequest,
+    ApiResponse,
+    BodyError,
+    Route,
+    decode_cursor,
+    encode_cursor,
+    is_valid_email,
+    iso_now,
+    json_size,
+    new_ulid,
+    new_uuid,
+    parse_json_body,
+    query_int,
+    validate_schema,
+)
+from .config import KLAVIYO_REVISION, SandboxConfig
+
+CONTENT_TYPE = "application/vnd.api+json"
+SUPPORTED_REVISIONS = frozenset({KLAVIYO_REVISION})
+_REVISION_RE = re.compile(r"^\d{4}-\d{2}-\d{2}(\.[a-z]+)?$")
+_E164_RE = re.compile(r"^\+[1-9]\d{6,14}$")
+
+MAX_JOB_PROFILES = 10_000
+MAX_JOB_BYTES = 5 * 1024 * 1024
+MAX_PROFILE_BYTES = 100 * 1024
+MAX_RELATIONSHIP_IDS = 1_000
+JOB_TTL_SECONDS = 7 * 24 * 3600  # *guess*: expires_at a week after creation
+
+# (burst per second, steady per minute), from each operation's x-klaviyo-ratelimit.
+RATE_LIMITS: dict[str, tuple[int, int]] = {
+    "accounts": (1, 15),
+    "lists_read": (75, 750),
+    "lists_write": (10, 150),
+    "bulk_import": (10, 150),
+    "profile_import": (75, 750),
+}
+
+PROFILE_ATTRIBUTE_FIELDS = (
+    "email",
+    "phone_number",
+    "external_id",
+    "_kx",
+    "first_name",
+    "last_name",
+    "organization",
+    "locale",
+    "title",
+    "image",
+)
+LOCATION_FIELDS = ("address1", "address2", "city", "country", "latitude", "longitude", "region", "zip", "timezone", "ip")
+IDENTIFIERS = ("email", "phone_number", "external_id", "_kx")
+
+# --- request schemas (subset transcribed from the 2026-07-15 spec) --------------------
+
+_NSTR = {"type": "string", "nullable": True}
+_LOCATION_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "nullable": True,
+    "additionalProperties": False,
+    "properties": {
+        **{k: _NSTR for k in LOCATION_FIELDS},
+        "latitude": {"nullable": True, "oneOf": [{"type": "string"}, {"type": "number"}]},
+        "longitude": {"nullable": True, "oneOf": [{"type": "string"}, {"type": "number"}]},
+    },
+}
+_PROFILE_ATTRIBUTES_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "additionalProperties": False,
+    "properties": {
+        **{k: _NSTR for k in PROFILE_ATTRIBUTE_FIELDS},
+        "location": _LOCATION_SCHEMA,
+        "properties": {"type": "object", "nullable": True},
+    },
+}
+_PROFILE_META_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "properties": {
+        "patch_properties": {
+            "type": "object",
+            "additionalProperties": False,
+            "properties": {
+                "append": {"type": "object", "nullable": True},
+                "unappend": {"type": "object", "nullable": True},
+                "unset": {"nullable": True, "oneOf": [{"type": "string"}, {"type": "array"}]},
+            },
+        },
+        "patch_identifiers": {"type": "object"},
+    },
+}
+PROFILE_RESOURCE_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "required": ["type", "attributes"],
+    "properties": {
+        "type": {"type": "string", "enum": ["profile"]},
+        "id": _NSTR,
+        "attributes": _PROFILE_ATTRIBUTES_SCHEMA,
+        "meta": _PROFILE_META_SCHEMA,
+    },
+}
+BULK_IMPORT_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "required": ["data"],
+    "properties": {
+        "data": {
+            "type": "object",
+            "required": ["type", "attributes"],
+            "properties": {
+                "type": {"type": "string", "enum": ["profile-bulk-import-job"]},
+                "attributes": {
+                    "type": "object",
+                    "required": ["profiles"],
+                    "additionalProperties": False,
+                    "properties": {
+                        "profiles": {
+                            "type": "object",
+                            "required": ["data"],
+                            "properties": {"data": {"type": "array", "minItems": 1, "items": PROFILE_RESOURCE_SCHEMA}},
+                        }
+                    },
+                },
+                "relationships": {
+                    "type": "object",
+                    "additionalProperties": False,
+                    "properties": {
+                        "lists": {
+                            "type": "object",
+                            "required": ["data"],
+                            "properties": {
+                                "data": {
+                                    "type": "array",
+                                    "items": {
+                                        "type": "object",
+                                        "required": ["type", "id"],
+                                        "properties": {"type": {"type": "string", "enum": ["list"]}, "id": {"type": "string"}},
+                                    },
+                                }
+                            },
+                        }
+                    },
+                },
+            },
+        }
+    },
+}
+PROFILE_IMPORT_SCHEMA: dict[str, Any] = {"type": "object", "required": ["data"], "properties": {"data": PROFILE_RESOURCE_SCHEMA}}
+RELATIONSHIP_PROFILES_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "required": ["data"],
+    "properties": {
+        "data": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "required": ["type", "id"],
+                "properties": {"type": {"type": "string", "enum": ["profile"]}, "id": {"type": "string"}},
+            },
+        }
+    },
+}
+
+
+# --- errors ---------------------------------------------------------------------------
+
+
+def error_response(
+    status: int, code: str, title: str, detail: str, pointer: str = "/data/", headers: Optional[dict[str, str]] = None
+) -> ApiResponse:
+    """A Klaviyo JSON:API error document with one error."""
+    err = {"id": new_uuid(), "status": status, "code": code, "title": title, "detail": detail, "source": {"pointer": pointer}}
+    return ApiResponse(status, {"errors": [err]}, CONTENT_TYPE, headers or {})
+
+
+def invalid(detail: str, pointer: str = "/data/") -> ApiError:
+    return ApiError(error_response(400, "invalid", "Invalid input.", detail, pointer))
+
+
+def not_found(detail: str) -> ApiError:
+    return ApiError(error_response(404, "not_found", "Not found.", detail))
+
+
+def _schema_error(body: Any, schema: dict[str, Any], resource: str) -> None:
+    problem = validate_schema(body, schema)
+    if problem is None:
+        return
+    if problem.kind == "required":
+        detail = f"'{problem.field}' is a required field."
+    elif problem.kind == "additional":
+        detail = f"'{problem.field}' is not a valid field for the resource '{resource}'."
+    elif problem.kind == "enum":
+        detail = f"'{problem.value}' is not a valid choice for '{problem.field}'."
+    elif problem.kind == "min_items":
+        detail = f"'{problem.field}' must contain at least one item."
+    else:
+        detail = f"Invalid value for '{problem.field or 'data'}': {problem.message}."
+    raise invalid(detail, problem.pointer)
+
+
+# --- store ----------------------------------------------------------------------------
+
+
+@dataclass
+class KList:
+    id: str
+    name: str
+    created: str
+    updated: str
+    profile_ids: dict[str, None] = field(default_factory=dict)  # ordered set
+
+
+@dataclass
+class ImportJob:
+    id: str
+    created: float
+    profiles: list[dict[str, Any]]  # submitted profile resources, in order
+    problems: list[Optional[tuple[str, str]]]  # per profile: None or (field, detail)
+    list_ids: list[str]
+    applied: int = 0
+    completed_count: int = 0
+    failed_count: int = 0
+    started: Optional[float] = None
+    completed: Optional[float] = None
+    profile_ids: dict[str, None] = field(default_factory=dict)
+    errors: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def total(self) -> int:
+        return len(self.profiles)
+
+    @property
+    def status(self) -> str:
+        if self.completed is not None:
+            return "complete"
+        return "processing" if self.started is not None else "queued"
+
+
+@dataclass
+class KAccount:
+    api_key: str
+    account_id: str
+    lists: dict[str, KList] = field(default_factory=dict)
+    profiles: dict[str, dict[str, Any]] = field(default_factory=dict)
+    by_email: dict[str, str] = field(default_factory=dict)
+    by_phone: dict[str, str] = field(default_factory=dict)
+    by_external_id: dict[str, str] = field(default_factory=dict)
+    jobs: dict[str, ImportJob] = field(default_factory=dict)
+
+
+def _phone_ok(value: Any) -> bool:
+    return isinstance(value, str) and bool(_E164_RE.match(value))
+
+
+def check_profile(attrs: dict[str, Any]) -> Optional[tuple[str, str]]:
+    """Per-profile validation: (field, detail) of the first problem, or None."""
+    if not any(attrs.get(k) for k in IDENTIFIERS):
+        return "", "A profile must have at least one identifier: email, phone_number, external_id or _kx."
+    if attrs.get("email") is not None and not is_valid_email(attrs["email"]):
+        return "email", f"Invalid email address: '{attrs['email']}'."
+    if attrs.get("phone_number") is not None and not _phone_ok(attrs["phone_number"]):
+        return "phone_number", f"Invalid phone number format (must be E.164): '{attrs['phone_number']}'."
+    return None
+
+
+class KlaviyoService:
+    """The Klaviyo half of the sandbox: accounts, lists, profiles, import jobs."""
+
+    name = "klaviyo"
+    prefix = "/api"
+
+    def __init__(self, config: SandboxConfig, clock: Callable[[], float] = time.time) -> None:
+        self.config = config
+        self.clock = clock
+        self.lock = threading.RLock()
+        self.accounts: dict[str, KAccount] = {}
+        self._keys: dict[str, KAccount] = {}
+        self.reset()
+
+    # --- lifecycle / seeding ---------------------------------------------------------
+
+    def reset(self) -> None:
+        with self.lock:
+            now = iso_now(self.clock())
+            self.accounts = {}
+            for acc_cfg in self.config.klaviyo_accounts:
+                acc = KAccount(acc_cfg.api_key, acc_cfg.account_id)
+                for lst in acc_cfg.lists:
+                    acc.lists[lst.id] = KList(lst.id, lst.name, now, now)
+                self.accounts[acc.account_id] = acc
+            self._keys = {a.api_key: a for a in self.accounts.values()}
+
+    def _account(self, account_id: Optional[str]) -> KAccount:
+        if account_id is None:
+            return next(iter(self.accounts.values()))
+        if account_id not in self.accounts:
+            raise KeyError(f"unknown Klaviyo account {account_id!r}")
+        return self.accounts[account_id]
+
+    def add_list(self, list_id: str, name: str, account_id: Optional[str] = None) -> dict[str, Any]:
+        with self.lock:
+            acc = self._account(account_id)
+            now = iso_now(self.clock())
+            if list_id in acc.lists:
+                acc.lists[list_id].name = name
+            else:
+                acc.lists[list_id] = KList(list_id, name, now, now)
+            return {"id": list_id, "name": name}
+
+    def suppress(self, email: str, account_id: Optional[str] = None) -> dict[str, Any]:
+        """Mark (creating if needed) the profile with this email globally suppressed."""
+        with self.lock:
+            acc = self._account(account_id)
+            profile, _ = self._upsert(acc, {"email": email}, None, None)
+            profile["suppressed"] = True
+            profile["consent"] = "UNSUBSCRIBED"
+            return {"id": profile["id"], "email": profile["email"]}
+
+    # --- hooks used by the HTTP server -----------------------------------------------
+
+    def routes(self) -> list[Route]:
+        rl = RATE_LIMITS
+        return [
+            Route("GET", "/api/accounts", self.get_accounts, "klaviyo_read", rl["accounts"]),
+            Route("GET", "/api/lists", self.get_lists, "klaviyo_read", rl["lists_read"]),
+            Route("GET", "/api/lists/{id}", self.get_list, "klaviyo_read", rl["lists_read"]),
+            Route("GET", "/api/lists/{id}/relationships/profiles", self.get_list_profile_ids, "klaviyo_read", rl["lists_read"]),
+            Route("POST", "/api/lists/{id}/relationships/profiles", self.add_list_profiles, "klaviyo_write", rl["lists_write"]),
+            Route("DELETE", "/api/lists/{id}/relationships/profiles", self.remove_list_profiles, "klaviyo_write", rl["lists_write"]),
+            Route("POST", "/api/profile-bulk-import-jobs", self.create_job, "klaviyo_job", rl["bulk_import"]),
+            Route("GET", "/api/profile-bulk-import-jobs", self.get_jobs, "klaviyo_read", rl["bulk_import"]),
+            Route("GET", "/api/profile-bulk-import-jobs/{job_id}", self.get_job, "klaviyo_read", rl["bulk_import"]),
+            Route("GET", "/api/profile-bulk-import-jobs/{id}/import-errors", self.get_job_errors, "klaviyo_read", rl["bulk_import"]),
+            Route("GET", "/api/profile-bulk-import-jobs/{id}/profiles", self.get_job_profiles, "klaviyo_read", rl["bulk_import"]),
+            Route("GET", "/api/profile-bulk-import-jobs/{id}/relationships/profiles", self.get_job_profile_ids, "klaviyo_read", rl["bulk_import"]),
+            Route("GET", "/api/profile-bulk-import-jobs/{id}/lists", self.get_job_lists, "klaviyo_read", rl["bulk_import"]),
+            Route("GET", "/api/profile-bulk-import-jobs/{id}/relationships/lists", self.get_job_list_ids, "klaviyo_read", rl["bulk_import"]),
+            Route("POST", "/api/profile-import", self.profile_import, "klaviyo_write", rl["profile_import"]),
+        ]
+
+    def authenticate(self, req: ApiRequest) -> Optional[ApiResponse]:
+        header = req.header("authorization") or ""
+        scheme, _, key = header.partition(" ")
+        if scheme != "Klaviyo-API-Key":
+            return error_response(
+                401,
+                "not_authenticated",
+                "Authentication credentials were not provided.",
+                "Missing or invalid authorization scheme. Please use Klaviyo-API-Key.",
+            )
+        account = self._keys.get(key.strip())
+        if account is None:
+            return error_response(401, "not_authenticated", "Authentication credentials were not provided.", "Missing or invalid private key.")
+        req.account = account
+        return None
+
+    def precheck(self, req: ApiRequest) -> Optional[ApiResponse]:
+        """Revision header and body media type, checked before rate limits."""
+        revision = req.header("revision")
+        if not revision:
+            return error_response(400, "invalid", "Invalid input.", "Missing required header: 'revision'.")
+        if not _REVISION_RE.match(revision) or revision not in SUPPORTED_REVISIONS:
+            return error_response(
+                400,
+                "invalid",
+                "Invalid input.",
+                f"Invalid revision '{revision}'. The sandbox implements revision {KLAVIYO_REVISION}.",
+            )
+        if req.body and req.method in ("POST", "PATCH", "DELETE"):
+            ctype = (req.header("content-type") or "").split(";")[0].strip().lower()
+            if ctype not in ("application/json", "application/vnd.api+json"):
+                return error_response(415, "unsupported_media_type", f'Unsupported media type "{ctype}" in request.', "Use application/vnd.api+json.")
+        return None
+
+    def account_key(self, req: ApiRequest) -> str:
+        return req.account.account_id
+
+    def connection_limit(self) -> Optional[int]:
+        return None  # Klaviyo limits by fixed windows (Route.rate_limit), not connections
+
+    def throttled(self, retry_after: Optional[int]) -> ApiResponse:
+        retry_after = retry_after or 1
+        unit = "second" if retry_after == 1 else "seconds"
+        return error_response(
+            429,
+            "throttled",
+            "Request was throttled.",
+            f"Request was throttled. Expected available in {retry_after} {unit}.",
+            headers={"Retry-After": str(retry_after)},
+        )
+
+    def not_found_response(self, req: ApiRequest) -> ApiResponse:
+        return error_response(404, "not_found", "Not found.", f"The path {req.path} was not found.")
+
+    def method_not_allowed(self, req: ApiRequest) -> ApiResponse:
+        return error_response(405, "method_not_allowed", f'Method "{req.method}" not allowed.', f'Method "{req.method}" not allowed.')
+
+    def server_error(self, req: ApiRequest) -> ApiResponse:
+        return error_response(500, "error", "A server error occurred.", "A server error occurred.")
+
+    # --- job progress ----------------------------------------------------------------
+
+    def tick(self) -> None:
+        """Called by the server before each request: jobs move with time."""
+        self.advance()
+
+    def advance(self, now: Optional[float] = None) -> None:
+        """Bring every job to where elapsed time says it is; apply processed profiles."""
+        now = self.clock() if now is None else now
+        speed = self.config.klaviyo_profiles_per_second
+        queue = self.config.klaviyo_job_queue_seconds
+        with self.lock:
+            for acc in self.accounts.values():
+                for job in acc.jobs.values():
+                    if job.completed is not None:
+                        continue
+                    start = job.created + queue
+                    if now < start:
+                        continue
+                    job.started = start
+                    target = min(job.total, int((now - start) * speed))
+                    while job.applied < target:
+                        self._apply(acc, job, job.applied)
+                        job.applied += 1
+                    if job.applied >= job.total:
+                        job.completed = start + job.total / speed
+
+    def _apply(self, acc: KAccount, job: ImportJob, index: int) -> None:
+        resource = job.profiles[index]
+        attrs = resource.get("attributes") or {}
+        problem = job.problems[index]
+        if problem is not None:
+            fld, detail = problem
+            pointer = f"/data/attributes/profiles/data/{index}/attributes" + (f"/{fld}" if fld else "")
+            job.errors.append(
+                {
+                    "id": new_uuid(),
+                    "code": "invalid",
+                    "title": "Invalid input.",
+                    "detail": detail,
+                    "source": {"pointer": pointer},
+                    "original_payload": attrs,
+                }
+            )
+            job.failed_count += 1
+            return
+        profile, _ = self._upsert(acc, attrs, resource.get("id"), resource.get("meta"))
+        for list_id in job.list_ids:
+            if list_id in acc.lists:
+                acc.lists[list_id].profile_ids[profile["id"]] = None
+        job.profile_ids[profile["id"]] = None
+        job.completed_count += 1
+
+    # --- profiles --------------------------------------------------------------------
+
+    def _find(self, acc: KAccount, attrs: dict[str, Any], profile_id: Optional[str]) -> Optional[dict[str, Any]]:
+        if profile_id and profile_id in acc.profiles:
+            return acc.profiles[profile_id]
+        for key, index in (("email", acc.by_email), ("phone_number", acc.by_phone), ("external_id", acc.by_external_id)):
+            value = attrs.get(key)
+            if isinstance(value, str):
+                pid = index.get(value.lower() if key == "email" else value)
+                if pid:
+                    return acc.profiles[pid]
+        return None
+
+    def _upsert(
+        self, acc: KAccount, attrs: dict[str, Any], profile_id: Optional[str], meta: Optional[dict[str, Any]]
+    ) -> tuple[dict[str, Any], bool]:
+        now = iso_now(self.clock())
+        profile = self._find(acc, attrs, profile_id)
+        created = profile is None
+        if profile is None:
+            pid = new_ulid()
+            profile = {"id": pid, **{k: None for k in PROFILE_ATTRIBUTE_FIELDS if k != "_kx"}}
+            profile.update({"location": {}, "properties": {}, "created": now, "updated": now, "suppressed": False, "consent": "NEVER_SUBSCRIBED"})
+            acc.profiles[pid] = profile
+        old = {k: profile.get(k) for k in ("email", "phone_number", "external_id")}
+        for key in PROFILE_ATTRIBUTE_FIELDS:
+            if key in attrs and key != "_kx":
+                if key == "email" and isinstance(attrs[key], str) and isinstance(profile.get("email"), str) and attrs[key].lower() == profile["email"].lower():
+                    continue  # same address in another case: keep the stored spelling
+                profile[key] = attrs[key]
+        if "location" in attrs:
+            if attrs["location"] is None:
+                profile["location"] = {}
+            else:
+                profile["location"].update(attrs["location"])
+        if "properties" in attrs:
+            if attrs["properties"] is None:
+                profile["properties"] = {}
+            else:
+                profile["properties"].update(attrs["properties"])
+        self._patch_properties(profile, (meta or {}).get("patch_properties") or {})
+        profile["updated"] = now
+        for key, index in (("email", acc.by_email), ("phone_number", acc.by_phone), ("external_id", acc.by_external_id)):
+            norm = (lambda v: v.lower()) if key == "email" else (lambda v: v)
+            if old[key] != profile.get(key) and isinstance(old[key], str):
+                index.pop(norm(old[key]), None)
+            if isinstance(profile.get(key), str):
+                index[norm(profile[key])] = profile["id"]
+        return profile, created
+
+    @staticmethod
+    def _patch_properties(profile: dict[str, Any], patch: dict[str, Any]) -> None:
+        props = profile["properties"]
+        for key, value in (patch.get("append") or {}).items():
+            current = props.get(key)
+            current = list(current) if isinstance(current, list) else ([] if current is None else [current])
+            current.extend(value if isinstance(value, list) else [value])
+            props[key] = current
+        for key, value in (patch.get("unappend") or {}).items():
+            if isinstance(props.get(key), list):
+                drop = value if isinstance(value, list) else [value]
+                props[key] = [v for v in props[key] if v not in drop]
+        unset = patch.get("unset")
+        for key in [unset] if isinstance(unset, str) else (unset or []):
+            props.pop(key, None)
+
+    # --- resource rendering ----------------------------------------------------------
+
+    def _profile_resource(self, req: ApiRequest, profile: dict[str, Any]) -> dict[str, Any]:
+        url = req.base_url + f"/api/profiles/{profile['id']}/"
+        attributes = {k: profile.get(k) for k in PROFILE_ATTRIBUTE_FIELDS if k != "_kx"}
+        attributes.update(
+            {
+                "created": profile["created"],
+                "updated": profile["updated"],
+                "last_event_date": None,
+                "location": {k: profile["location"].get(k) for k in LOCATION_FIELDS},
+                "properties": dict(profile["properties"]),
+            }
+        )
+        if "subscriptions" in (req.arg("additional-fields[profile]") or ""):
+            attributes["subscriptions"] = {
+                "email": {
+                    "marketing": {
+                        "can_receive_email_marketing": not profile["suppressed"] and profile["consent"] == "SUBSCRIBED",
+                        "consent": profile["consent"],
+                        "suppression": [{"reason": "USER_SUPPRESSED", "timestamp": profile["updated"]}] if profile["suppressed"] else [],
+                        "list_suppressions": [],
+                    }
+                }
+            }
+        return {
+            "type": "profile",
+            "id": profile["id"],
+            "attributes": self._sparse(req, "profile", attributes),
+            "relationships": {
+                "lists": {"links": {"self": url + "relationships/lists/", "related": url + "lists/"}},
+                "segments": {"links": {"self": url + "relationships/segments/", "related": url + "segments/"}},
+            },
+            "links": {"self": url},
+        }
+
+    def _list_resource(self, req: ApiRequest, lst: KList, with_count: bool = False) -> dict[str, Any]:
+        url = req.base_url + f"/api/lists/{lst.id}/"
+        attributes: dict[str, Any] = {"name": lst.name, "created": lst.created, "updated": lst.updated, "opt_in_process": "single_opt_in"}
+        if with_count:
+            attributes["profile_count"] = len(lst.profile_ids)
+        return {
+            "type": "list",
+            "id": lst.id,
+            "attributes": self._sparse(req, "list", attributes),
+            "relationships": {
+                rel: {"links": {"self": url + f"relationships/{rel}/", "related": url + f"{rel}/"}} for rel in ("profiles", "tags", "flow-triggers")
+            },
+            "links": {"self": url},
+        }
+
+    def _job_resource(self, req: ApiRequest, job: ImportJob) -> dict[str, Any]:
+        url = req.base_url + f"/api/profile-bulk-import-jobs/{job.id}/"
+        attributes = {
+            "status": job.status,
+            "created_at": iso_now(job.created, micro=True),
+            "total_count": job.total,
+            "completed_count": job.completed_count,
+            "failed_count": job.failed_count,
+            "completed_at": iso_now(job.completed, micro=True) if job.completed is not None else None,
+            "expires_at": iso_now(job.created + JOB_TTL_SECONDS, micro=True),
+            "started_at": iso_now(job.started, micro=True) if job.started is not None else None,
+        }
+
+        def rel(name: str) -> dict[str, str]:
+            return {"self": url + f"relationships/{name}/", "related": url + f"{name}/"}
+
+        return {
+            "type": "profile-bulk-import-job",
+            "id": job.id,
+            "attributes": self._sparse(req, "profile-bulk-import-job", attributes),
+            "relationships": {
+                "lists": {"data": [{"type": "list", "id": lid} for lid in job.list_ids], "links": rel("lists")},
+                "profiles": {"links": rel("profiles")},
+                "import-errors": {"links": {"related": url + "import-errors/"}},
+            },
+            "links": {"self": url},
+        }
+
+    @staticmethod
+    def _sparse(req: ApiRequest, rtype: str, attributes: dict[str, Any]) -> dict[str, Any]:
+        """Honour ``fields[<type>]=a,b`` sparse fieldsets."""
+        wanted = req.arg(f"fields[{rtype}]")
+        if not wanted:
+            return attributes
+        keep = {w.strip().split(".")[0] for w in wanted.split(",")}
+        return {k: v for k, v in attributes.items() if k in keep}
+
+    def _page(self, req: ApiRequest, items: list[Any], default: int, maximum: int) -> tuple[list[Any], dict[str, str]]:
+        size = query_int(req.arg("page[size]"), default)
+        if size is None or not 1 <= size <= maximum:
+            raise invalid(f"Page size must be an integer between 1 and {maximum}.", "/data/")
+        offset = 0
+        cursor = req.arg("page[cursor]")
+        if cursor:
+            decoded = decode_cursor(cursor)
+            if decoded is None:
+                raise invalid("Invalid cursor provided.")
+            offset = decoded
+        page = items[offset : offset + size]
+        others = {k: v[0] for k, v in req.query.items() if k not in ("page[cursor]",)}
+        links = {"self": req.url(**{**others, **({"page[cursor]": cursor} if cursor else {})})}
+        if offset + size < len(items):
+            links["next"] = req.url(**others, **{"page[cursor]": encode_cursor(offset + size)})
+        if offset > 0:
+            links["prev"] = req.url(**others, **{"page[cursor]": encode_cursor(max(0, offset - size))})
+        return page, links
+
+    @staticmethod
+    def _ok(status: int, body: Any) -> ApiResponse:
+        return ApiResponse(status, body, CONTENT_TYPE)
+
+    @staticmethod
+    def _body(req: ApiRequest) -> Any:
+        try:
+            return parse_json_body(req.body)
+        except BodyError as exc:
+            raise ApiError(error_response(400, "parse_error", "Malformed request.", f"JSON parse error - {exc}")) from exc
+
+    def _list_or_404(self, acc: KAccount, list_id: str) -> KList:
+        lst = acc.lists.get(list_id)
+        if lst is None:
+            raise not_found(f"A list with id {list_id} does not exist.")
+        return lst
+
+    def _job_or_404(self, acc: KAccount, job_id: str) -> ImportJob:
+        job = acc.jobs.get(job_id)
+        if job is None:
+            raise not_found(f"A profile-bulk-import-job with id {job_id} does not exist.")
+        return job
+
+    # --- handlers: accounts and lists ------------------------------------------------
+
+    def get_accounts(self, req: ApiRequest) -> ApiResponse:
+        acc: KAccount = req.account
+        resource = {
+            "type": "account",
+            "id": acc.account_id,
+            "attributes": {
+                "test_account": True,
+                "contact_information": {
+                    "default_sender_name": "Segment Export Sandbox",
+                    "default_sender_email": "sandbox@example.com",
+                    "website_url": "https://example.com",
+                    "organization_name": "Segment Export Sandbox",
+                    "street_address": {"address1": "1 Sandbox Way", "address2": None, "city": "Boston", "region": "MA", "country": "US", "zip": "02110"},
+                },
+                "industry": "Software / SaaS",
+                "timezone": "UTC",
+                "preferred_currency": "USD",
+                "public_api_key": acc.account_id,
+                "locale": "en-US",
+            },
+            "links": {"self": req.base_url + f"/api/accounts/{acc.account_id}/"},
+        }
+        return self._ok(200, {"data": [resource], "links": {"self": req.url()}})
+
+    _FILTER_RE = re.compile(r"^(equals|any)\((\w+),(.+)\)$")
+
+    def _filter(self, req: ApiRequest, allowed: set[str]) -> Optional[tuple[str, list[str]]]:
+        """Parse a simple ``equals(field,'v')`` / ``any(field,['a','b'])`` filter."""
+        raw = req.arg("filter")
+        if not raw:
+            return None
+        m = self._FILTER_RE.match(raw.strip())
+        if not m or m.group(2) not in allowed:
+            raise invalid(f"Invalid filter provided: {raw}", "/data/")
+        values = re.findall(r"['\"]([^'\"]*)['\"]", m.group(3))
+        if not values:
+            raise invalid(f"Invalid filter provided: {raw}", "/data/")
+        return m.group(2), values
+
+    def get_lists(self, req: ApiRequest) -> ApiResponse:
+        acc: KAccount = req.account
+        lists = list(acc.lists.values())
+        flt = self._filter(req, {"id", "name"})
+        if flt:
+            lists = [lst for lst in lists if getattr(lst, flt[0]) in flt[1]]
+        page, links = self._page(req, lists, 10, 10)
+        return self._ok(200, {"data": [self._list_resource(req, lst) for lst in page], "links": links})
+
+    def get_list(self, req: ApiRequest) -> ApiResponse:
+        lst = self._list_or_404(req.account, req.path_params["id"])
+        with_count = "profile_count" in (req.arg("additional-fields[list]") or "")
+        return self._ok(200, {"data": self._list_resource(req, lst, with_count), "links": {"self": req.url()}})
+
+    def get_list_profile_ids(self, req: ApiRequest) -> ApiResponse:
+        lst = self._list_or_404(req.account, req.path_params["id"])
+        page, links = self._page(req, list(lst.profile_ids), 20, 100)
+        return self._ok(200, {"data": [{"type": "profile", "id": pid} for pid in page], "links": links})
+
+    def _relationship_ids(self, req: ApiRequest, acc: KAccount) -> list[str]:
+        body = self._body(req)
+        _schema_error(body, RELATIONSHIP_PROFILES_SCHEMA, "profile")
+        items = body["data"]
+        if len(items) > MAX_RELATIONSHIP_IDS:
+            raise invalid(f"Too many profiles: {len(items)}. At most {MAX_RELATIONSHIP_IDS} profiles can be sent per request.", "/data")
+        for i, item in enumerate(items):
+            if item["id"] not in acc.profiles:
+                raise invalid(f"A profile with id {item['id']} does not exist.", f"/data/{i}/id")
+        return [item["id"] for item in items]
+
+    def add_list_profiles(self, req: ApiRequest) -> ApiResponse:
+        acc: KAccount = req.account
+        lst = self._list_or_404(acc, req.path_params["id"])
+        for pid in self._relationship_ids(req, acc):
+            lst.profile_ids[pid] = None
+        return ApiResponse(204, None, CONTENT_TYPE)
+
+    def remove_list_profiles(self, req: ApiRequest) -> ApiResponse:
+        acc: KAccount = req.account
+        lst = self._list_or_404(acc, req.path_params["id"])
+        for pid in self._relationship_ids(req, acc):
+            lst.profile_ids.pop(pid, None)
+        return ApiResponse(204, None, CONTENT_TYPE)
+
+    # --- handlers: bulk import jobs --------------------------------------------------
+
+    def create_job(self, req: ApiRequest) -> ApiResponse:
+        acc: KAccount = req.account
+        if len(req.body) > MAX_JOB_BYTES:
+            raise ApiError(
+                error_response(413, "request_too_large", "Request entity too large.", f"The payload is {len(req.body)} bytes; the maximum is 5MB ({MAX_JOB_BYTES} bytes).")
+            )
+        body = self._body(req)
+        data = body.get("data") if isinstance(body, dict) else None
+        profiles = ((data or {}).get("attributes") or {}).get("profiles") if isinstance(data, dict) else None
+        if isinstance(profiles, dict) and isinstance(profiles.get("data"), list) and len(profiles["data"]) > MAX_JOB_PROFILES:
+            raise invalid(
+                f"Too many profiles: {len(profiles['data'])}. A bulk import job accepts at most {MAX_JOB_PROFILES} profiles.",
+                "/data/attributes/profiles/data",
+            )
+        _schema_error(body, BULK_IMPORT_SCHEMA, "profile-bulk-import-job")
+        items = data["attributes"]["profiles"]["data"]
+        for i, item in enumerate(items):
+            size = json_size(item)
+            if size > MAX_PROFILE_BYTES:
+                raise invalid(f"Profile payload is {size} bytes; the maximum per profile is 100KB ({MAX_PROFILE_BYTES} bytes).", f"/data/attributes/profiles/data/{i}")
+        list_ids = [rel["id"] for rel in ((data.get("relationships") or {}).get("lists") or {}).get("data", [])]
+        for i, list_id in enumerate(list_ids):
+            if list_id not in acc.lists:
+                raise invalid(f"A list with id {list_id} does not exist.", f"/data/relationships/lists/data/{i}/id")
+        job = ImportJob(
+            id=new_ulid(),
+            created=self.clock(),
+            profiles=items,
+            problems=[check_profile(item["attributes"]) for item in items],
+            list_ids=list_ids,
+        )
+        acc.jobs[job.id] = job
+        return self._ok(202, {"data": self._job_resource(req, job), "links": {"self": req.url()}})
+
+    def get_jobs(self, req: ApiRequest) -> ApiResponse:
+        jobs = list(req.account.jobs.values())
+        flt = self._filter(req, {"status"})
+        if flt:
+            jobs = [j for j in jobs if j.status in flt[1]]
+        sort = req.arg("sort")
+        if sort not in (None, "created_at", "-created_at"):
+            raise invalid(f"'{sort}' is not a valid sort field.", "/data/")
+        jobs.sort(key=lambda j: j.created, reverse=sort == "-created_at")
+        page, links = self._page(req, jobs, 20, 100)
+        return self._ok(200, {"data": [self._job_resource(req, j) for j in page], "links": links})
+
+    def get_job(self, req: ApiRequest) -> ApiResponse:
+        acc: KAccount = req.account
+        job = self._job_or_404(acc, req.path_params["job_id"])
+        body: dict[str, Any] = {"data": self._job_resource(req, job), "links": {"self": req.url()}}
+        if "lists" in (req.arg("include") or ""):
+            body["included"] = [self._list_resource(req, acc.lists[lid]) for lid in job.list_ids if lid in acc.lists]
+        return self._ok(200, body)
+
+    def get_job_errors(self, req: ApiRequest) -> ApiResponse:
+        job = self._job_or_404(req.account, req.path_params["id"])
+        page, links = self._page(req, job.errors, 20, 100)
+        data = [
+            {"type": "import-error", "id": e["id"], "attributes": self._sparse(req, "import-error", {k: v for k, v in e.items() if k != "id"})}
+            for e in page
+        ]
+        return self._ok(200, {"data": data, "links": links})
+
+    def get_job_profiles(self, req: ApiRequest) -> ApiResponse:
+        acc: KAccount = req.account
+        job = self._job_or_404(acc, req.path_params["id"])
+        page, links = self._page(req, list(job.profile_ids), 20, 100)
+        return self._ok(200, {"data": [self._profile_resource(req, acc.profiles[pid]) for pid in page], "links": links})
+
+    def get_job_profile_ids(self, req: ApiRequest) -> ApiResponse:
+        job = self._job_or_404(req.account, req.path_params["id"])
+        page, links = self._page(req, list(job.profile_ids), 20, 100)
+        return self._ok(200, {"data": [{"type": "profile", "id": pid} for pid in page], "links": links})
+
+    def get_job_lists(self, req: ApiRequest) -> ApiResponse:
+        acc: KAccount = req.account
+        job = self._job_or_404(acc, req.path_params["id"])
+        data = [self._list_resource(req, acc.lists[lid]) for lid in job.list_ids if lid in acc.lists]
+        return self._ok(200, {"data": data, "links": {"self": req.url()}})
+
+    def get_job_list_ids(self, req: ApiRequest) -> ApiResponse:
+        job = self._job_or_404(req.account, req.path_params["id"])
+        return self._ok(200, {"data": [{"type": "list", "id": lid} for lid in job.list_ids], "links": {"self": req.url()}})
+
+    # --- handlers: single profile ----------------------------------------------------
+
+    def profile_import(self, req: ApiRequest) -> ApiResponse:
+        acc: KAccount = req.account
+        if len(req.body) > MAX_PROFILE_BYTES:
+            raise ApiError(
+                error_response(413, "request_too_large", "Request entity too large.", f"The payload is {len(req.body)} bytes; the maximum is 100KB ({MAX_PROFILE_BYTES} bytes).")
+            )
+        body = self._body(req)
+        _schema_error(body, PROFILE_IMPORT_SCHEMA, "profile")
+        data = body["data"]
+        problem = check_profile(data["attributes"])
+        if problem:
+            fld, detail = problem
+            raise invalid(detail, "/data/attributes" + (f"/{fld}" if fld else ""))
+        profile, created = self._upsert(acc, data["attributes"], data.get("id"), data.get("meta"))
+        return self._ok(201 if created else 200, {"data": self._profile_resource(req, profile), "links": {"self": req.url()}})
+
+    # --- state -----------------------------------------------------------------------
+
+    def state(self) -> dict[str, Any]:
+        self.advance()
+        with self.lock:
+            accounts = {}
+            for acc in self.accounts.values():
+                accounts[acc.account_id] = {
+                    "lists": {lst.id: {"name": lst.name, "profile_ids": list(lst.profile_ids)} for lst in acc.lists.values()},
+                    "profiles": {
+                        pid: {k: (dict(v) if isinstance(v, dict) else v) for k, v in p.items() if k != "id"} for pid, p in acc.profiles.items()
+                    },
+                    "jobs": {
+                        job.id: {
+                            "status": job.status,
+                            "total_count": job.total,
+                            "completed_count": job.completed_count,
+                            "failed_count": job.failed_count,
+                            "list_ids": list(job.list_ids),
+                            "profile_ids": list(job.profile_ids),
+                            "errors": [{"detail": e["detail"], "pointer": e["source"]["pointer"]} for e in job.errors],
+                            "created_at": iso_now(job.created, micro=True),
+                        }
+                        for job in acc.jobs.values()
+                    },
+                }
+            return {"accounts": accounts}

@@ -1,0 +1,838 @@
+"""Mailchimp Marketing API 3.0 subset used by the exporter, over an in-memory store.
+
+Like :mod:`segment_export_sandbox.klaviyo`, handlers take an ``ApiRequest`` and
+return an ``ApiResponse``; the HTTP server adds auth, the connection cap and latency.
+
+Modelled behaviour (and where it comes from)
+--------------------------------------------
+* Errors are ``application/problem+json`` ``{type, title, status, detail,
+  instance}`` (spec ``default`` response); schema failures add ``errors:
+  [{field, message}]`` with title "Invalid Resource" (Mailchimp's documented
+  validation error); unparsable JSON -> 400 "JSON Parse Error".
+* Auth: HTTP basic, any user name, password = API key.  No credentials -> 401
+  "API Key Missing"; unknown key -> 401 "API Key Invalid" ("Your API key may be
+  invalid, or you've attempted to access the wrong datacenter.").
+* At most ``mailchimp_max_connections`` (10) requests in flight per API key; the
+  next one gets 429 "Too Many Requests" at once (reference README).
+* ``POST /lists/{list_id}`` batch subscribe, <= 500 members (more -> 400 "Invalid
+  Resource", field ``members``).  Response 200 with ``new_members``,
+  ``updated_members``, ``errors``, ``total_created``, ``total_updated``,
+  ``error_count``.  Per member, in this order:
+
+  1. invalid email -> ``"<email> looks fake or invalid, please enter a real email
+     address."`` (``ERROR_GENERIC``, field ``email_address``);
+  2. the same address earlier in the request -> error, unless
+     ``skip_duplicate_check=true``, then later copies are ignored ("the status of
+     the first appearance in the request will be saved", spec);
+  3. a permanently deleted ("forgotten") address -> ``"<email> was permanently
+     deleted and cannot be re-imported. ..."`` (title "Forgotten Email Not
+     Subscribed", reference README);
+  4. existing member and ``update_existing`` false/absent -> ``"<email> is already
+     a list member, do you want to update? please provide update_existing:true in
+     the request body"``, ``ERROR_CONTACT_EXISTS`` (spec enum);
+  5. existing member, ``update_existing: true``, ``status`` given: status changes
+     ("whether this batch operation will change existing members' subscription
+     status", spec) -- except that an ``unsubscribed`` or ``cleaned`` member
+     cannot be set ``subscribed``/``pending``: ``"<email> is in a compliance state
+     due to unsubscribe, bounce, or compliance review and cannot be subscribed."``
+     (title "Member In Compliance State", reference README);
+  6. existing member, ``update_existing: true``, *no* ``status``: merge fields and
+     tags are updated, status is left unchanged.  The batch member schema in the
+     3.0.55 spec does not require ``status`` (the single-member POST does, and PUT
+     uses ``status_if_new``), so an absent status is read as "don't change";
+  7. new member without ``status`` -> error, field ``status`` (*guess*: the text;
+     a member cannot exist without a status);
+  8. merge fields: a ``required`` field left empty on the resulting member ->
+     ``"Your merge fields were invalid."`` with ``field`` = the tag and
+     ``field_message`` "Please enter a value", unless ``skip_merge_validation``;
+     values of the wrong shape (number, address, birthday MM/DD, date YYYY-MM-DD)
+     -> same error with a type-specific ``field_message`` (not skippable);
+     tags not defined on the audience are *ignored* (*guess*: Mailchimp drops
+     unknown merge tags rather than failing the member).
+  9. ``tags`` (a list of names, accepted though absent from the 3.0.55 batch
+     schema) add the member to those tags; with ``sync_tags: true`` they replace
+     the member's tags.
+* Subscriber hash = MD5 of the lower-cased email (member ``id``); stored email
+  keeps its first spelling.
+* Tags are static segments: ``GET/POST /lists/{id}/segments``, ``GET/POST
+  /lists/{id}/segments/{segment_id}`` (``members_to_add``/``members_to_remove``
+  <= 500 each; addresses not on the audience are reported in ``errors``),
+  ``GET .../segments/{segment_id}/members``, ``POST
+  /lists/{id}/members/{hash}/tags`` (active/inactive).
+* Paging: ``count`` (default 10, max 1000 -> over: 400) and ``offset``.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import re
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+from .common import (
+    ApiError,
+    ApiRequest,
+    ApiResponse,
+    BodyError,
+    Route,
+    is_valid_email,
+    iso_now,
+    new_hex,
+    new_uuid,
+    parse_json_body,
+    query_bool,
+    query_int,
+    validate_schema,
+)
+from .config import MergeFieldConfig, SandboxConfig
+
+PROBLEM_TYPE = "https://mailchimp.com/developer/marketing/docs/errors/"
+PROBLEM_CONTENT_TYPE = "application/problem+json"
+MAX_BATCH_MEMBERS = 500
+MAX_SEGMENT_CHANGES = 500
+MAX_COUNT = 1000
+STATUSES = ["subscribed", "unsubscribed", "cleaned", "pending", "transactional"]
+COMPLIANCE_STATES = ("unsubscribed", "cleaned")
+
+
+def subscriber_hash(email: str) -> str:
+    """MD5 of the lower-cased address: the member id Mailchimp uses in URLs."""
+    return hashlib.md5(email.lower().encode()).hexdigest()
+
+
+def problem(status: int, title: str, detail: str, errors: Optional[list[dict[str, str]]] = None, headers: Optional[dict[str, str]] = None) -> ApiResponse:
+    body: dict[str, Any] = {"type": PROBLEM_TYPE, "title": title, "status": status, "detail": detail, "instance": new_uuid()}
+    if errors is not None:
+        body["errors"] = errors
+    return ApiResponse(status, body, PROBLEM_CONTENT_TYPE, headers or {})
+
+
+def invalid_resource(errors: list[dict[str, str]], detail: str = "The resource submitted could not be validated. For field-specific details, see the 'errors' array.") -> ApiError:
+    return ApiError(problem(400, "Invalid Resource", detail, errors))
+
+
+def resource_not_found() -> ApiError:
+    return ApiError(problem(404, "Resource Not Found", "The requested resource could not be found."))
+
+
+def _schema_error(body: Any, schema: dict[str, Any]) -> None:
+    found = validate_schema(body, schema)
+    if found is None:
+        return
+    fld = ".".join(part for part in found.pointer.strip("/").split("/") if part)
+    if found.kind == "required":
+        message = "This value should not be blank."
+    elif found.kind == "enum":
+        message = f"Value must be one of: {', '.join(map(str, validate_enum(schema, found.pointer)))}."
+    else:
+        message = f"Schema describes {found.message.replace('expected ', '')}."
+    raise invalid_resource([{"field": fld, "message": message}])
+
+
+def validate_enum(schema: dict[str, Any], pointer: str) -> list[Any]:
+    """Find the enum of the schema node at ``pointer`` (for error messages)."""
+    node = schema
+    for part in pointer.strip("/").split("/"):
+        if part.isdigit() and "items" in node:
+            node = node["items"]
+        else:
+            node = node.get("properties", {}).get(part, {})
+    return node.get("enum", [])
+
+
+_MEMBER_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "properties": {
+        "email_address": {"type": "string"},
+        "email_type": {"type": "string", "enum": ["html", "text"]},
+        "status": {"type": "string", "enum": STATUSES},
+        "merge_fields": {"type": "object"},
+        "interests": {"type": "object"},
+        "language": {"type": "string"},
+        "vip": {"type": "boolean"},
+        "location": {"type": "object", "properties": {"latitude": {"type": "number"}, "longitude": {"type": "number"}}},
+        "ip_signup": {"type": "string"},
+        "timestamp_signup": {"type": "string"},
+        "ip_opt": {"type": "string"},
+        "timestamp_opt": {"type": "string"},
+        "tags": {"type": "array", "items": {"type": "string"}},
+    },
+    "required": ["email_address"],
+}
+BATCH_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "required": ["members"],
+    "properties": {
+        "members": {"type": "array", "items": _MEMBER_SCHEMA},
+        "update_existing": {"type": "boolean"},
+        "sync_tags": {"type": "boolean"},
+    },
+}
+SEGMENT_CREATE_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "required": ["name"],
+    "properties": {"name": {"type": "string"}, "static_segment": {"type": "array", "items": {"type": "string"}}, "options": {"type": "object"}},
+}
+SEGMENT_MEMBERS_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "properties": {
+        "members_to_add": {"type": "array", "items": {"type": "string"}},
+        "members_to_remove": {"type": "array", "items": {"type": "string"}},
+    },
+}
+MEMBER_TAGS_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "required": ["tags"],
+    "properties": {
+        "tags": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "required": ["name", "status"],
+                "properties": {"name": {"type": "string"}, "status": {"type": "string", "enum": ["inactive", "active"]}},
+            },
+        },
+        "is_syncing": {"type": "boolean"},
+    },
+}
+
+# --- store ----------------------------------------------------------------------------
+
+
+@dataclass
+class Member:
+    email_address: str
+    status: str
+    merge_fields: dict[str, Any]
+    created: float
+    last_changed: float
+    unique_email_id: str = field(default_factory=lambda: new_hex(10))
+    contact_id: str = field(default_factory=lambda: new_hex(32))
+    web_id: int = 0
+    email_type: str = "html"
+    language: str = ""
+    vip: bool = False
+
+    @property
+    def id(self) -> str:
+        return subscriber_hash(self.email_address)
+
+
+@dataclass
+class Segment:
+    id: int
+    name: str
+    created: float
+    updated: float
+    member_ids: dict[str, None] = field(default_factory=dict)  # subscriber hashes, ordered
+
+
+@dataclass
+class Audience:
+    id: str
+    name: str
+    merge_fields: list[MergeFieldConfig]
+    created: float
+    members: dict[str, Member] = field(default_factory=dict)
+    segments: dict[int, Segment] = field(default_factory=dict)
+    forgotten: set[str] = field(default_factory=set)  # lower-cased emails
+
+
+@dataclass
+class MAccount:
+    api_key: str
+    account_id: str
+    audiences: dict[str, Audience] = field(default_factory=dict)
+
+
+class MergeValueError(ValueError):
+    pass
+
+
+_BIRTHDAY_RE = re.compile(r"^(0[1-9]|1[0-2])/(0[1-9]|[12]\d|3[01])$")
+_DATE_RE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
+
+
+def coerce_merge_value(mf: MergeFieldConfig, value: Any) -> Any:
+    """Validate one merge value by field type; return the stored form."""
+    if value is None or value == "":
+        return ""
+    kind = mf.type
+    if kind == "address":
+        if not isinstance(value, dict) or not all(str(value.get(k) or "").strip() for k in ("addr1", "city", "state", "zip")):
+            raise MergeValueError("Please enter a complete address")
+        return {k: str(value.get(k) or "") for k in ("addr1", "addr2", "city", "state", "zip", "country")}
+    if isinstance(value, (dict, list)):
+        raise MergeValueError("Please enter a value")
+    text = str(value)
+    if kind == "number":
+        try:
+            float(text)
+        except ValueError:
+            raise MergeValueError("Please enter a number") from None
+        return value if isinstance(value, (int, float)) else text
+    if kind == "birthday" and not _BIRTHDAY_RE.match(text):
+        raise MergeValueError("Please enter a valid date (MM/DD)")
+    if kind == "date" and not _DATE_RE.match(text):
+        raise MergeValueError("Please enter a valid date")
+    return text
+
+
+class MailchimpService:
+    """The Mailchimp half of the sandbox: audiences, members, merge fields, tags."""
+
+    name = "mailchimp"
+    prefix = "/3.0"
+
+    def __init__(self, config: SandboxConfig, clock: Callable[[], float] = time.time) -> None:
+        self.config = config
+        self.clock = clock
+        self.lock = threading.RLock()
+        self.accounts: dict[str, MAccount] = {}
+        self._keys: dict[str, MAccount] = {}
+        self._next_id = 0
+        self.reset()
+
+    # --- lifecycle / seeding ---------------------------------------------------------
+
+    def reset(self) -> None:
+        with self.lock:
+            now = self.clock()
+            self.accounts = {}
+            self._next_id = 10_000
+            for acc_cfg in self.config.mailchimp_accounts:
+                acc = MAccount(acc_cfg.api_key, acc_cfg.account_id)
+                for au in acc_cfg.audiences:
+                    acc.audiences[au.id] = Audience(au.id, au.name, [MergeFieldConfig(**vars(mf)) for mf in au.merge_fields], now)
+                self.accounts[acc.account_id] = acc
+            self._keys = {a.api_key: a for a in self.accounts.values()}
+
+    def _new_id(self) -> int:
+        self._next_id += 1
+        return self._next_id
+
+    def _find_audience(self, audience_id: str) -> Audience:
+        for acc in self.accounts.values():
+            if audience_id in acc.audiences:
+                return acc.audiences[audience_id]
+        raise KeyError(f"unknown Mailchimp audience {audience_id!r}")
+
+    def seed_member(self, audience_id: str, email: str, status: str, merge_fields: Optional[dict[str, Any]] = None, tags: Optional[list[str]] = None) -> dict[str, Any]:
+        """Create or overwrite a member directly (no API rules): test setup."""
+        if status not in STATUSES + ["archived"]:
+            raise ValueError(f"status must be one of {STATUSES}")
+        if not is_valid_email(email):
+            raise ValueError(f"invalid email {email!r}")
+        with self.lock:
+            au = self._find_audience(audience_id)
+            au.forgotten.discard(email.lower())
+            now = self.clock()
+            member = au.members.get(subscriber_hash(email))
+            if member is None:
+                member = Member(email, status, {}, now, now, web_id=self._new_id())
+                au.members[member.id] = member
+            member.status = status
+            by_tag = {mf.tag: mf for mf in au.merge_fields}
+            for tag, value in (merge_fields or {}).items():
+                if tag in by_tag:
+                    member.merge_fields[tag] = coerce_merge_value(by_tag[tag], value)
+            for tag in tags or []:
+                self._segment_by_name(au, tag, create=True).member_ids[member.id] = None
+            return {"id": member.id, "email_address": member.email_address, "status": member.status}
+
+    def forget_email(self, audience_id: str, email: str) -> dict[str, Any]:
+        """Permanently delete an address: it leaves the audience and cannot come back."""
+        with self.lock:
+            au = self._find_audience(audience_id)
+            h = subscriber_hash(email)
+            au.members.pop(h, None)
+            for seg in au.segments.values():
+                seg.member_ids.pop(h, None)
+            au.forgotten.add(email.lower())
+            return {"email_address": email, "forgotten": True}
+
+    # --- hooks used by the HTTP server -----------------------------------------------
+
+    def routes(self) -> list[Route]:
+        return [
+            Route("GET", "/3.0/ping", self.ping, "mailchimp_read"),
+            Route("GET", "/3.0/lists/{list_id}", self.get_list, "mailchimp_read"),
+            Route("POST", "/3.0/lists/{list_id}", self.batch_subscribe, "mailchimp_batch"),
+            Route("GET", "/3.0/lists/{list_id}/merge-fields", self.get_merge_fields, "mailchimp_read"),
+            Route("GET", "/3.0/lists/{list_id}/members", self.get_members, "mailchimp_read"),
+            Route("GET", "/3.0/lists/{list_id}/members/{subscriber_hash}", self.get_member, "mailchimp_read"),
+            Route("POST", "/3.0/lists/{list_id}/members/{subscriber_hash}/tags", self.post_member_tags, "mailchimp_write"),
+            Route("GET", "/3.0/lists/{list_id}/segments", self.get_segments, "mailchimp_read"),
+            Route("POST", "/3.0/lists/{list_id}/segments", self.create_segment, "mailchimp_write"),
+            Route("GET", "/3.0/lists/{list_id}/segments/{segment_id}", self.get_segment, "mailchimp_read"),
+            Route("POST", "/3.0/lists/{list_id}/segments/{segment_id}", self.update_segment_members, "mailchimp_write"),
+            Route("GET", "/3.0/lists/{list_id}/segments/{segment_id}/members", self.get_segment_members, "mailchimp_read"),
+        ]
+
+    def authenticate(self, req: ApiRequest) -> Optional[ApiResponse]:
+        header = req.header("authorization") or ""
+        scheme, _, token = header.partition(" ")
+        key = None
+        if scheme.lower() == "basic":
+            try:
+                _, _, key = base64.b64decode(token.strip(), validate=True).decode().partition(":")
+            except (binascii.Error, UnicodeDecodeError):
+                key = ""
+        elif scheme.lower() in ("bearer", "apikey"):
+            key = token.strip()  # OAuth-style header; Mailchimp accepts it too
+        if not key:
+            return problem(401, "API Key Missing", "Your request did not include an API key.")
+        account = self._keys.get(key)
+        if account is None:
+            return problem(401, "API Key Invalid", "Your API key may be invalid, or you've attempted to access the wrong datacenter.")
+        req.account = account
+        return None
+
+    def precheck(self, req: ApiRequest) -> Optional[ApiResponse]:
+        return None
+
+    def tick(self) -> None:
+        """Nothing in this API moves with time."""
+
+    def account_key(self, req: ApiRequest) -> str:
+        return req.account.account_id
+
+    def connection_limit(self) -> Optional[int]:
+        """Simultaneous requests allowed per API key."""
+        return self.config.mailchimp_max_connections
+
+    def throttled(self, retry_after: Optional[int]) -> ApiResponse:
+        limit = self.config.mailchimp_max_connections
+        return problem(429, "Too Many Requests", f"You have exceeded the limit of {limit} simultaneous connections.")
+
+    def not_found_response(self, req: ApiRequest) -> ApiResponse:
+        return resource_not_found().response
+
+    def method_not_allowed(self, req: ApiRequest) -> ApiResponse:
+        return problem(405, "Method Not Allowed", "The requested method and resource are not compatible. See the Allow header for this resource's available methods.")
+
+    def server_error(self, req: ApiRequest) -> ApiResponse:
+        return problem(500, "Internal Server Error", "An unexpected internal error has occurred. Please contact Support for more information.")
+
+    # --- helpers ---------------------------------------------------------------------
+
+    def _audience(self, req: ApiRequest) -> Audience:
+        au = req.account.audiences.get(req.path_params["list_id"])
+        if au is None:
+            raise resource_not_found()
+        return au
+
+    @staticmethod
+    def _body(req: ApiRequest) -> Any:
+        try:
+            return parse_json_body(req.body)
+        except BodyError:
+            raise ApiError(problem(400, "JSON Parse Error", "We encountered an unspecified JSON parsing error.")) from None
+
+    @staticmethod
+    def _paging(req: ApiRequest) -> tuple[int, int]:
+        count = query_int(req.arg("count"), 10)
+        offset = query_int(req.arg("offset"), 0)
+        if count is None or not 0 <= count <= MAX_COUNT:
+            raise invalid_resource([{"field": "count", "message": f"count must be an integer between 0 and {MAX_COUNT}."}], "The request parameters are invalid.")
+        if offset is None or offset < 0:
+            raise invalid_resource([{"field": "offset", "message": "offset must be a non-negative integer."}], "The request parameters are invalid.")
+        return count, offset
+
+    @staticmethod
+    def _links(req: ApiRequest, path: str, methods: tuple[str, ...] = ("GET",)) -> list[dict[str, str]]:
+        href = req.base_url + path
+        return [{"rel": "self" if m == "GET" else m.lower(), "href": href, "method": m} for m in methods]
+
+    def _segment_by_name(self, au: Audience, name: str, create: bool = False) -> Segment:
+        for seg in au.segments.values():
+            if seg.name == name:
+                return seg
+        if not create:
+            raise KeyError(name)
+        now = self.clock()
+        seg = Segment(self._new_id(), name, now, now)
+        au.segments[seg.id] = seg
+        return seg
+
+    def _member_json(self, req: ApiRequest, au: Audience, m: Member) -> dict[str, Any]:
+        merge = {mf.tag: m.merge_fields.get(mf.tag, "") for mf in au.merge_fields}
+        tags = [{"id": s.id, "name": s.name} for s in au.segments.values() if m.id in s.member_ids]
+        return {
+            "id": m.id,
+            "email_address": m.email_address,
+            "unique_email_id": m.unique_email_id,
+            "contact_id": m.contact_id,
+            "full_name": " ".join(str(merge.get(t) or "") for t in ("FNAME", "LNAME")).strip(),
+            "web_id": m.web_id,
+            "email_type": m.email_type,
+            "status": m.status,
+            "consents_to_one_to_one_messaging": True,
+            "merge_fields": merge,
+            "stats": {"avg_open_rate": 0, "avg_click_rate": 0},
+            "ip_signup": "",
+            "timestamp_signup": "",
+            "ip_opt": "",
+            "timestamp_opt": iso_now(m.created),
+            "member_rating": 2,
+            "last_changed": iso_now(m.last_changed),
+            "language": m.language,
+            "vip": m.vip,
+            "email_client": "",
+            "location": {"latitude": 0, "longitude": 0, "gmtoff": 0, "dstoff": 0, "country_code": "", "timezone": "", "region": ""},
+            "source": "API - Generic",
+            "tags_count": len(tags),
+            "tags": tags,
+            "list_id": au.id,
+            "_links": self._links(req, f"/3.0/lists/{au.id}/members/{m.id}"),
+        }
+
+    def _segment_json(self, req: ApiRequest, au: Audience, seg: Segment) -> dict[str, Any]:
+        return {
+            "id": seg.id,
+            "name": seg.name,
+            "member_count": len(seg.member_ids),
+            "type": "static",
+            "created_at": iso_now(seg.created),
+            "updated_at": iso_now(seg.updated),
+            "list_id": au.id,
+            "_links": self._links(req, f"/3.0/lists/{au.id}/segments/{seg.id}"),
+        }
+
+    # --- handlers --------------------------------------------------------------------
+
+    def ping(self, req: ApiRequest) -> ApiResponse:
+        return ApiResponse(200, {"health_status": "Everything's Chimpy!"})
+
+    def get_list(self, req: ApiRequest) -> ApiResponse:
+        au = self._audience(req)
+        counts = {s: sum(1 for m in au.members.values() if m.status == s) for s in STATUSES}
+        body = {
+            "id": au.id,
+            "web_id": abs(hash(au.id)) % 10**6,
+            "name": au.name,
+            "contact": {"company": "Segment Export Sandbox", "address1": "1 Sandbox Way", "address2": "", "city": "Atlanta", "state": "GA", "zip": "30308", "country": "US", "phone": ""},
+            "permission_reminder": "You signed up for updates from the sandbox.",
+            "use_archive_bar": True,
+            "campaign_defaults": {"from_name": "Sandbox", "from_email": "sandbox@example.com", "subject": "", "language": "en"},
+            "notify_on_subscribe": "",
+            "notify_on_unsubscribe": "",
+            "date_created": iso_now(au.created),
+            "list_rating": 0,
+            "email_type_option": False,
+            "subscribe_url_short": "https://eepurl.com/sandbox",
+            "subscribe_url_long": f"https://example.us6.list-manage.com/subscribe?u=sandbox&id={au.id}",
+            "beamer_address": f"us6-sandbox-{au.id}@inbound.mailchimp.com",
+            "visibility": "prv",
+            "double_optin": False,
+            "has_welcome": False,
+            "marketing_permissions": False,
+            "modules": [],
+            "stats": {
+                "member_count": counts["subscribed"],
+                "unsubscribe_count": counts["unsubscribed"],
+                "cleaned_count": counts["cleaned"],
+                "member_count_since_send": counts["subscribed"],
+                "unsubscribe_count_since_send": counts["unsubscribed"],
+                "cleaned_count_since_send": counts["cleaned"],
+                "campaign_count": 0,
+                "merge_field_count": len(au.merge_fields),
+                "avg_sub_rate": 0,
+                "avg_unsub_rate": 0,
+                "target_sub_rate": 0,
+                "open_rate": 0,
+                "click_rate": 0,
+                "total_contacts": len(au.members),
+            },
+            "_links": self._links(req, f"/3.0/lists/{au.id}", ("GET", "POST", "PATCH", "DELETE")),
+        }
+        return ApiResponse(200, body)
+
+    def get_merge_fields(self, req: ApiRequest) -> ApiResponse:
+        au = self._audience(req)
+        count, offset = self._paging(req)
+        fields = [
+            {
+                "merge_id": i + 1,
+                "tag": mf.tag,
+                "name": mf.name,
+                "type": mf.type,
+                "required": mf.required,
+                "default_value": "",
+                "public": True,
+                "display_order": i + 2,
+                "options": dict(mf.options),
+                "help_text": "",
+                "list_id": au.id,
+                "_links": self._links(req, f"/3.0/lists/{au.id}/merge-fields/{i + 1}"),
+            }
+            for i, mf in enumerate(au.merge_fields)
+        ]
+        return ApiResponse(
+            200,
+            {"merge_fields": fields[offset : offset + count], "list_id": au.id, "total_items": len(fields), "_links": self._links(req, f"/3.0/lists/{au.id}/merge-fields")},
+        )
+
+    def get_members(self, req: ApiRequest) -> ApiResponse:
+        au = self._audience(req)
+        count, offset = self._paging(req)
+        status = req.arg("status")
+        if status is not None and status not in STATUSES + ["archived"]:
+            raise invalid_resource([{"field": "status", "message": f"Value must be one of: {', '.join(STATUSES)}."}], "The request parameters are invalid.")
+        members = [m for m in au.members.values() if status is None or m.status == status]
+        return ApiResponse(
+            200,
+            {
+                "members": [self._member_json(req, au, m) for m in members[offset : offset + count]],
+                "list_id": au.id,
+                "total_items": len(members),
+                "_links": self._links(req, f"/3.0/lists/{au.id}/members"),
+            },
+        )
+
+    def get_member(self, req: ApiRequest) -> ApiResponse:
+        au = self._audience(req)
+        key = req.path_params["subscriber_hash"]
+        member = au.members.get(key.lower()) or au.members.get(subscriber_hash(key))  # Mailchimp also takes the email
+        if member is None:
+            raise resource_not_found()
+        return ApiResponse(200, self._member_json(req, au, member))
+
+    def batch_subscribe(self, req: ApiRequest) -> ApiResponse:
+        au = self._audience(req)
+        body = self._body(req)
+        if isinstance(body, dict) and isinstance(body.get("members"), list) and len(body["members"]) > MAX_BATCH_MEMBERS:
+            raise invalid_resource([{"field": "members", "message": f"Schema describes array with at most {MAX_BATCH_MEMBERS} items, {len(body['members'])} found."}])
+        _schema_error(body, BATCH_SCHEMA)
+        update_existing = bool(body.get("update_existing", False))
+        sync_tags = bool(body.get("sync_tags", False))
+        skip_merge = query_bool(req.arg("skip_merge_validation"))
+        skip_dupes = query_bool(req.arg("skip_duplicate_check"))
+        by_tag = {mf.tag: mf for mf in au.merge_fields}
+        new_members: list[dict[str, Any]] = []
+        updated: list[dict[str, Any]] = []
+        errors: list[dict[str, str]] = []
+        seen: set[str] = set()
+
+        def fail(email: str, message: str, code: str = "ERROR_GENERIC", fld: str = "", field_message: str = "") -> None:
+            errors.append({"email_address": email, "error": message, "error_code": code, "field": fld, "field_message": field_message})
+
+        for item in body["members"]:
+            email = item["email_address"].strip()
+            if not is_valid_email(email):
+                fail(email, f"{email} looks fake or invalid, please enter a real email address.", fld="email_address", field_message="Please enter a real email address.")
+                continue
+            key = email.lower()
+            if key in seen:
+                if not skip_dupes:
+                    fail(email, f"{email} is a duplicate of an earlier member in this request.", fld="email_address", field_message="Duplicate email address in the request.")
+                continue
+            seen.add(key)
+            if key in au.forgotten:
+                fail(email, f"{email} was permanently deleted and cannot be re-imported. The contact must re-subscribe to get back on the list.")
+                continue
+            existing = au.members.get(subscriber_hash(email))
+            status = item.get("status")
+            if existing is not None and not update_existing:
+                fail(email, f"{email} is already a list member, do you want to update? please provide update_existing:true in the request body", "ERROR_CONTACT_EXISTS")
+                continue
+            if existing is not None and status in ("subscribed", "pending") and existing.status in COMPLIANCE_STATES:
+                fail(email, f"{email} is in a compliance state due to unsubscribe, bounce, or compliance review and cannot be subscribed.")
+                continue
+            if existing is None and status is None:
+                fail(email, f"{email} is not a list member yet and no status was given; a status is required to add a member.", fld="status", field_message="This value should not be blank.")
+                continue
+            # merge fields: shape first (never skippable), then required-ness
+            merged = dict(existing.merge_fields) if existing else {}
+            bad: Optional[tuple[str, str]] = None
+            for tag, value in (item.get("merge_fields") or {}).items():
+                mf = by_tag.get(tag.upper())
+                if mf is None:
+                    continue  # unknown merge tag: ignored
+                try:
+                    merged[mf.tag] = coerce_merge_value(mf, value)
+                except MergeValueError as exc:
+                    bad = (mf.tag, str(exc))
+                    break
+            if bad is None and not skip_merge:
+                missing = [mf.tag for mf in au.merge_fields if mf.required and merged.get(mf.tag) in (None, "")]
+                if missing:
+                    bad = (missing[0], "Please enter a value")
+            if bad is not None:
+                fail(email, "Your merge fields were invalid.", fld=bad[0], field_message=bad[1])
+                continue
+            now = self.clock()
+            member = existing
+            if member is None:
+                member = Member(email, status, {}, now, now, web_id=self._new_id())
+                au.members[member.id] = member
+            elif status is not None:
+                member.status = status
+            member.merge_fields = merged
+            member.last_changed = now
+            for attr in ("email_type", "language", "vip"):
+                if attr in item:
+                    setattr(member, attr, item[attr])
+            if "tags" in item or sync_tags:
+                wanted = list(dict.fromkeys(item.get("tags") or []))
+                if sync_tags:
+                    for seg in au.segments.values():
+                        if seg.name not in wanted:
+                            seg.member_ids.pop(member.id, None)
+                for name in wanted:
+                    self._segment_by_name(au, name, create=True).member_ids[member.id] = None
+            (updated if existing else new_members).append(self._member_json(req, au, member))
+
+        return ApiResponse(
+            200,
+            {
+                "new_members": new_members,
+                "updated_members": updated,
+                "errors": errors,
+                "total_created": len(new_members),
+                "total_updated": len(updated),
+                "error_count": len(errors),
+                "_links": self._links(req, f"/3.0/lists/{au.id}", ("GET", "POST")),
+            },
+        )
+
+    def post_member_tags(self, req: ApiRequest) -> ApiResponse:
+        au = self._audience(req)
+        member = au.members.get(req.path_params["subscriber_hash"].lower())
+        if member is None:
+            raise resource_not_found()
+        body = self._body(req)
+        _schema_error(body, MEMBER_TAGS_SCHEMA)
+        for tag in body["tags"]:
+            if tag["status"] == "active":
+                self._segment_by_name(au, tag["name"], create=True).member_ids[member.id] = None
+            else:
+                try:
+                    self._segment_by_name(au, tag["name"]).member_ids.pop(member.id, None)
+                except KeyError:
+                    pass
+        return ApiResponse(204, None)
+
+    def get_segments(self, req: ApiRequest) -> ApiResponse:
+        au = self._audience(req)
+        count, offset = self._paging(req)
+        kind = req.arg("type")
+        segments = [s for s in au.segments.values() if kind in (None, "static")]
+        return ApiResponse(
+            200,
+            {
+                "segments": [self._segment_json(req, au, s) for s in segments[offset : offset + count]],
+                "list_id": au.id,
+                "total_items": len(segments),
+                "_links": self._links(req, f"/3.0/lists/{au.id}/segments", ("GET", "POST")),
+            },
+        )
+
+    def create_segment(self, req: ApiRequest) -> ApiResponse:
+        au = self._audience(req)
+        body = self._body(req)
+        _schema_error(body, SEGMENT_CREATE_SCHEMA)
+        if "static_segment" not in body:
+            raise invalid_resource([{"field": "static_segment", "message": "The sandbox only supports static segments (tags)."}])
+        if any(s.name == body["name"] for s in au.segments.values()):
+            raise invalid_resource([{"field": "name", "message": f"A segment or tag named \"{body['name']}\" already exists."}], "The resource submitted could not be validated.")
+        seg = self._segment_by_name(au, body["name"], create=True)
+        for email in body["static_segment"]:
+            if subscriber_hash(email) in au.members:
+                seg.member_ids[subscriber_hash(email)] = None
+        return ApiResponse(200, self._segment_json(req, au, seg))
+
+    def _segment(self, req: ApiRequest, au: Audience) -> Segment:
+        try:
+            seg = au.segments.get(int(req.path_params["segment_id"]))
+        except ValueError:
+            seg = None
+        if seg is None:
+            raise resource_not_found()
+        return seg
+
+    def get_segment(self, req: ApiRequest) -> ApiResponse:
+        au = self._audience(req)
+        return ApiResponse(200, self._segment_json(req, au, self._segment(req, au)))
+
+    def update_segment_members(self, req: ApiRequest) -> ApiResponse:
+        au = self._audience(req)
+        seg = self._segment(req, au)
+        body = self._body(req)
+        _schema_error(body, SEGMENT_MEMBERS_SCHEMA)
+        to_add, to_remove = body.get("members_to_add") or [], body.get("members_to_remove") or []
+        for name, values in (("members_to_add", to_add), ("members_to_remove", to_remove)):
+            if len(values) > MAX_SEGMENT_CHANGES:
+                raise invalid_resource([{"field": name, "message": f"Schema describes array with at most {MAX_SEGMENT_CHANGES} items, {len(values)} found."}])
+        added, removed, missing = [], [], []
+        for email in to_add:
+            member = au.members.get(subscriber_hash(email))
+            if member is None:
+                missing.append(email)
+            else:
+                seg.member_ids[member.id] = None
+                added.append(self._member_json(req, au, member))
+        for email in to_remove:
+            member = au.members.get(subscriber_hash(email))
+            if member is None or member.id not in seg.member_ids:
+                missing.append(email)
+            else:
+                seg.member_ids.pop(member.id, None)
+                removed.append(self._member_json(req, au, member))
+        seg.updated = self.clock()
+        errors = [{"email_addresses": missing, "error": "Email addresses are not members of this segment's audience or segment."}] if missing else []
+        return ApiResponse(
+            200,
+            {
+                "members_added": added,
+                "members_removed": removed,
+                "errors": errors,
+                "total_added": len(added),
+                "total_removed": len(removed),
+                "error_count": len(missing),
+                "_links": self._links(req, f"/3.0/lists/{au.id}/segments/{seg.id}", ("GET", "POST")),
+            },
+        )
+
+    def get_segment_members(self, req: ApiRequest) -> ApiResponse:
+        au = self._audience(req)
+        seg = self._segment(req, au)
+        count, offset = self._paging(req)
+        members = [au.members[h] for h in seg.member_ids if h in au.members]
+        return ApiResponse(
+            200,
+            {
+                "members": [self._member_json(req, au, m) for m in members[offset : offset + count]],
+                "total_items": len(members),
+                "_links": self._links(req, f"/3.0/lists/{au.id}/segments/{seg.id}/members"),
+            },
+        )
+
+    # --- state -----------------------------------------------------------------------
+
+    def state(self) -> dict[str, Any]:
+        with self.lock:
+            accounts = {}
+            for acc in self.accounts.values():
+                audiences = {}
+                for au in acc.audiences.values():
+                    tags_of = {h: [s.name for s in au.segments.values() if h in s.member_ids] for h in au.members}
+                    audiences[au.id] = {
+                        "name": au.name,
+                        "members": {
+                            h: {"email_address": m.email_address, "status": m.status, "merge_fields": dict(m.merge_fields), "tags": tags_of[h]}
+                            for h, m in au.members.items()
+                        },
+                        "merge_fields": [{"tag": mf.tag, "name": mf.name, "type": mf.type, "required": mf.required} for mf in au.merge_fields],
+                        "segments": {
+                            str(s.id): {"name": s.name, "type": "static", "member_count": len(s.member_ids), "members": [au.members[h].email_address for h in s.member_ids if h in au.members]}
+                            for s in au.segments.values()
+                        },
+                        "forgotten": sorted(au.forgotten),
+                    }
+                accounts[acc.account_id] = {"audiences": audiences}
+            return {"accounts": accounts}
