@@ -1,0 +1,265 @@
+"""Mailchimp half of the sandbox over real HTTP, bodies checked against the 3.0.55 spec."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import hashlib
+
+import pytest
+import requests
+from sandbox_testlib import assert_mailchimp_problem, assert_matches_spec
+
+from segment_export_sandbox import (
+    MAILCHIMP_API_KEY,
+    MAILCHIMP_AUDIENCE_ID,
+    AudienceConfig,
+    MailchimpAccountConfig,
+    MergeFieldConfig,
+    Sandbox,
+    SandboxConfig,
+)
+from segment_export_sandbox.config import default_merge_fields
+
+AUD = MAILCHIMP_AUDIENCE_ID
+AUTH = ("anystring", MAILCHIMP_API_KEY)
+
+
+def mc(sb: Sandbox, method: str, path: str, **kw) -> requests.Response:
+    kw.setdefault("auth", AUTH)
+    return requests.request(method, sb.mailchimp_host + path, timeout=30, **kw)
+
+
+def batch(sb: Sandbox, members: list[dict], params: dict | None = None, **flags) -> dict:
+    r = mc(sb, "POST", f"/lists/{AUD}", json={"members": members, **flags}, params=params)
+    return assert_matches_spec("mailchimp", "/lists/{list_id}", "post", r)
+
+
+def members(sb: Sandbox) -> dict:
+    (acc,) = sb.state()["mailchimp"]["accounts"].values()
+    return {m["email_address"].lower(): m for m in acc["audiences"][AUD]["members"].values()}
+
+
+def md5(email: str) -> str:
+    return hashlib.md5(email.lower().encode()).hexdigest()
+
+
+# --- auth, ping, lists, merge fields -------------------------------------------------------
+
+
+def test_auth_missing_and_invalid(sb):
+    r = requests.get(sb.mailchimp_host + "/ping", timeout=10)
+    assert_mailchimp_problem(r, 401, "API Key Missing")
+    r = mc(sb, "GET", "/ping", auth=("user", "ffffffffffffffffffffffffffffffff-us6"))
+    body = assert_mailchimp_problem(r, 401, "API Key Invalid")
+    assert "API key" in body["detail"]
+
+
+def test_ping(sb):
+    r = mc(sb, "GET", "/ping")
+    assert assert_matches_spec("mailchimp", "/ping", "get", r) == {"health_status": "Everything's Chimpy!"}
+
+
+def test_get_list_and_404(sb):
+    body = assert_matches_spec("mailchimp", "/lists/{list_id}", "get", mc(sb, "GET", f"/lists/{AUD}"))
+    assert (body["id"], body["name"]) == (AUD, "Sandbox audience")
+    assert_mailchimp_problem(mc(sb, "GET", "/lists/nosuchlist"), 404, "Resource Not Found")
+    assert_mailchimp_problem(mc(sb, "POST", "/lists/nosuchlist", json={"members": []}), 404, "Resource Not Found")
+
+
+def test_merge_fields_are_new_audience_defaults_and_paged(sb):
+    body = assert_matches_spec("mailchimp", "/lists/{list_id}/merge-fields", "get", mc(sb, "GET", f"/lists/{AUD}/merge-fields"))
+    assert [(f["tag"], f["type"], f["required"]) for f in body["merge_fields"]] == [
+        ("FNAME", "text", False),
+        ("LNAME", "text", False),
+        ("ADDRESS", "address", False),
+        ("PHONE", "phone", False),
+        ("BIRTHDAY", "birthday", False),
+    ]
+    body = mc(sb, "GET", f"/lists/{AUD}/merge-fields", params={"count": 2, "offset": 1}).json()
+    assert [f["tag"] for f in body["merge_fields"]] == ["LNAME", "ADDRESS"] and body["total_items"] == 5
+
+
+# --- batch subscribe rules -------------------------------------------------------------------
+
+
+def test_new_members_created_and_readable_by_hash(sb):
+    body = batch(sb, [{"email_address": "Ann@Example.com", "status": "subscribed", "merge_fields": {"FNAME": "Ann", "BIRTHDAY": "07/04"}}, {"email_address": "bob@example.com", "status": "pending"}])
+    assert (body["total_created"], body["total_updated"], body["error_count"]) == (2, 0, 0)
+    assert body["new_members"][0]["id"] == md5("ann@example.com")
+    r = mc(sb, "GET", f"/lists/{AUD}/members/{md5('ann@example.com')}")
+    member = assert_matches_spec("mailchimp", "/lists/{list_id}/members/{subscriber_hash}", "get", r)
+    assert member["email_address"] == "Ann@Example.com" and member["merge_fields"]["FNAME"] == "Ann"
+    assert_mailchimp_problem(mc(sb, "GET", f"/lists/{AUD}/members/{md5('nobody@example.com')}"), 404, "Resource Not Found")
+
+
+def test_existing_member_without_update_existing_is_contact_exists(sb):
+    sb.seed_mailchimp_member(AUD, "old@example.com", "subscribed", {"FNAME": "Old"})
+    body = batch(sb, [{"email_address": "OLD@example.com", "status": "subscribed", "merge_fields": {"FNAME": "New"}}])
+    (err,) = body["errors"]
+    assert err["error_code"] == "ERROR_CONTACT_EXISTS" and "already a list member" in err["error"]
+    assert body["total_updated"] == 0 and members(sb)["old@example.com"]["merge_fields"]["FNAME"] == "Old"
+
+
+def test_update_existing_with_status_changes_status(sb):
+    sb.seed_mailchimp_member(AUD, "sub@example.com", "subscribed")
+    body = batch(sb, [{"email_address": "sub@example.com", "status": "unsubscribed"}], update_existing=True)
+    assert body["total_updated"] == 1 and body["updated_members"][0]["status"] == "unsubscribed"
+    assert members(sb)["sub@example.com"]["status"] == "unsubscribed"
+
+
+@pytest.mark.parametrize("old", ["unsubscribed", "cleaned"])
+@pytest.mark.parametrize("new", ["subscribed", "pending"])
+def test_compliance_state_cannot_be_resubscribed(sb, old, new):
+    sb.seed_mailchimp_member(AUD, "gone@example.com", old)
+    body = batch(sb, [{"email_address": "gone@example.com", "status": new, "merge_fields": {"FNAME": "X"}}], update_existing=True)
+    (err,) = body["errors"]
+    assert "compliance state" in err["error"] and err["email_address"] == "gone@example.com"
+    assert members(sb)["gone@example.com"]["status"] == old
+    assert members(sb)["gone@example.com"]["merge_fields"].get("FNAME", "") == ""
+
+
+@pytest.mark.parametrize("old", ["unsubscribed", "cleaned", "subscribed", "pending"])
+def test_update_existing_without_status_keeps_status(sb, old):
+    sb.seed_mailchimp_member(AUD, "keep@example.com", old, {"FNAME": "Before", "LNAME": "Same"})
+    body = batch(sb, [{"email_address": "keep@example.com", "merge_fields": {"FNAME": "After"}}], update_existing=True)
+    assert (body["total_updated"], body["error_count"]) == (1, 0)
+    m = members(sb)["keep@example.com"]
+    assert m["status"] == old
+    assert m["merge_fields"] == {"FNAME": "After", "LNAME": "Same"}
+
+
+def test_new_member_needs_a_status(sb):
+    body = batch(sb, [{"email_address": "nostatus@example.com", "merge_fields": {"FNAME": "N"}}], update_existing=True)
+    (err,) = body["errors"]
+    assert err["field"] == "status" and body["total_created"] == 0
+    assert "nostatus@example.com" not in members(sb)
+
+
+def test_invalid_email_is_a_member_error(sb):
+    body = batch(sb, [{"email_address": "not-an-email", "status": "subscribed"}, {"email_address": "fine@example.com", "status": "subscribed"}])
+    (err,) = body["errors"]
+    assert "looks fake or invalid" in err["error"] and err["email_address"] == "not-an-email"
+    assert body["total_created"] == 1
+
+
+def test_forgotten_email_cannot_be_reimported(sb):
+    sb.seed_mailchimp_member(AUD, "forget@example.com", "subscribed")
+    sb.forget_mailchimp_email(AUD, "forget@example.com")
+    assert "forget@example.com" not in members(sb)
+    body = batch(sb, [{"email_address": "Forget@example.com", "status": "subscribed"}], update_existing=True)
+    (err,) = body["errors"]
+    assert "permanently deleted" in err["error"]
+    assert "forget@example.com" not in members(sb)
+
+
+def test_duplicates_in_one_request(sb):
+    dupes = [{"email_address": "dup@example.com", "status": "subscribed"}, {"email_address": "DUP@example.com", "status": "unsubscribed"}]
+    body = batch(sb, dupes)
+    assert (body["total_created"], body["error_count"]) == (1, 1)
+    assert body["errors"][0]["email_address"] == "DUP@example.com"
+    sb.reset()
+    body = batch(sb, dupes, params={"skip_duplicate_check": "true"})
+    assert (body["total_created"], body["error_count"]) == (1, 0)
+    assert members(sb)["dup@example.com"]["status"] == "subscribed"  # first appearance wins
+
+
+def test_required_merge_field_and_skip_merge_validation():
+    fields = default_merge_fields() + [MergeFieldConfig("COMPANY", "Company", "text", required=True), MergeFieldConfig("SCORE", "Score", "number")]
+    cfg = SandboxConfig(rate_limits=False, mailchimp_accounts=[MailchimpAccountConfig(MAILCHIMP_API_KEY, "acct2", [AudienceConfig(AUD, "Strict", fields)])])
+    with Sandbox(cfg) as sb:
+        body = batch(sb, [{"email_address": "a@example.com", "status": "subscribed", "merge_fields": {"FNAME": "A"}}])
+        (err,) = body["errors"]
+        assert (err["error"], err["field"], err["field_message"]) == ("Your merge fields were invalid.", "COMPANY", "Please enter a value")
+        body = batch(sb, [{"email_address": "a@example.com", "status": "subscribed", "merge_fields": {"FNAME": "A"}}], params={"skip_merge_validation": "true"})
+        assert body["total_created"] == 1
+        body = batch(sb, [{"email_address": "b@example.com", "status": "subscribed", "merge_fields": {"COMPANY": "Acme", "SCORE": "lots"}}])
+        assert body["errors"][0]["field"] == "SCORE"
+        body = batch(sb, [{"email_address": "c@example.com", "status": "subscribed", "merge_fields": {"COMPANY": "Acme", "SCORE": 7, "ADDRESS": {"addr1": "1 Main"}}}])
+        assert body["errors"][0]["field"] == "ADDRESS"
+
+
+def test_unknown_merge_tag_is_ignored(sb):
+    body = batch(sb, [{"email_address": "u@example.com", "status": "subscribed", "merge_fields": {"FNAME": "U", "NOSUCHTAG": "x"}}])
+    assert (body["total_created"], body["error_count"]) == (1, 0)
+    assert members(sb)["u@example.com"]["merge_fields"] == {"FNAME": "U"}
+
+
+def test_request_level_errors(sb):
+    r = mc(sb, "POST", f"/lists/{AUD}", json={"members": [{"email_address": f"m{i}@example.com", "status": "subscribed"} for i in range(501)]})
+    body = assert_mailchimp_problem(r, 400, "Invalid Resource")
+    assert body["errors"][0]["field"] == "members"
+    assert members(sb) == {}
+    r = mc(sb, "POST", f"/lists/{AUD}", data=b'{"members": [', headers={"Content-Type": "application/json"})
+    assert_mailchimp_problem(r, 400, "JSON Parse Error")
+    r = mc(sb, "POST", f"/lists/{AUD}", json={"members": [{"email_address": "a@example.com", "status": "subscribe"}]})
+    body = assert_mailchimp_problem(r, 400, "Invalid Resource")
+    assert body["errors"][0]["field"] == "members.0.status"
+    r = mc(sb, "POST", f"/lists/{AUD}", json={"update_existing": True})
+    assert assert_mailchimp_problem(r, 400, "Invalid Resource")["errors"][0]["field"] == "members"
+    ok = batch(sb, [{"email_address": f"m{i}@example.com", "status": "subscribed"} for i in range(500)])
+    assert ok["total_created"] == 500
+
+
+def test_members_listing_paging_and_status_filter(sb):
+    batch(sb, [{"email_address": f"l{i}@example.com", "status": "subscribed" if i % 2 else "unsubscribed"} for i in range(30)])
+    r = mc(sb, "GET", f"/lists/{AUD}/members", params={"count": 7, "offset": 7})
+    body = assert_matches_spec("mailchimp", "/lists/{list_id}/members", "get", r)
+    assert len(body["members"]) == 7 and body["total_items"] == 30
+    assert body["members"][0]["email_address"] == "l7@example.com"
+    body = mc(sb, "GET", f"/lists/{AUD}/members", params={"status": "unsubscribed", "count": 1000}).json()
+    assert body["total_items"] == 15 and {m["status"] for m in body["members"]} == {"unsubscribed"}
+    assert_mailchimp_problem(mc(sb, "GET", f"/lists/{AUD}/members", params={"count": 1001}), 400, "Invalid Resource")
+
+
+# --- tags / static segments ------------------------------------------------------------------
+
+
+def test_static_segments_as_tags(sb):
+    batch(sb, [{"email_address": f"t{i}@example.com", "status": "subscribed"} for i in range(4)])
+    r = mc(sb, "POST", f"/lists/{AUD}/segments", json={"name": "vip", "static_segment": ["t0@example.com", "stranger@example.com"]})
+    seg = assert_matches_spec("mailchimp", "/lists/{list_id}/segments", "post", r)
+    assert seg["type"] == "static" and seg["member_count"] == 1
+    r = mc(sb, "POST", f"/lists/{AUD}/segments/{seg['id']}", json={"members_to_add": ["t1@example.com", "t2@example.com", "nobody@example.com"], "members_to_remove": ["t0@example.com"]})
+    body = assert_matches_spec("mailchimp", "/lists/{list_id}/segments/{segment_id}", "post", r)
+    assert (body["total_added"], body["total_removed"], body["error_count"]) == (2, 1, 1)
+    assert body["errors"][0]["email_addresses"] == ["nobody@example.com"]
+    r = mc(sb, "GET", f"/lists/{AUD}/segments/{seg['id']}/members")
+    body = assert_matches_spec("mailchimp", "/lists/{list_id}/segments/{segment_id}/members", "get", r)
+    assert {m["email_address"] for m in body["members"]} == {"t1@example.com", "t2@example.com"}
+    assert all(m["tags"] == [{"id": seg["id"], "name": "vip"}] for m in body["members"])
+    body = assert_matches_spec("mailchimp", "/lists/{list_id}/segments", "get", mc(sb, "GET", f"/lists/{AUD}/segments"))
+    assert body["total_items"] == 1
+    too_many = [f"t{i}@example.com" for i in range(501)]
+    assert_mailchimp_problem(mc(sb, "POST", f"/lists/{AUD}/segments/{seg['id']}", json={"members_to_add": too_many}), 400, "Invalid Resource")
+    assert_mailchimp_problem(mc(sb, "GET", f"/lists/{AUD}/segments/999"), 404, "Resource Not Found")
+    r = mc(sb, "POST", f"/lists/{AUD}/members/{md5('t3@example.com')}/tags", json={"tags": [{"name": "vip", "status": "active"}, {"name": "new", "status": "active"}]})
+    assert r.status_code == 204
+    assert members(sb)["t3@example.com"]["tags"] == ["vip", "new"]
+
+
+def test_batch_tags_and_sync_tags(sb):
+    batch(sb, [{"email_address": "tg@example.com", "status": "subscribed", "tags": ["a", "b"]}])
+    assert members(sb)["tg@example.com"]["tags"] == ["a", "b"]
+    batch(sb, [{"email_address": "tg@example.com", "tags": ["c"]}], update_existing=True)
+    assert members(sb)["tg@example.com"]["tags"] == ["a", "b", "c"]
+    batch(sb, [{"email_address": "tg@example.com", "tags": ["b"]}], update_existing=True, sync_tags=True)
+    assert members(sb)["tg@example.com"]["tags"] == ["b"]
+
+
+# --- connection cap ---------------------------------------------------------------------------
+
+
+def test_eleventh_simultaneous_request_gets_429():
+    cfg = SandboxConfig(latency={"mailchimp_read": 0.6})
+    with Sandbox(cfg) as sb:
+        with concurrent.futures.ThreadPoolExecutor(11) as pool:
+            responses = list(pool.map(lambda _: mc(sb, "GET", "/ping"), range(11)))
+        statuses = [r.status_code for r in responses]
+        assert statuses.count(429) >= 1 and statuses.count(200) == 11 - statuses.count(429), statuses
+        assert statuses.count(200) >= 5
+        assert_mailchimp_problem(next(r for r in responses if r.status_code == 429), 429, "Too Many Requests")
+        state = sb.state()["requests"]
+        assert state["by_endpoint"]["GET /3.0/ping"]["status"]["429"] == statuses.count(429)
+        assert state["max_in_flight"]["mailchimp"] >= 10
+        # slots are given back: a later request goes through
+        assert mc(sb, "GET", "/ping").status_code == 200
