@@ -30,8 +30,9 @@ Modelled behaviour (and where it comes from)
   list id (*guess*: Klaviyo refuses the job; code/detail not documented).
 * Job progress is computed from elapsed time: ``queued`` for
   ``klaviyo_job_queue_seconds``, then ``processing`` at
-  ``klaviyo_profiles_per_second``, then ``complete``.  Profiles are applied to the
-  store as they are processed (so reads mid-job see partial results).
+  ``klaviyo_profiles_per_second`` (each job at that speed, independently of the
+  others), then ``complete``.  Profiles are applied to the store as they are
+  processed (so reads mid-job see partial results).
   ``completed_count`` counts successful profiles and ``failed_count`` failed ones
   (*guess*: the spec's wording allows both readings; disjoint counts sum to
   ``total_count`` at the end).

@@ -129,7 +129,11 @@ class Sandbox:
         return {"klaviyo": self.klaviyo.state(), "mailchimp": self.mailchimp.state(), "requests": self.log.snapshot()}
 
     def reset(self) -> None:
-        """Back to the configured accounts and lists; forget every request and window."""
+        """Back to the configured accounts and lists; forget every request and window.
+
+        Runtime knobs changed with :meth:`configure` (latency, speed, limits) are kept:
+        they describe the simulated service, not what it received.
+        """
         for svc in self.services:
             svc.reset()
         self.log.reset()

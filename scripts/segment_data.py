@@ -1,0 +1,95 @@
+"""Synthetic segment tables for the demo, the tests and the benchmarks (no real person's data).
+
+Rows look like a warehouse's segment membership table: one row per customer and segment, with names, phone,
+loyalty tier and lifetime value. Deterministic for a given seed, so tests can compute what to expect.
+
+    python scripts/segment_data.py sqlite .demo/segments.db --profiles 30000
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import random
+import sqlite3
+from pathlib import Path
+from typing import Iterator
+
+COLUMNS = ["customer_id", "email", "first_name", "last_name", "phone", "tier", "lifetime_value", "segment"]
+SEGMENTS = ["vip", "newsletter", "churn_risk", "winback"]
+FIRST = ["Ada", "Grace", "Alan", "Edsger", "Barbara", "Donald", "Frances", "Ken", "Radia", "Tim", "Margaret", "Linus"]
+LAST = ["Lovelace", "Hopper", "Turing", "Dijkstra", "Liskov", "Knuth", "Allen", "Thompson", "Perlman", "Lee"]
+TIERS = ["bronze", "silver", "gold", "platinum"]
+
+
+def rows(profiles: int, seed: int = 7) -> Iterator[tuple]:
+    """``profiles`` customers; each is in one segment, and every tenth customer in a second one."""
+    rng = random.Random(seed)
+    for i in range(1, profiles + 1):
+        first, last = FIRST[i % len(FIRST)], LAST[(i // len(FIRST)) % len(LAST)]
+        base = (
+            i,
+            f"{first.lower()}.{last.lower()}.{i}@example.com",
+            first,
+            last,
+            f"+1415555{i % 10000:04d}",
+            TIERS[rng.randrange(len(TIERS))],
+            round(rng.uniform(0, 5000), 2),
+        )
+        yield base + (SEGMENTS[i % len(SEGMENTS)],)
+        if i % 10 == 0:
+            yield base + (SEGMENTS[(i + 1) % len(SEGMENTS)],)
+
+
+def write_sqlite(path: str | Path, profiles: int, table: str = "segment_members", seed: int = 7) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with sqlite3.connect(path) as conn:
+        conn.execute(f'DROP TABLE IF EXISTS "{table}"')
+        conn.execute(
+            f'CREATE TABLE "{table}" (customer_id INTEGER, email TEXT, first_name TEXT, last_name TEXT, '
+            "phone TEXT, tier TEXT, lifetime_value REAL, segment TEXT)"
+        )
+        conn.executemany(f'INSERT INTO "{table}" VALUES (?, ?, ?, ?, ?, ?, ?, ?)', rows(profiles, seed))
+    return path
+
+
+def write_csv(path: str | Path, profiles: int, seed: int = 7, segment: str | None = None) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="", encoding="utf-8") as f:
+        out = csv.writer(f)
+        out.writerow(COLUMNS)
+        out.writerows(r for r in rows(profiles, seed) if segment is None or r[-1] == segment)
+    return path
+
+
+def write_parquet(path: str | Path, profiles: int, seed: int = 7) -> Path:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = list(zip(*rows(profiles, seed)))
+    pq.write_table(pa.table({name: list(col) for name, col in zip(COLUMNS, data)}), path, row_group_size=50_000)
+    return path
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("format", choices=["sqlite", "csv", "parquet"])
+    parser.add_argument("path")
+    parser.add_argument("--profiles", type=int, default=30_000)
+    parser.add_argument("--segment", help="csv only: keep the rows of this segment")
+    args = parser.parse_args()
+    if args.format == "sqlite":
+        write_sqlite(args.path, args.profiles)
+    elif args.format == "csv":
+        write_csv(args.path, args.profiles, segment=args.segment)
+    else:
+        write_parquet(args.path, args.profiles)
+    print(f"wrote {args.path}")
+
+
+if __name__ == "__main__":
+    main()

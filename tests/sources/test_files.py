@@ -1,0 +1,56 @@
+"""CSV and Parquet sources: chunks, segment filter, byte-order mark, text values, deterministic truncation."""
+
+from __future__ import annotations
+
+import pytest
+import segment_data
+
+from segment_export.sources import SourceError, source_for
+from segment_export.spec import SourceSpec
+
+
+@pytest.fixture(params=["csv", "parquet"])
+def segment_file(request, tmp_path):
+    if request.param == "csv":
+        return segment_data.write_csv(tmp_path / "seg.csv", 500)
+    return segment_data.write_parquet(tmp_path / "seg.parquet", 500)
+
+
+def all_rows(source, columns, **kwargs):
+    return [r for chunk in source.chunks(columns, **kwargs) for r in chunk]
+
+
+def test_chunks_and_segment_filter(segment_file):
+    source = source_for(SourceSpec(path=str(segment_file), segment_column="segment", segments=["vip"], chunk_size=40))
+    expected = [r for r in segment_data.rows(500) if r[-1] == "vip"]
+    assert source.count() == len(expected)
+    chunks = list(source.chunks(["email"]))
+    assert all(len(c) <= 40 for c in chunks)
+    assert [r[0] for c in chunks for r in c] == [r[1] for r in expected]
+    assert "lifetime_value" in source.columns()
+
+
+def test_truncation_orders_numeric_keys_as_numbers_and_is_repeatable(segment_file):
+    source = source_for(SourceSpec(path=str(segment_file), chunk_size=33))
+    rows = all_rows(source, ["customer_id", "email"], order_by="customer_id", tie_breaker="email", limit=15)
+    # rows come back in file order; the rows kept are the 15 lowest by (customer_id, email)
+    expected = sorted(((r[0], r[1]) for r in segment_data.rows(500)), key=lambda r: (r[0], r[1]))[:15]
+    assert sorted((int(r[0]), r[1]) for r in rows) == expected
+    assert rows == all_rows(source, ["customer_id", "email"], order_by="customer_id", tie_breaker="email", limit=15)
+
+
+def test_csv_keeps_text_and_ignores_bom(tmp_path):
+    path = tmp_path / "bom.csv"
+    path.write_bytes("\ufeffemail,zip\r\na@example.com,02134\r\nb@example.com,\r\n".encode("utf-8"))
+    source = source_for(SourceSpec(path=str(path)))
+    assert source.columns() == ["email", "zip"]
+    assert all_rows(source, ["email", "zip"]) == [("a@example.com", "02134"), ("b@example.com", "")]
+
+
+def test_missing_file_and_bad_parquet(tmp_path):
+    with pytest.raises(SourceError, match="does not exist"):
+        source_for(SourceSpec(path=str(tmp_path / "nope.csv")))
+    bad = tmp_path / "bad.parquet"
+    bad.write_text("not parquet")
+    with pytest.raises(SourceError, match="cannot open .* as Parquet"):
+        source_for(SourceSpec(path=str(bad))).columns()

@@ -1,0 +1,56 @@
+"""Mapping rows to profiles: required email, text conversion, attributes, and the missing-column error."""
+
+from __future__ import annotations
+
+from datetime import date
+from decimal import Decimal
+
+import pytest
+
+from segment_export.mapping import MissingColumnsError, Profile, Rejection, RowMapper
+from segment_export.spec import MappingSpec
+
+COLUMNS = ["customer_id", "email", "first_name", "last_name", "phone", "tier", "ltv", "since", "secret"]
+MAPPING = MappingSpec(
+    email="email", first_name="first_name", last_name="last_name", phone_number="phone",
+    external_id="customer_id", attributes={"loyalty_tier": "tier", "ltv": "ltv", "since": "since"},
+)
+
+
+def test_missing_column_names_it_and_the_available_ones():
+    with pytest.raises(MissingColumnsError) as info:
+        RowMapper(MAPPING, ["email", "first_name"])
+    message = str(info.value)
+    assert "'last_name'" in message and "'phone'" in message and "'customer_id'" in message
+    assert "the source has: email, first_name" in message
+    assert "first_name'" not in message.split("the source has")[0]
+
+
+def test_row_becomes_profile_with_only_mapped_fields():
+    mapper = RowMapper(MAPPING, COLUMNS)
+    row = (42, "  Ada@Example.COM ", "Ada", None, "+14155550100", "gold", Decimal("12.50"), date(2020, 1, 2), "do-not-send")
+    profile = mapper.map(row)
+    assert isinstance(profile, Profile)
+    assert profile.email == "Ada@Example.COM" and profile.key == "ada@example.com"
+    assert profile.external_id == "42" and profile.first_name == "Ada" and profile.last_name is None
+    assert profile.attributes == {"loyalty_tier": "gold", "ltv": 12.5, "since": "2020-01-02"}
+    assert "do-not-send" not in repr(profile)
+
+
+@pytest.mark.parametrize(
+    "email, reason",
+    [(None, "email is empty"), ("   ", "email is empty"), (float("nan"), "email is empty"),
+     ("not-an-email", "email is not a valid address"), ("a@b", "email is not a valid address"),
+     ("a b@example.com", "email is not a valid address"), ("x" * 250 + "@example.com", "email is not a valid address"),
+     (b"\xff\xfe@example.com", "email is not valid UTF-8")],
+)
+def test_bad_emails_are_rejected_with_a_reason_without_the_address(email, reason):
+    mapper = RowMapper(MappingSpec(email="email"), ["email"])
+    result = mapper.map((email,))
+    assert result == Rejection(reason)
+
+
+def test_numbers_in_text_fields_become_text_and_blanks_are_dropped():
+    mapper = RowMapper(MappingSpec(email="e", first_name="f", attributes={"A": "a", "B": "b"}), ["e", "f", "a", "b"])
+    profile = mapper.map(("a@example.com", 12.0, "", 7))
+    assert profile.first_name == "12" and profile.attributes == {"B": 7}
