@@ -14,6 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("AIRFLOW_HOME", tempfile.mkdtemp(prefix="segment-export-airflow-"))
 os.environ.setdefault("AIRFLOW__CORE__LOAD_EXAMPLES", "False")
 sys.path.insert(0, str(ROOT / "scripts"))
+sys.path.insert(0, str(ROOT / "tests"))  # for sandbox_state
 
 import segment_data  # noqa: E402
 
@@ -56,3 +57,25 @@ def pg_schema(monkeypatch):
     yield conn, schema
     conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
     conn.close()
+
+
+@pytest.fixture(scope="session")
+def sandbox_server():
+    """One API sandbox for the session; tests reset it (see ``sandbox``)."""
+    from segment_export_sandbox import Sandbox, SandboxConfig
+
+    with Sandbox(SandboxConfig()) as sb:
+        yield sb
+
+
+@pytest.fixture
+def sandbox(sandbox_server, monkeypatch):
+    """A clean sandbox, with the default Klaviyo and Mailchimp connections pointing at it (real rate limits)."""
+    from segment_export_sandbox import KLAVIYO_API_KEY, MAILCHIMP_API_KEY
+
+    sandbox_server.reset()
+    sandbox_server.configure(rate_limits=True, rate_limit_scale=1.0)
+    set_connection(monkeypatch, "klaviyo_default", conn_type="klaviyo", host=sandbox_server.klaviyo_host, password=KLAVIYO_API_KEY)
+    set_connection(monkeypatch, "mailchimp_default", conn_type="mailchimp", host=sandbox_server.mailchimp_host, password=MAILCHIMP_API_KEY)
+    return sandbox_server
+

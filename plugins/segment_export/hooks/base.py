@@ -25,10 +25,7 @@ from requests.adapters import HTTPAdapter
 
 from airflow.providers.http.hooks.http import HttpHook, _process_extra_options_from_connection
 
-try:  # Airflow 3 task SDK
-    from airflow.sdk import mask_secret
-except ImportError:  # pragma: no cover - older Airflow
-    from airflow.utils.log.secrets_masker import mask_secret  # type: ignore[no-redef]
+from airflow.sdk.log import mask_secret
 
 RETRYABLE_STATUS = frozenset({429, 500, 502, 503, 504})
 

@@ -1,0 +1,195 @@
+"""The exporter against real parts: a SQLite segment table and the API sandbox; checked by the sandbox's state."""
+
+from __future__ import annotations
+
+import pytest
+import segment_data
+from sandbox_state import klaviyo_profiles, mailchimp_members
+from segment_export_sandbox import KLAVIYO_LIST_ID, MAILCHIMP_AUDIENCE_ID
+
+from segment_export.destinations import destination_for
+from segment_export.exporter import ExportError, run_export
+from segment_export.hooks.base import DestinationError
+from segment_export.limit import LimitExceededError
+from segment_export.mapping import MissingColumnsError
+from segment_export.sources import source_for
+from segment_export.spec import ExportSpec
+
+
+def spec(destination: dict, **overrides) -> ExportSpec:
+    raw = {
+        "id": "test_export",
+        "privacy_acknowledged": True,
+        "source": {"conn_id": "warehouse", "table": "segment_members", "segment_column": "segment", "segments": ["vip"]},
+        "destination": destination,
+        "mapping": {"email": "email", "first_name": "first_name", "last_name": "last_name"},
+    }
+    raw.update(overrides)
+    return ExportSpec.model_validate(raw)
+
+
+KLAVIYO = {"type": "klaviyo", "list_id": KLAVIYO_LIST_ID}
+MAILCHIMP = {"type": "mailchimp", "audience_id": MAILCHIMP_AUDIENCE_ID, "new_member_status": "subscribed"}
+
+
+def export(s: ExportSpec):
+    source = source_for(s.source)
+    try:
+        return run_export(s, source, destination_for(s))
+    finally:
+        source.close()
+
+
+def vip_rows(n=1000):
+    return [r for r in segment_data.rows(n) if r[-1] == "vip"]
+
+
+def test_klaviyo_export_lands_in_the_list(segment_db, sandbox):
+    s = spec(KLAVIYO, mapping={"email": "email", "first_name": "first_name", "phone_number": "phone",
+                               "external_id": "customer_id", "attributes": {"tier": "tier", "ltv": "lifetime_value"}})
+    summary = export(s)
+    expected = {r[1]: r for r in vip_rows()}
+    held = klaviyo_profiles(sandbox.state(), KLAVIYO_LIST_ID)
+    assert set(held) == set(expected)
+    some = held[next(iter(expected))]
+    row = expected[some["email"]]
+    assert some["first_name"] == row[2] and some["external_id"] == str(row[0]) and some["phone_number"] == row[4]
+    assert some["properties"] == {"tier": row[5], "ltv": row[6]}
+    assert "last_name" not in some or some["last_name"] is None  # not mapped, not sent
+    assert summary.read == summary.sent == summary.accepted == len(expected) and summary.rejected == 0
+    assert summary.consistent
+
+
+def test_mailchimp_export_creates_then_updates_without_touching_status(segment_db, sandbox):
+    rows = vip_rows()
+    unsubscribed = rows[0][1]
+    sandbox.seed_mailchimp_member(MAILCHIMP_AUDIENCE_ID, unsubscribed, "unsubscribed", merge_fields={"FNAME": "Old"})
+    s = spec(MAILCHIMP)
+    first = export(s)
+    members = mailchimp_members(sandbox.state(), MAILCHIMP_AUDIENCE_ID)
+    assert set(members) == {r[1] for r in rows}
+    assert members[unsubscribed]["status"] == "unsubscribed"  # never re-subscribed
+    assert members[unsubscribed]["merge_fields"]["FNAME"] == rows[0][2]  # but its fields were updated
+    assert {m["status"] for e, m in members.items() if e != unsubscribed} == {"subscribed"}
+    assert (first.created, first.updated, first.rejected) == (len(rows) - 1, 1, 0)
+    second = export(s)
+    assert (second.created, second.updated, second.accepted) == (0, len(rows), len(rows))
+    assert mailchimp_members(sandbox.state(), MAILCHIMP_AUDIENCE_ID)[unsubscribed]["status"] == "unsubscribed"
+
+
+def test_rejected_rows_are_counted_with_reasons_and_never_reported_as_accepted(tmp_path, sandbox, airflow_conn):
+    import sqlite3
+
+    db = tmp_path / "bad.db"
+    with sqlite3.connect(db) as conn:
+        conn.execute("CREATE TABLE segment_members (email TEXT, first_name TEXT, last_name TEXT, phone TEXT, segment TEXT)")
+        conn.executemany("INSERT INTO segment_members VALUES (?, ?, ?, ?, 'vip')", [
+            ("good@example.com", "A", "B", "+14155550100"),
+            ("GOOD@example.com ", "dup", "dup", None),   # duplicate after normalising
+            ("", "empty", None, None),
+            ("not-an-email", None, None, None),
+            ("phone@example.com", "P", None, "12"),      # Klaviyo rejects a non-E.164 phone: an import error
+        ])
+    airflow_conn("warehouse", conn_type="sqlite", host=str(db))
+    s = spec(KLAVIYO, mapping={"email": "email", "first_name": "first_name", "phone_number": "phone"})
+    summary = export(s)
+    assert (summary.read, summary.invalid, summary.duplicates) == (5, 2, 1)
+    assert summary.sent == 2 and summary.accepted == 1 and summary.rejected == 1
+    assert summary.invalid_reasons == {"email is empty": 1, "email is not a valid address": 1}
+    (reason,) = summary.rejected_reasons
+    assert "@" not in reason
+    held = klaviyo_profiles(sandbox.state(), KLAVIYO_LIST_ID)
+    assert set(held) == {"good@example.com"} and held["good@example.com"]["first_name"] == "A"
+
+
+def test_missing_column_fails_before_anything_is_sent(segment_db, sandbox):
+    s = spec(KLAVIYO, mapping={"email": "email", "first_name": "given_name"})
+    with pytest.raises(MissingColumnsError, match=r"\['given_name'\] not found .* customer_id, email"):
+        export(s)
+    assert sandbox.state()["requests"]["count"] == 0
+
+
+def test_limit_fail_sends_nothing(segment_db, sandbox):
+    s = spec(KLAVIYO, limit={"max_profiles": 10})
+    with pytest.raises(LimitExceededError, match="nothing was sent"):
+        export(s)
+    assert sandbox.state()["requests"]["count"] == 0
+
+
+def test_limit_truncate_keeps_the_same_rows_every_run(segment_db, sandbox):
+    s = spec(MAILCHIMP, limit={"max_profiles": 30, "on_exceed": "truncate", "order_by": "customer_id"})
+    summary = export(s)
+    expected = {r[1] for r in sorted(vip_rows(), key=lambda r: (r[0], r[1]))[:30]}
+    assert set(mailchimp_members(sandbox.state(), MAILCHIMP_AUDIENCE_ID)) == expected
+    assert summary.skipped_by_limit == len(vip_rows()) - 30 and summary.accepted == 30
+    again = export(s)
+    assert again.updated == 30 and again.created == 0
+    assert set(mailchimp_members(sandbox.state(), MAILCHIMP_AUDIENCE_ID)) == expected
+
+
+def test_many_batches_go_out_concurrently_within_the_mailchimp_cap(tmp_path, sandbox, airflow_conn):
+    path = segment_data.write_sqlite(tmp_path / "big.db", 6000)
+    airflow_conn("warehouse", conn_type="sqlite", host=str(path))
+    sandbox.configure(latency={"mailchimp_batch": 0.2})
+    try:
+        s = spec(MAILCHIMP, source={"conn_id": "warehouse", "table": "segment_members"})
+        summary = export(s)
+    finally:
+        sandbox.configure(latency={"mailchimp_batch": 0.0})
+    state = sandbox.state()
+    assert summary.accepted == 6000 and summary.batches == 12 and summary.duplicates == 600
+    assert len(mailchimp_members(state, MAILCHIMP_AUDIENCE_ID)) == 6000
+    assert 1 < state["requests"]["max_in_flight"]["mailchimp"] <= 10
+    assert state["requests"]["by_endpoint"]["POST /3.0/lists/{list_id}"]["status"] == {"200": 12}
+
+
+def test_missing_list_fails_with_klaviyos_message_before_sending(segment_db, sandbox):
+    s = spec({"type": "klaviyo", "list_id": "NoSuchList"})
+    with pytest.raises(DestinationError, match="HTTP 404"):
+        export(s)
+    assert "POST /api/profile-bulk-import-jobs" not in sandbox.state()["requests"]["by_endpoint"]
+
+
+def test_unknown_merge_tag_fails_before_sending(segment_db, sandbox):
+    s = spec(MAILCHIMP, mapping={"email": "email", "attributes": {"TIER": "tier"}})
+    with pytest.raises(DestinationError, match=r"no merge field\(s\) \['TIER'\]"):
+        export(s)
+    assert "POST /3.0/lists/{list_id}" not in sandbox.state()["requests"]["by_endpoint"]
+
+
+def test_unreachable_destination_fails_clearly_after_bounded_retries(segment_db, sandbox, airflow_conn):
+    from segment_export_sandbox import KLAVIYO_API_KEY
+
+    airflow_conn("klaviyo_down", conn_type="klaviyo", host="http://127.0.0.1:9", password=KLAVIYO_API_KEY)
+    s = spec({"type": "klaviyo", "list_id": KLAVIYO_LIST_ID, "conn_id": "klaviyo_down"})
+    source = source_for(s.source)
+    destination = destination_for(s)
+    destination.hook.max_retries = 1
+    with pytest.raises(DestinationError, match="ConnectionError"):
+        run_export(s, source, destination)
+    assert destination.hook.retries == 1
+
+
+def test_a_failed_batch_stops_the_export_and_the_summary_matches_the_destination(segment_db, sandbox):
+    from segment_export.destinations.klaviyo import KlaviyoDestination
+
+    class FailsOnBatchThree(KlaviyoDestination):
+        max_batch_profiles = 50
+
+        def send(self, batch):
+            if batch.number == 3:
+                raise DestinationError("Klaviyo POST /api/profile-bulk-import-jobs failed: HTTP 503", status=503)
+            return super().send(batch)
+
+    s = spec(KLAVIYO)
+    base = destination_for(s)
+    destination = FailsOnBatchThree(base.hook, KLAVIYO_LIST_ID)
+    destination.concurrency = 1
+    source = source_for(s.source)
+    with pytest.raises(ExportError, match="HTTP 503.*unknown outcome") as info:
+        run_export(s, source, destination)
+    source.close()
+    summary = info.value.summary
+    held = klaviyo_profiles(sandbox.state(), KLAVIYO_LIST_ID)
+    assert summary.accepted == len(held) >= 100  # batches 1 and 2 landed, and the summary says exactly that
+    assert summary.sent == summary.accepted + summary.rejected
