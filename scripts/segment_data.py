@@ -32,7 +32,7 @@ def rows(profiles: int, seed: int = 7) -> Iterator[tuple]:
             f"{first.lower()}.{last.lower()}.{i}@example.com",
             first,
             last,
-            f"+1415555{i % 10000:04d}",
+            f"+1415{i % 10_000_000:07d}",  # unique per customer: destinations match profiles by phone too
             TIERS[rng.randrange(len(TIERS))],
             round(rng.uniform(0, 5000), 2),
         )

@@ -22,6 +22,7 @@ from segment_export.spec import ExportSpec
 from segment_export.summary import BatchResult, ExportSummary
 
 log = logging.getLogger(__name__)
+PROGRESS_EVERY_S = 5.0
 
 
 class ExportError(RuntimeError):
@@ -42,7 +43,7 @@ class _Sender:
         self.pending: dict[Future[BatchResult], Batch] = {}
         self.failure: BaseException | None = None
         self.failed_profiles = 0
-        self.started = time.monotonic()
+        self.started = self.last_log = time.monotonic()
 
     def submit(self, batch: Batch) -> None:
         while len(self.pending) >= 2 * self.destination.concurrency and self.failure is None:
@@ -63,7 +64,12 @@ class _Sender:
                 self.log.error("batch %d (%d profiles) failed: %s", batch.number, len(batch), exc)
                 continue
             self.summary.add_batch(len(batch), result)
-            rate = self.summary.sent / max(time.monotonic() - self.started, 1e-6)
+            now = time.monotonic()
+            # Every batch of a small export; for a large one, a line every few seconds (the summary follows).
+            if self.summary.batches > 10 and now - self.last_log < PROGRESS_EVERY_S:
+                continue
+            self.last_log = now
+            rate = self.summary.sent / max(now - self.started, 1e-6)
             self.log.info(
                 "batch %d: %d sent, %d accepted, %d rejected | total %d/%d accepted, %.0f profiles/s",
                 batch.number, len(batch), result.accepted, sum(result.rejected.values()),
