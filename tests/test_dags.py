@@ -1,0 +1,145 @@
+"""Real Airflow: the DAG file parsed by a DagBag, and export DAGs run with `airflow dags test` against the sandbox.
+
+Each run is checked by what the sandbox holds afterwards and by the task's XCom summary in the metadata DB.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sqlite3
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import segment_data
+from airflow_env import ROOT, airflow_env
+from sandbox_state import klaviyo_profiles, mailchimp_members
+from segment_export_sandbox import KLAVIYO_API_KEY, KLAVIYO_LIST_ID, MAILCHIMP_API_KEY, MAILCHIMP_AUDIENCE_ID
+
+pytestmark = pytest.mark.airflow
+AIRFLOW = str(Path(sys.executable).parent / "airflow")
+
+SPECS = """
+exports:
+  - id: e2e_klaviyo
+    privacy_acknowledged: true
+    schedule: "@daily"
+    source: {conn_id: warehouse, table: segment_members, segment_column: segment, segments: [vip]}
+    destination: {type: klaviyo, list_id: %(list)s}
+    mapping:
+      email: email
+      first_name: first_name
+      phone_number: phone
+      attributes: {tier: tier}
+  - id: e2e_mailchimp
+    privacy_acknowledged: true
+    source: {conn_id: warehouse, query: "SELECT * FROM segment_members", segment_column: segment, segments: [newsletter]}
+    destination: {type: mailchimp, audience_id: %(audience)s, new_member_status: pending}
+    mapping: {email: email, first_name: first_name, last_name: last_name}
+  - id: e2e_missing_column
+    privacy_acknowledged: true
+    source: {conn_id: warehouse, table: segment_members}
+    destination: {type: klaviyo, list_id: %(list)s}
+    mapping: {email: email_address}
+""" % {"list": KLAVIYO_LIST_ID, "audience": MAILCHIMP_AUDIENCE_ID}
+
+
+@pytest.fixture(scope="session")
+def airflow_home(tmp_path_factory):
+    """An Airflow home with a migrated SQLite metadata database, shared by this module's runs."""
+    home = tmp_path_factory.mktemp("airflow-home")
+    env = airflow_env(home, "http://127.0.0.1:9", home / "unused.db")
+    subprocess.run([AIRFLOW, "db", "migrate"], env=env, check=True, capture_output=True, timeout=300)
+    return home
+
+
+@pytest.fixture
+def specs_dir(tmp_path):
+    folder = tmp_path / "exports"
+    folder.mkdir()
+    (folder / "e2e.yaml").write_text(SPECS)
+    return folder
+
+
+def dags_test(airflow_home: Path, sandbox, warehouse: Path, specs: Path, dag_id: str) -> subprocess.CompletedProcess:
+    env = airflow_env(airflow_home, sandbox.url, warehouse)
+    env["SEGMENT_EXPORT_SPECS"] = str(specs)
+    return subprocess.run(
+        [AIRFLOW, "dags", "test", dag_id], env=env, capture_output=True, text=True, timeout=600
+    )
+
+
+def xcom_summary(airflow_home: Path, dag_id: str) -> dict:
+    with sqlite3.connect(airflow_home / "airflow.db") as conn:
+        (value,) = conn.execute(
+            "SELECT value FROM xcom WHERE dag_id = ? AND task_id = 'export' ORDER BY timestamp DESC LIMIT 1", (dag_id,)
+        ).fetchone()
+    value = json.loads(value)
+    return json.loads(value) if isinstance(value, str) else value
+
+
+def test_dagbag_loads_good_exports_and_reports_a_broken_spec_as_import_error(specs_dir, monkeypatch):
+    from airflow.dag_processing.dagbag import DagBag
+
+    (specs_dir / "broken.yaml").write_text(textwrap.dedent("""
+        exports:
+          - id: broken_export
+            privacy_acknowledged: true
+            source: {conn_id: warehouse, table: t}
+            destination: {type: klaviyo, lst_id: X}
+            mapping: {email: email}
+    """))
+    monkeypatch.setenv("SEGMENT_EXPORT_SPECS", str(specs_dir))
+    bag = DagBag(str(ROOT / "dags"))
+    assert sorted(bag.dag_ids) == ["e2e_klaviyo", "e2e_mailchimp", "e2e_missing_column"]
+    (error,) = bag.import_errors.values()
+    assert "broken.yaml" in error and "export 'broken_export'" in error
+    assert "field 'destination.lst_id': unknown key" in error
+    assert "field 'destination.list_id': Field required" in error
+    dag = bag.dags["e2e_klaviyo"]
+    assert dag.schedule == "@daily" or str(dag.timetable.summary) == "@daily"
+    assert set(dag.tags) >= {"segment-export", "klaviyo"} and [t.task_id for t in dag.tasks] == ["export"]
+
+
+def test_klaviyo_dag_end_to_end(airflow_home, sandbox, segment_db, specs_dir):
+    result = dags_test(airflow_home, sandbox, segment_db, specs_dir, "e2e_klaviyo")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    vip = {r[1]: r for r in segment_data.rows(1000) if r[-1] == "vip"}
+    held = klaviyo_profiles(sandbox.state(), KLAVIYO_LIST_ID)
+    assert set(held) == set(vip)
+    email, profile = next(iter(held.items()))
+    assert profile["first_name"] == vip[email][2] and profile["properties"] == {"tier": vip[email][5]}
+    summary = xcom_summary(airflow_home, "e2e_klaviyo")
+    assert summary["accepted"] == summary["sent"] == len(held) and summary["rejected"] == 0
+    output = result.stdout + result.stderr
+    assert "batch 1: " in output and "export summary" in output
+    assert KLAVIYO_API_KEY not in output  # the key is masked in every log line
+    assert "@example.com" not in output  # no customer email in the task log
+
+
+def test_mailchimp_dag_end_to_end(airflow_home, sandbox, segment_db, specs_dir):
+    existing = next(r for r in segment_data.rows(1000) if r[-1] == "newsletter")
+    sandbox.seed_mailchimp_member(MAILCHIMP_AUDIENCE_ID, existing[1], "unsubscribed")
+    result = dags_test(airflow_home, sandbox, segment_db, specs_dir, "e2e_mailchimp")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    newsletter = {r[1]: r for r in segment_data.rows(1000) if r[-1] == "newsletter"}
+    members = mailchimp_members(sandbox.state(), MAILCHIMP_AUDIENCE_ID)
+    assert set(members) == set(newsletter)
+    assert members[existing[1]]["status"] == "unsubscribed"
+    assert {m["status"] for e, m in members.items() if e != existing[1]} == {"pending"}
+    summary = xcom_summary(airflow_home, "e2e_mailchimp")
+    assert (summary["created"], summary["updated"], summary["rejected"]) == (len(newsletter) - 1, 1, 0)
+    output = result.stdout + result.stderr
+    assert MAILCHIMP_API_KEY not in output and "@example.com" not in output
+
+
+def test_missing_column_fails_the_task_before_sending(airflow_home, sandbox, segment_db, specs_dir):
+    result = dags_test(airflow_home, sandbox, segment_db, specs_dir, "e2e_missing_column")
+    output = result.stdout + result.stderr
+    assert "['email_address'] not found in the source" in output
+    assert "customer_id, email, first_name" in output
+    assert "POST /api/profile-bulk-import-jobs" not in sandbox.state()["requests"]["by_endpoint"]
+    assert "failed" in output.lower()
