@@ -193,3 +193,29 @@ def test_a_failed_batch_stops_the_export_and_the_summary_matches_the_destination
     held = klaviyo_profiles(sandbox.state(), KLAVIYO_LIST_ID)
     assert summary.accepted == len(held) >= 100  # batches 1 and 2 landed, and the summary says exactly that
     assert summary.sent == summary.accepted + summary.rejected
+
+
+def test_dry_run_plans_and_sends_nothing(segment_db, sandbox):
+    from segment_export.exporter import RunOptions
+
+    s = spec(MAILCHIMP)
+    source = source_for(s.source)
+    summary = run_export(s, source, destination_for(s), options=RunOptions(dry_run=True))
+    source.close()
+    assert summary.dry_run and summary.planned == len(vip_rows()) and summary.sent == 0
+    by_endpoint = sandbox.state()["requests"]["by_endpoint"]
+    assert all(name.startswith("GET ") for name in by_endpoint), by_endpoint  # preflight reads only
+    assert mailchimp_members(sandbox.state(), MAILCHIMP_AUDIENCE_ID) == {}
+
+
+def test_run_time_limit_truncates_within_the_exports_limit(segment_db, sandbox):
+    from segment_export.exporter import RunOptions
+
+    s = spec(KLAVIYO)
+    source = source_for(s.source)
+    summary = run_export(s, source, destination_for(s), options=RunOptions(max_profiles=5))
+    expected = {r[1] for r in sorted(vip_rows(), key=lambda r: r[1])[:5]}  # no order_by: first by email
+    assert set(klaviyo_profiles(sandbox.state(), KLAVIYO_LIST_ID)) == expected and summary.accepted == 5
+    with pytest.raises(ValueError, match="between 1 and the export's limit of 100000"):
+        run_export(s, source, destination_for(s), options=RunOptions(max_profiles=100_001))
+    source.close()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from typing import Callable
 
@@ -25,6 +26,24 @@ log = logging.getLogger(__name__)
 PROGRESS_EVERY_S = 5.0
 
 
+@dataclass(frozen=True)
+class RunOptions:
+    """What one run may change on demand (a manual trigger's form): never beyond what the spec allows."""
+
+    dry_run: bool = False  # plan and report, send nothing
+    full_resync: bool = False  # send every profile, not only the changed ones
+    max_profiles: int | None = None  # a lower limit for this run only
+
+    def limit(self, spec: ExportSpec) -> int:
+        if self.max_profiles is None:
+            return spec.max_profiles
+        if self.max_profiles < 1 or self.max_profiles > spec.max_profiles:
+            raise ValueError(
+                f"max_profiles {self.max_profiles} must be between 1 and the export's limit of {spec.max_profiles}"
+            )
+        return self.max_profiles
+
+
 class ExportError(RuntimeError):
     """The export stopped part-way; ``summary`` holds what the destination confirmed before it stopped."""
 
@@ -36,8 +55,9 @@ class ExportError(RuntimeError):
 class _Sender:
     """Sends batches on a thread pool and folds their results into the summary, in the caller's thread."""
 
-    def __init__(self, destination: Destination, summary: ExportSummary, logger: logging.Logger, expected: int):
+    def __init__(self, destination: Destination, summary: ExportSummary, logger: logging.Logger, expected: int, dry_run: bool = False):
         self.destination, self.summary, self.log = destination, summary, logger
+        self.dry_run = dry_run
         self.expected = expected
         self.pool = ThreadPoolExecutor(max_workers=destination.concurrency, thread_name_prefix="segment-export")
         self.pending: dict[Future[BatchResult], Batch] = {}
@@ -46,6 +66,9 @@ class _Sender:
         self.started = self.last_log = time.monotonic()
 
     def submit(self, batch: Batch) -> None:
+        if self.dry_run:  # the plan only: count what would go out, send nothing
+            self.summary.add_planned(len(batch))
+            return
         while len(self.pending) >= 2 * self.destination.concurrency and self.failure is None:
             self._collect(wait(self.pending, return_when=FIRST_COMPLETED).done)
         if self.failure is not None:
@@ -87,11 +110,14 @@ def run_export(
     source: Source,
     destination: Destination,
     *,
+    options: RunOptions | None = None,
     logger: logging.Logger | None = None,
     clock: Callable[[], float] = time.monotonic,
 ) -> ExportSummary:
     """Run one export and return its summary; raise before sending when the input is wrong."""
     logger = logger or log
+    options = options or RunOptions()
+    max_profiles = options.limit(spec)
     started = clock()
     summary = ExportSummary(spec.id, destination.type, destination.target_id)
     columns = spec.mapping.columns()
@@ -99,28 +125,32 @@ def run_export(
     RowMapper(spec.mapping, source.columns())  # fails here, naming the missing columns, before anything else
     mapper = RowMapper(spec.mapping, columns)  # the rows below are projected to exactly these columns
     total = source.count()
-    decision = decide_limit(total, spec.max_profiles, spec.limit.on_exceed)
-    logger.info("read plan: %s, %d rows in the segment, limit %d profiles", source.description, total, spec.max_profiles)
+    # A run-time limit is for trying an export on a few profiles: it truncates (by order_by, else email).
+    on_exceed = "truncate" if options.max_profiles is not None else spec.limit.on_exceed
+    order_by = spec.limit.order_by or (spec.mapping.email if options.max_profiles is not None else None)
+    decision = decide_limit(total, max_profiles, on_exceed)
+    logger.info("read plan: %s, %d rows in the segment, limit %d profiles", source.description, total, max_profiles)
     if decision.truncated:
         logger.warning(
             "the segment has %d rows, over the limit of %d: exporting the first %d by %r, skipping %d",
-            total, spec.max_profiles, decision.read_limit, spec.limit.order_by, decision.skipped,
+            total, max_profiles, decision.read_limit, order_by, decision.skipped,
         )
     summary.skipped_by_limit = decision.skipped
-    destination.preflight()
+    summary.dry_run = options.dry_run
+    destination.preflight()  # read-only requests: a dry run checks the target too
     expected = decision.read_limit or total
     logger.info(
         "sending to %s %s in batches of up to %d profiles, %d at a time",
         destination.type, destination.target_id, destination.max_batch_profiles, destination.concurrency,
     )
 
-    sender = _Sender(destination, summary, logger, expected)
+    sender = _Sender(destination, summary, logger, expected, dry_run=options.dry_run)
     batcher = Batcher(destination.max_batch_profiles, destination.max_batch_bytes)
     seen: set[int] = set()  # hashes of normalised emails: 1 int per profile, not the address itself
     try:
         for rows in source.chunks(
             columns,
-            order_by=spec.limit.order_by if decision.truncated else None,
+            order_by=order_by if decision.truncated else None,
             tie_breaker=spec.mapping.email,
             limit=decision.read_limit,
         ):

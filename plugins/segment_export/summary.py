@@ -38,12 +38,18 @@ class ExportSummary:
     rejected: int = 0
     batches: int = 0
     seconds: float = 0.0
+    dry_run: bool = False
+    planned: int = 0  # profiles a dry run would have sent
     invalid_reasons: Counter[str] = field(default_factory=Counter)
     rejected_reasons: Counter[str] = field(default_factory=Counter)
 
     def add_invalid(self, reason: str) -> None:
         self.invalid += 1
         self.invalid_reasons[reason] += 1
+
+    def add_planned(self, size: int) -> None:
+        self.batches += 1
+        self.planned += size
 
     def add_batch(self, size: int, result: BatchResult) -> None:
         self.batches += 1
@@ -77,6 +83,8 @@ class ExportSummary:
             "rejected": self.rejected,
             "batches": self.batches,
             "seconds": round(self.seconds, 3),
+            "dry_run": self.dry_run,
+            "planned": self.planned,
             "invalid_reasons": dict(self.invalid_reasons.most_common()),
             "rejected_reasons": dict(self.rejected_reasons.most_common()),
         }
@@ -96,7 +104,9 @@ class ExportSummary:
             ("batches", self.batches),
             ("seconds", f"{self.seconds:.1f}"),
         ]
-        lines = [f"export {self.export_id} -> {self.destination} {self.target_id}"]
+        if self.dry_run:
+            rows.insert(4, ("would send (dry run)", self.planned))
+        lines = [f"export {self.export_id} -> {self.destination} {self.target_id}" + (" (DRY RUN: nothing sent)" if self.dry_run else "")]
         lines += [f"  {label:<24} {value:>10}" for label, value in rows]
         for title, reasons in (("invalid", self.invalid_reasons), ("rejected", self.rejected_reasons)):
             for reason, count in reasons.most_common(5):

@@ -7,7 +7,7 @@ from typing import Any, Sequence
 from airflow.sdk import BaseOperator
 
 from segment_export.destinations import destination_for
-from segment_export.exporter import ExportError, run_export
+from segment_export.exporter import ExportError, RunOptions, run_export
 from segment_export.sources import source_for
 from segment_export.spec import ExportSpec
 
@@ -34,7 +34,7 @@ class SegmentExportOperator(BaseOperator):
         source = source_for(spec.source)
         destination = destination_for(spec)
         try:
-            summary = run_export(spec, source, destination, logger=self.log)
+            summary = run_export(spec, source, destination, options=self.run_options(context), logger=self.log)
         except ExportError as exc:
             self.log.error("export stopped; what the destination confirmed before:\n%s", exc.summary.table())
             raise
@@ -44,3 +44,15 @@ class SegmentExportOperator(BaseOperator):
         stats = destination.request_stats
         self.log.info("%d requests, %d retried", stats["requests"], stats["retries"])
         return summary.as_dict()
+
+    @staticmethod
+    def run_options(context: Any) -> RunOptions:
+        """On-demand options from the DAG run's params (the manual trigger form): ``dry_run``,
+        ``full_resync`` and ``max_profiles``; absent params mean a normal run."""
+        params = (context or {}).get("params") or {}
+        max_profiles = params.get("max_profiles")
+        return RunOptions(
+            dry_run=bool(params.get("dry_run", False)),
+            full_resync=bool(params.get("full_resync", False)),
+            max_profiles=int(max_profiles) if max_profiles not in (None, "", 0) else None,
+        )
