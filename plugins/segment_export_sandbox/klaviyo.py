@@ -66,6 +66,7 @@ Modelled behaviour (and where it comes from)
 
 from __future__ import annotations
 
+import json
 import re
 import threading
 import time
@@ -109,6 +110,7 @@ RATE_LIMITS: dict[str, tuple[int, int]] = {
     "lists_write": (10, 150),
     "bulk_import": (10, 150),
     "profile_import": (75, 750),
+    "profiles_read": (75, 750),
 }
 
 PROFILE_ATTRIBUTE_FIELDS = (
@@ -409,6 +411,7 @@ class KlaviyoService:
             Route("GET", "/api/profile-bulk-import-jobs/{id}/lists", self.get_job_lists, "klaviyo_read", rl["bulk_import"]),
             Route("GET", "/api/profile-bulk-import-jobs/{id}/relationships/lists", self.get_job_list_ids, "klaviyo_read", rl["bulk_import"]),
             Route("POST", "/api/profile-import", self.profile_import, "klaviyo_write", rl["profile_import"]),
+            Route("GET", "/api/profiles", self.get_profiles, "klaviyo_read", rl["profiles_read"]),
         ]
 
     def authenticate(self, req: ApiRequest) -> Optional[ApiResponse]:
@@ -775,6 +778,30 @@ class KlaviyoService:
         lst = self._list_or_404(req.account, req.path_params["id"])
         with_count = "profile_count" in (req.arg("additional-fields[list]") or "")
         return self._ok(200, {"data": self._list_resource(req, lst, with_count), "links": {"self": req.url()}})
+
+    def get_profiles(self, req: ApiRequest) -> ApiResponse:
+        """``GET /api/profiles`` with the email filters the exporter uses to find profile ids.
+
+        Supports ``equals(email,"a@x")`` and ``any(email,["a@x","b@x"])`` (the spec allows ``any``/``equals`` on
+        email); other filters get Klaviyo's 400. Matching is case-insensitive, like profile identity.
+        """
+        acc: KAccount = req.account
+        text = (req.arg("filter") or "").strip()
+        ids: list[str]
+        if not text:
+            ids = list(acc.profiles)
+        else:
+            match = re.fullmatch(r'(equals|any)\(email,(.*)\)', text, re.S)
+            try:
+                value = json.loads(match.group(2)) if match else None
+            except ValueError:
+                value = None
+            emails = [value] if match and match.group(1) == "equals" and isinstance(value, str) else value
+            if not isinstance(emails, list) or not all(isinstance(e, str) for e in emails):
+                raise invalid(f"Invalid filter provided: {text!r}. Supported here: equals(email,...), any(email,[...]).", "/data/")
+            ids = [acc.by_email[e.lower()] for e in emails if e.lower() in acc.by_email]
+        page, links = self._page(req, ids, 20, 100)
+        return self._ok(200, {"data": [self._profile_resource(req, acc.profiles[pid]) for pid in page], "links": links})
 
     def get_list_profile_ids(self, req: ApiRequest) -> ApiResponse:
         lst = self._list_or_404(req.account, req.path_params["id"])
