@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any, Sequence
 
 from airflow.sdk import BaseOperator
@@ -10,6 +11,7 @@ from segment_export.destinations import destination_for
 from segment_export.exporter import ExportError, RunOptions, run_export
 from segment_export.sources import source_for
 from segment_export.spec import ExportSpec
+from segment_export.state import StateStore
 
 
 class SegmentExportOperator(BaseOperator):
@@ -33,17 +35,48 @@ class SegmentExportOperator(BaseOperator):
         spec = ExportSpec.model_validate(self.export)
         source = source_for(spec.source)
         destination = destination_for(spec)
+        options = self.run_options(context)
+        options = replace(options, dry_run=options.dry_run or spec.sync.dry_run, run_id=str((context or {}).get("run_id") or "manual"))
+        state = StateStore.open(spec.state_conn_id, spec.id, destination.target_id)
+        self.log.info("sync state: %s", state.description)
         try:
-            summary = run_export(spec, source, destination, options=self.run_options(context), logger=self.log)
+            summary = run_export(spec, source, destination, state=state, options=options, logger=self.log)
         except ExportError as exc:
             self.log.error("export stopped; what the destination confirmed before:\n%s", exc.summary.table())
             raise
         finally:
             source.close()
+            state.close()
         self.log.info("export summary:\n%s", summary.table())
         stats = destination.request_stats
         self.log.info("%d requests, %d retried", stats["requests"], stats["retries"])
-        return summary.as_dict()
+        result = summary.as_dict()
+        self._summary = result
+        self._record_outlet_events(context, result)
+        return result
+
+    def _record_outlet_events(self, context: Any, summary: dict[str, Any]) -> None:
+        """Counts (no personal data) on the destination asset's event, for DAGs scheduled on it."""
+        events = (context or {}).get("outlet_events")
+        if events is None:
+            return
+        keys = ("accepted", "rejected", "created", "updated", "dry_run")
+        for outlet in self.outlets:
+            events[outlet].extra.update({k: summary.get(k) for k in keys})
+
+    def get_openlineage_facets_on_complete(self, task_instance: Any) -> Any:
+        """OpenLineage: the segment as input, the list or audience as output (see ``segment_export.lineage``)."""
+        from segment_export.lineage import operator_lineage
+
+        spec = ExportSpec.model_validate(self.export)
+        host = None
+        try:
+            from airflow.sdk import BaseHook
+
+            host = BaseHook.get_connection(spec.destination.connection_id).host
+        except Exception:  # noqa: BLE001 - lineage must never fail a task; default namespace then
+            host = None
+        return operator_lineage(spec, getattr(self, "_summary", None), host)
 
     @staticmethod
     def run_options(context: Any) -> RunOptions:
