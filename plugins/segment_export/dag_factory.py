@@ -11,8 +11,11 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from airflow.sdk import DAG
+from airflow.sdk import DAG, Asset, Param
 
+from segment_export.assets import create_asset
+from segment_export.lineage import mapped_fields
+from segment_export.notifications import AlertConfigError, failure_callbacks
 from segment_export.spec import ExportSpec, SpecError, load_specs
 
 SPECS_ENV = "SEGMENT_EXPORT_SPECS"
@@ -38,6 +41,89 @@ def specs_folder(default: str | Path) -> Path:
     return Path(os.environ.get(SPECS_ENV) or default)
 
 
+def _cell(value: object) -> str:
+    """A Markdown table cell: pipes escaped, newlines flattened."""
+    return str(value).replace("|", "\\|").replace("\n", " ")
+
+
+def doc_md(spec: ExportSpec) -> str:
+    """The DAG's documentation in the UI: what goes where, as a table."""
+    dest, src = spec.destination, spec.source
+    target_kind = "list" if dest.type == "klaviyo" else "audience"
+    if src.kind == "table":
+        source = f"table `{src.table}` (connection `{src.conn_id}`)"
+    elif src.kind == "query":
+        source = f"SQL query (connection `{src.conn_id}`)"
+    else:
+        source = f"{src.file_format.upper()} file `{src.path}`"
+    if src.segment_column:
+        source += f", rows whose `{src.segment_column}` is " + ", ".join(f"`{s}`" for s in src.segments or [])
+    mapping = ", ".join(f"`{col}` → {field}" for field, col in mapped_fields(spec))
+    limit = f"{spec.max_profiles:,} profiles, on exceed: {spec.limit.on_exceed}"
+    if spec.limit.on_exceed == "truncate":
+        limit += f" (first by `{spec.limit.order_by}`)"
+    if spec.schedule_on_source_asset:
+        schedule = f"when the asset `{src.asset_uri}` is updated"
+    else:
+        schedule = f"`{spec.schedule}`" if spec.schedule else "on demand only (trigger by hand)"
+    rows = [
+        ("Destination", f"{dest.type.capitalize()} {target_kind} `{dest.target_id}` (connection `{dest.connection_id}`)"),
+        ("Source", source),
+        ("Mapping", mapping),
+        ("Limit", limit),
+        ("Schedule", schedule),
+        ("Owner", spec.owner),
+    ]
+    if dest.type == "mailchimp":
+        rows.insert(1, ("New members' status", f"`{dest.new_member_status}` (existing members' status is never changed)"))
+    if spec.alerts:
+        who = [f"e-mail to {len(spec.alerts.email)} address(es)"] if spec.alerts.email else []
+        who += [f"`{spec.alerts.callback}`"] if spec.alerts.callback else []
+        rows.append(("On failure", ", ".join(who) or "nothing"))
+    if spec.access_control:
+        rows.append(("Access", "; ".join(f"{role}: {', '.join(lv)}" for role, lv in spec.access_control.items())))
+    head = f"### {_cell(spec.display_name)}\n\n"
+    if spec.description:
+        head += _cell(spec.description) + "\n\n"
+    table = "| | |\n|---|---|\n" + "\n".join(f"| {k} | {_cell(v)} |" for k, v in rows)
+    foot = (
+        "\n\nTrigger with options (**Trigger** → form): `dry_run` plans and sends nothing, `max_profiles` lowers "
+        "this run's limit. Mapped fields leave your compliance boundary for a third-party marketing platform."
+    )
+    return head + table + foot
+
+
+def trigger_params(spec: ExportSpec) -> dict[str, Param]:
+    """The manual trigger form: options the operator reads through ``run_options``, validated by JSON schema."""
+    return {
+        "dry_run": Param(
+            False, type="boolean", title="Dry run",
+            description="Read, map and plan the batches, but send nothing to the destination.",
+        ),
+        "full_resync": Param(
+            False, type="boolean", title="Full resync",
+            description="Send every profile of the segment, not only those changed since the last run.",
+        ),
+        "max_profiles": Param(
+            None, type=["null", "integer"], minimum=1, maximum=spec.max_profiles, title="Limit for this run",
+            description=(
+                f"At most this many profiles (1 to the export's limit, {spec.max_profiles:,}); "
+                "rows beyond it are skipped. Empty: the export's limit."
+            ),
+        ),
+    }
+
+
+def source_asset(spec: ExportSpec) -> Asset | None:
+    uri = spec.source.asset_uri
+    return Asset(uri=uri, name=uri) if uri else None
+
+
+def destination_asset(spec: ExportSpec) -> Asset:
+    """``klaviyo://<list_id>`` or ``mailchimp://<audience_id>``: downstream DAGs can schedule on it."""
+    return create_asset(destination=spec.destination.type, target_id=spec.destination.target_id)
+
+
 def export_dag(spec: ExportSpec) -> DAG:
     """The DAG of one export: a single export task, scheduled as the spec says."""
     from datetime import datetime, timezone
@@ -46,25 +132,41 @@ def export_dag(spec: ExportSpec) -> DAG:
 
     dest = spec.destination
     target = f"{dest.type} {'list' if dest.type == 'klaviyo' else 'audience'} {dest.target_id}"
+    inlet = source_asset(spec)
+    outlet = destination_asset(spec)
     with DAG(
         dag_id=spec.id,
+        dag_display_name=spec.display_name,
         description=spec.description or f"{spec.display_name}: export to {target}",
-        schedule=spec.schedule,
+        schedule=inlet if spec.schedule_on_source_asset else spec.schedule,
         start_date=datetime.combine(spec.start_date, datetime.min.time(), tzinfo=timezone.utc),
         catchup=False,
         max_active_runs=1,
         tags=list(dict.fromkeys(["segment-export", dest.type, *spec.tags])),
         default_args={"owner": spec.owner, "retries": 0},
-        doc_md=f"**{spec.display_name}**: exports {spec.source.kind} to {target}.",
+        doc_md=doc_md(spec),
+        params=trigger_params(spec),
+        access_control=spec.dag_access_control,
     ) as dag:
-        SegmentExportOperator(task_id="export", export=spec)
+        SegmentExportOperator(
+            task_id="export",
+            export=spec,
+            inlets=[inlet] if inlet else [],
+            outlets=[outlet],
+            on_failure_callback=failure_callbacks(spec) or None,
+        )
     return dag
 
 
 def build_dags(folder: str | Path) -> dict[str, DAG]:
     """Every export DAG of a folder (``SEGMENT_EXPORT_SPECS`` overrides it), keyed by dag_id, for ``globals()``."""
     specs, errors = load_specs(specs_folder(folder))
-    dags = {spec.id: export_dag(spec) for spec in specs}
+    dags = {}
+    for spec in specs:
+        try:
+            dags[spec.id] = export_dag(spec)
+        except AlertConfigError as exc:
+            errors.append(SpecError(specs_folder(folder), spec.id, "alerts.callback", str(exc).split(": ", 1)[-1]))
     if errors:
         dags[SPEC_ERRORS_DAG_ID] = _errors_dag(errors)
     return dags

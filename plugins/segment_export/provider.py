@@ -31,13 +31,21 @@ def get_provider_info() -> dict[str, Any]:
             {"integration-name": "Klaviyo", "python-modules": ["segment_export.operators.export"]},
             {"integration-name": "Mailchimp", "python-modules": ["segment_export.operators.export"]},
         ],
+        "asset-uris": [
+            {
+                "schemes": ["klaviyo", "mailchimp"],
+                "handler": "segment_export.assets.sanitize_uri",
+                "factory": "segment_export.assets.create_asset",
+                "to_openlineage_converter": "segment_export.assets.convert_asset_to_openlineage",
+            }
+        ],
         "connection-types": [
             {
                 "connection-type": "klaviyo",
                 "hook-class-name": "segment_export.hooks.klaviyo.KlaviyoHook",
                 "hook-name": "Klaviyo",
                 "ui-field-behaviour": {
-                    "hidden-fields": ["schema", "port", "login", "extra"],
+                    "hidden-fields": ["schema", "port", "login"],
                     "relabeling": {"password": "Private API key", "host": "API base URL (optional)"},
                     "placeholders": {"password": "pk_…", "host": "https://a.klaviyo.com"},
                 },
@@ -48,7 +56,7 @@ def get_provider_info() -> dict[str, Any]:
                 "hook-class-name": "segment_export.hooks.mailchimp.MailchimpHook",
                 "hook-name": "Mailchimp",
                 "ui-field-behaviour": {
-                    "hidden-fields": ["schema", "port", "login", "extra"],
+                    "hidden-fields": ["schema", "port", "login"],
                     "relabeling": {"password": "API key", "host": "API base URL (optional)"},
                     "placeholders": {"password": "0123…-us6", "host": "https://us6.api.mailchimp.com/3.0"},
                 },

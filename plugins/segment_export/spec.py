@@ -21,6 +21,10 @@ DEFAULT_CONN_IDS = {"klaviyo": "klaviyo_default", "mailchimp": "mailchimp_defaul
 _ID_RE = re.compile(r"^[A-Za-z0-9_.-]{1,200}$")
 # Mailchimp merge tags: letters, digits and underscores, at most 10 characters.
 _MERGE_TAG_RE = re.compile(r"^[A-Z0-9_]{1,10}$")
+# Airflow asset URIs: a scheme, '://', something after it; no whitespace.
+_ASSET_URI_RE = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://\S+$")
+# A callback given by its import path: 'package.module.function' or 'package.module:function'.
+_CALLABLE_PATH_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*[.:][A-Za-z_][A-Za-z0-9_]*$")
 
 
 class _Strict(BaseModel):
@@ -38,6 +42,13 @@ class SourceSpec(_Strict):
     segment_column: str | None = None
     segments: list[str] | None = None
     chunk_size: int = Field(10_000, ge=1, le=1_000_000, description="Rows read per chunk; bounds memory.")
+    asset: str | None = Field(
+        None,
+        description=(
+            "URI of the Airflow asset the segment is (the export's inlet). Default: 'sql://<conn_id>/<table>' for "
+            "a table, 'file://<path>' for a file, none for a query."
+        ),
+    )
 
     @model_validator(mode="after")
     def _one_kind(self) -> SourceSpec:
@@ -57,6 +68,26 @@ class SourceSpec(_Strict):
             if suffix not in (".csv", ".parquet", ".pq"):
                 raise ValueError(f"cannot infer the file format of {self.path!r}; set 'format: csv|parquet'")
         return self
+
+    @field_validator("asset")
+    @classmethod
+    def _asset_uri(cls, v: str | None) -> str | None:
+        if v is not None and not _ASSET_URI_RE.match(v):
+            raise ValueError(f"{v!r} is not an asset URI such as 'sql://warehouse/analytics.segment_members'")
+        if v is not None and v.lower().startswith("airflow:"):
+            raise ValueError("the asset scheme 'airflow' is reserved by Airflow")
+        return v
+
+    @property
+    def asset_uri(self) -> str | None:
+        """The inlet asset's URI: the spec's ``asset``, else one derived from the table or file."""
+        if self.asset:
+            return self.asset
+        if self.table:
+            return f"sql://{self.conn_id}/{self.table}"
+        if self.path:
+            return f"file://{self.path}" if self.path.startswith("/") else None
+        return None
 
     @property
     def kind(self) -> Literal["table", "query", "file"]:
@@ -136,6 +167,41 @@ class LimitSpec(_Strict):
         return self
 
 
+class AlertsSpec(_Strict):
+    """Who hears about a failed export run: e-mail through an SMTP connection, and/or a callable of yours."""
+
+    email: list[str] = Field(default_factory=list, description="Addresses told when a run fails (SMTP notifier).")
+    smtp_conn_id: str = Field("smtp_default", description="The Airflow SMTP connection the e-mail goes through.")
+    callback: str | None = Field(
+        None,
+        description="Import path of a function called with the task's context when a run fails, e.g. 'my_alerts.page'.",
+    )
+
+    @field_validator("email")
+    @classmethod
+    def _addresses(cls, v: list[str]) -> list[str]:
+        bad = [a for a in v if not re.match(r"^[^@\s]+@[^@\s]+\.[^@\s]+$", a)]
+        if bad:
+            raise ValueError(f"{len(bad)} entr{'y is' if len(bad) == 1 else 'ies are'} not an e-mail address")
+        return v
+
+    @field_validator("callback")
+    @classmethod
+    def _callable_path(cls, v: str | None) -> str | None:
+        if v is not None and not _CALLABLE_PATH_RE.match(v):
+            raise ValueError(f"{v!r} is not an import path such as 'my_package.alerts.on_export_failure'")
+        return v
+
+
+# What a role may do with an export's DAG, and the Airflow permissions each grants (FAB auth manager).
+ACCESS_LEVELS: dict[str, dict[str, set[str]]] = {
+    "read": {"DAGs": {"can_read"}, "DAG Runs": {"can_read"}},
+    "trigger": {"DAGs": {"can_read"}, "DAG Runs": {"can_read", "can_create"}},
+    "edit": {"DAGs": {"can_read", "can_edit"}, "DAG Runs": {"can_read", "can_create", "can_edit"}},
+    "delete": {"DAGs": {"can_read", "can_delete"}, "DAG Runs": {"can_read", "can_delete"}},
+}
+
+
 class ExportSpec(_Strict):
     """One export: one destination fed by one source; becomes one DAG whose dag_id is ``id``."""
 
@@ -156,6 +222,38 @@ class ExportSpec(_Strict):
     destination: DestinationSpec
     mapping: MappingSpec
     limit: LimitSpec = Field(default_factory=LimitSpec)
+    schedule_on_source_asset: bool = Field(
+        False, description="Run whenever the source's asset is updated (instead of 'schedule')."
+    )
+    alerts: AlertsSpec | None = None
+    access_control: dict[str, list[Literal["read", "trigger", "edit", "delete"]]] | None = Field(
+        None,
+        description="Airflow roles allowed to use this export's DAG, e.g. {Marketing: [read, trigger]} (FAB auth manager).",
+    )
+
+    @field_validator("access_control")
+    @classmethod
+    def _roles(cls, v: dict[str, list[str]] | None) -> dict[str, list[str]] | None:
+        for role, levels in (v or {}).items():
+            if not role.strip():
+                raise ValueError("role names must not be empty")
+            if not levels:
+                raise ValueError(f"role {role!r}: give at least one of read, trigger, edit, delete")
+        return v
+
+    @property
+    def dag_access_control(self) -> dict[str, dict[str, set[str]]] | None:
+        """``access_control`` as Airflow's DAG argument: role -> resource -> permissions."""
+        if self.access_control is None:
+            return None
+        out: dict[str, dict[str, set[str]]] = {}
+        for role, levels in self.access_control.items():
+            perms: dict[str, set[str]] = {}
+            for level in levels:
+                for resource, actions in ACCESS_LEVELS[level].items():
+                    perms.setdefault(resource, set()).update(actions)
+            out[role] = perms
+        return out
 
     @field_validator("id")
     @classmethod
@@ -185,6 +283,11 @@ class ExportSpec(_Strict):
 
     @model_validator(mode="after")
     def _destination_rules(self) -> ExportSpec:
+        if self.schedule_on_source_asset:
+            if self.schedule is not None:
+                raise ValueError("schedule_on_source_asset: give either 'schedule' or this option, not both")
+            if self.source.asset_uri is None:
+                raise ValueError("schedule_on_source_asset: the source has no asset; set 'source.asset' (a URI)")
         if self.destination.type == "mailchimp":
             if self.mapping.external_id:
                 raise ValueError(

@@ -1,0 +1,48 @@
+"""Airflow asset URIs for the destinations: ``klaviyo://<list_id>`` and ``mailchimp://<audience_id>``.
+
+Registered in the provider info (``asset-uris``), so Airflow validates and normalises them like any provider's
+scheme: the list or audience id is the URI's authority, case kept (ids are case-sensitive), nothing after it.
+An export's task has its destination as an outlet; a DAG scheduled on ``Asset("klaviyo://Y6nRLr")`` runs after
+each export to that list.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from airflow.sdk import Asset
+
+if TYPE_CHECKING:
+    from urllib.parse import SplitResult
+
+SCHEMES = ("klaviyo", "mailchimp")
+_KIND = {"klaviyo": "list", "mailchimp": "audience"}
+
+
+def sanitize_uri(uri: SplitResult) -> SplitResult:
+    kind = _KIND.get(uri.scheme, "id")
+    if not uri.netloc or "@" in uri.netloc or ":" in uri.netloc:
+        raise ValueError(f"URI format {uri.scheme}://<{kind} id> must name the {kind} id, and nothing else")
+    if uri.path not in ("", "/") or uri.query:
+        raise ValueError(f"URI format {uri.scheme}://<{kind} id> takes no path or query")
+    return uri._replace(path="")
+
+
+def create_asset(*, destination: str, target_id: str, extra: dict[str, Any] | None = None) -> Asset:
+    """The asset of a Klaviyo list (``destination='klaviyo'``) or a Mailchimp audience."""
+    if destination not in SCHEMES:
+        raise ValueError(f"destination must be one of {SCHEMES}, not {destination!r}")
+    uri = f"{destination}://{target_id}"
+    return Asset(uri=uri, name=uri, extra=extra or {"destination": destination, "target_id": target_id})
+
+
+def convert_asset_to_openlineage(asset: Asset, lineage_context: Any) -> Any:
+    """The OpenLineage dataset of a destination asset: the same one the export operator reports."""
+    from urllib.parse import urlsplit
+
+    from airflow.providers.common.compat.openlineage.facet import Dataset
+
+    from segment_export.lineage import DEFAULT_API_HOSTS
+
+    parsed = urlsplit(asset.uri)
+    return Dataset(namespace=f"{parsed.scheme}://{DEFAULT_API_HOSTS[parsed.scheme]}", name=parsed.netloc)
