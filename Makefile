@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test airflow sandbox clean
+.PHONY: install demo test airflow sandbox bench clean
 
 install: $(STAMP)
 
@@ -26,6 +26,9 @@ airflow: install  ## Airflow UI on http://localhost:8080 (airflow standalone) wi
 
 sandbox: install  ## the API sandbox alone, for trying the APIs by hand
 	$(VENV)/bin/segment-export-sandbox --port 8765
+
+bench: install  ## the export benchmark (README "Performance"); BENCH_ARGS="--profiles 20000" for a quick one
+	$(PY) benchmarks/bench.py $(BENCH_ARGS)
 
 clean:
 	rm -rf .airflow .demo

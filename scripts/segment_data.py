@@ -64,15 +64,45 @@ def write_csv(path: str | Path, profiles: int, seed: int = 7, segment: str | Non
     return path
 
 
-def write_parquet(path: str | Path, profiles: int, seed: int = 7) -> Path:
+def write_parquet(path: str | Path, profiles: int, seed: int = 7, row_group_size: int = 50_000) -> Path:
+    """Streamed one row group at a time, so a file of millions of rows never sits in memory whole."""
+    import itertools
+
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    data = list(zip(*rows(profiles, seed)))
-    pq.write_table(pa.table({name: list(col) for name, col in zip(COLUMNS, data)}), path, row_group_size=50_000)
+    schema = pa.schema(
+        [("customer_id", pa.int64()), ("email", pa.string()), ("first_name", pa.string()), ("last_name", pa.string()),
+         ("phone", pa.string()), ("tier", pa.string()), ("lifetime_value", pa.float64()), ("segment", pa.string())]
+    )
+    source = rows(profiles, seed)
+    with pq.ParquetWriter(path, schema) as writer:
+        while group := list(itertools.islice(source, row_group_size)):
+            columns = list(zip(*group))
+            writer.write_table(pa.table({name: list(col) for name, col in zip(COLUMNS, columns)}, schema=schema))
     return path
+
+
+def write_postgres(conninfo: str, table: str, profiles: int, seed: int = 7) -> None:
+    """``table`` (optionally ``schema.table``, created if missing) in PostgreSQL, loaded with COPY."""
+    import psycopg
+
+    schema, _, name = table.rpartition(".")
+    qualified = f'"{schema}"."{name}"' if schema else f'"{name}"'
+    with psycopg.connect(conninfo, autocommit=False) as conn:
+        if schema:
+            conn.execute(f'CREATE SCHEMA IF NOT EXISTS "{schema}"')
+        conn.execute(f"DROP TABLE IF EXISTS {qualified}")
+        conn.execute(
+            f"CREATE TABLE {qualified} (customer_id BIGINT, email TEXT, first_name TEXT, last_name TEXT, "
+            "phone TEXT, tier TEXT, lifetime_value DOUBLE PRECISION, segment TEXT)"
+        )
+        with conn.cursor() as cur, cur.copy(f"COPY {qualified} FROM STDIN") as copy:
+            for row in rows(profiles, seed):
+                copy.write_row(row)
+        conn.commit()
 
 
 def main() -> None:

@@ -21,6 +21,7 @@ Python API::
 Control API (no auth)::
 
     GET  /_sandbox/state                   -> the state below
+    GET  /_sandbox/requests                -> its "requests" part only (cheap whatever the store holds)
     POST /_sandbox/reset
     GET  /_sandbox/config                  -> runtime knobs
     PUT  /_sandbox/config                  {"latency": {...}, "klaviyo_profiles_per_second": N,

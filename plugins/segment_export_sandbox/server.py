@@ -230,6 +230,8 @@ class Sandbox:
         try:
             if method == "GET" and parts == ["state"]:
                 return ApiResponse(200, self.state())
+            if method == "GET" and parts == ["requests"]:  # the request log alone: cheap with millions held
+                return ApiResponse(200, self.log.snapshot())
             if method == "POST" and parts == ["reset"]:
                 self.reset()
                 return ApiResponse(200, {"reset": True})

@@ -1,0 +1,491 @@
+"""The export benchmark: N synthetic profiles through the real operator, against the sandbox's real limits.
+
+    make bench                                  # 1,000,000 profiles, every destination x source
+    make bench BENCH_ARGS="--profiles 20000"    # smaller, while developing
+    python benchmarks/bench.py --help
+
+What it does:
+
+1. Generates a segment table of N customers (1.1 N rows: every tenth customer is in two of the four
+   segments, so the export de-duplicates 0.1 N rows) in SQLite and Parquet, and in PostgreSQL when
+   127.0.0.1:5432 answers. Files are cached in ``benchmarks/data/`` (git-ignored) and reused.
+2. Starts the API sandbox as its own process with the destinations' documented rate limits and the latency
+   given (default 0.5 s per Klaviyo job submission, 1.0 s per Mailchimp batch, Klaviyo processing each job
+   at ``--klaviyo-profiles-per-second``).
+3. For each destination x source, resets the sandbox and runs ``SegmentExportOperator.execute`` (the code a
+   DAG runs) in a child process (``run_case.py``), which reports the export's wall and CPU time and its peak
+   RSS. Requests sent and answered 429/5xx come from the sandbox's request log.
+4. Computes each case's floor: the least time the destination's limits and the latency allow (formula
+   printed), the ratio wall/floor and the CPU microseconds per exported profile.
+5. Runs the baseline (one profile per request, Klaviyo ``POST /api/profile-import`` at 75/s, 750/min) on
+   ``--baseline-profiles`` profiles, and the 1%-changed rerun when the exporter keeps sync state.
+6. Prints a table, then one ``bench:`` line per destination x source case, and writes ``results.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+HERE = Path(__file__).resolve().parent
+sys.path[:0] = [str(ROOT / "plugins"), str(ROOT / "scripts")]  # this checkout's code, whatever is installed
+
+import segment_data  # noqa: E402
+
+PG_CONNINFO = "host=127.0.0.1 port=5432 user=postgres dbname=test connect_timeout=3"
+PG_SCHEMA = "segment_bench"
+DATA_VERSION = 1  # bump when segment_data's rows change, to regenerate cached files
+SEGMENTS = list(segment_data.SEGMENTS)
+
+# The destinations' documented limits (the product's constants would do, but the floor should not depend on
+# the code it judges).
+KLAVIYO_JOB_PROFILES, KLAVIYO_BURST, KLAVIYO_STEADY, KLAVIYO_CONCURRENCY = 10_000, 10, 150, 10
+MAILCHIMP_BATCH, MAILCHIMP_CONNECTIONS = 500, 10
+PROFILE_IMPORT_BURST, PROFILE_IMPORT_STEADY = 75, 750
+
+
+# --- floors -------------------------------------------------------------------------------------------
+
+def submit_time(k: int, burst: int, steady: int) -> float:
+    """Earliest start of the k-th request (1-based) under burst/s and steady/min windows, from t=0."""
+    return max(float((k - 1) // burst), 60.0 * ((k - 1) // steady))
+
+
+def klaviyo_floor(n: int, latency: float, speed: float) -> tuple[float, str]:
+    jobs = math.ceil(n / KLAVIYO_JOB_PROFILES)
+    full = min(n, KLAVIYO_JOB_PROFILES) / speed
+    last = (n - (jobs - 1) * KLAVIYO_JOB_PROFILES) / speed
+    rounds = math.ceil(jobs / KLAVIYO_CONCURRENCY) * (latency + full)
+    paced = submit_time(jobs, KLAVIYO_BURST, KLAVIYO_STEADY) + latency + last
+    floor = max(rounds, paced)
+    formula = (
+        f"J=ceil(N/{KLAVIYO_JOB_PROFILES})={jobs} jobs; max(ceil(J/{KLAVIYO_CONCURRENCY})*(L_job + {KLAVIYO_JOB_PROFILES}/P)"
+        f"={rounds:.1f}, max(floor((J-1)/{KLAVIYO_BURST})*1s, floor((J-1)/{KLAVIYO_STEADY})*60s) + L_job + n_last/P"
+        f"={paced:.1f}) with L_job={latency}s, P={speed:g} profiles/s"
+    )
+    return floor, formula
+
+
+def mailchimp_floor(n: int, latency: float, calls_per_batch: int = 1) -> tuple[float, str]:
+    batches = math.ceil(n / MAILCHIMP_BATCH)
+    calls = batches * calls_per_batch
+    floor = math.ceil(calls / MAILCHIMP_CONNECTIONS) * latency
+    formula = (
+        f"B=ceil(N/{MAILCHIMP_BATCH})={batches} batches x {calls_per_batch} call(s) (new members: 1); "
+        f"ceil(calls/{MAILCHIMP_CONNECTIONS} connections) * L_batch = {floor:.1f} with L_batch={latency}s"
+    )
+    return floor, formula
+
+
+def profile_import_floor(n: int) -> tuple[float, str]:
+    floor = submit_time(n, PROFILE_IMPORT_BURST, PROFILE_IMPORT_STEADY)
+    formula = f"max(floor((N-1)/{PROFILE_IMPORT_BURST})*1s, floor((N-1)/{PROFILE_IMPORT_STEADY})*60s) = {floor:.1f}"
+    return floor, formula
+
+
+# --- data ---------------------------------------------------------------------------------------------
+
+def _shown(path: Path) -> str:
+    try:
+        return str(path.relative_to(ROOT))
+    except ValueError:
+        return str(path)
+
+
+def expected_rows(n: int) -> int:
+    return n + n // 10
+
+
+def ensure_files(data: Path, n: int) -> dict[str, Path]:
+    """SQLite and Parquet segments of n customers, generated once and cached (with a marker of what they hold)."""
+    paths = {"sqlite": data / f"segments-{n}.db", "parquet": data / f"segments-{n}.parquet"}
+    for kind, path in paths.items():
+        marker = path.with_name(path.name + ".json")
+        want = {"profiles": n, "rows": expected_rows(n), "version": DATA_VERSION}
+        if path.exists() and marker.exists() and json.loads(marker.read_text()) == want:
+            continue
+        started = time.monotonic()
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.unlink(missing_ok=True)
+        (segment_data.write_sqlite if kind == "sqlite" else segment_data.write_parquet)(tmp, n)
+        tmp.replace(path)
+        marker.write_text(json.dumps(want))
+        print(f"generated {_shown(path)} ({want['rows']:,} rows) in {time.monotonic() - started:.1f}s", flush=True)
+    return paths
+
+
+def postgres_table(n: int) -> str | None:
+    """``segment_bench.segment_members_<n>`` in the local PostgreSQL, loaded once; None when unreachable."""
+    try:
+        import psycopg
+
+        conn = psycopg.connect(PG_CONNINFO, autocommit=True)
+    except Exception as exc:  # noqa: BLE001 - any failure means: no PostgreSQL case
+        print(f"note: PostgreSQL not reachable ({type(exc).__name__}); skipping the postgres source", flush=True)
+        return None
+    table = f"{PG_SCHEMA}.segment_members_{n}"
+    with conn:
+        try:
+            count = conn.execute(f'SELECT count(*) FROM "{PG_SCHEMA}"."segment_members_{n}"').fetchone()[0]
+        except psycopg.Error:
+            count = -1
+    if count != expected_rows(n):
+        started = time.monotonic()
+        segment_data.write_postgres(PG_CONNINFO, table, n)
+        with psycopg.connect(PG_CONNINFO, autocommit=True) as conn:
+            conn.execute(f'ANALYZE "{PG_SCHEMA}"."segment_members_{n}"')
+        print(f"generated PostgreSQL {table} ({expected_rows(n):,} rows) in {time.monotonic() - started:.1f}s", flush=True)
+    return table
+
+
+# --- the sandbox --------------------------------------------------------------------------------------
+
+class SandboxProcess:
+    """``python -m segment_export_sandbox`` in its own process, with the benchmark's merge fields."""
+
+    def __init__(self, args: argparse.Namespace, workdir: Path):
+        from segment_export_sandbox.config import (
+            MAILCHIMP_ACCOUNT_ID, MAILCHIMP_API_KEY, MAILCHIMP_AUDIENCE_ID, MAILCHIMP_AUDIENCE_NAME,
+        )
+
+        config = workdir / "sandbox.json"
+        fields = [
+            {"tag": "FNAME", "name": "First Name", "type": "text", "options": {"size": 25}},
+            {"tag": "LNAME", "name": "Last Name", "type": "text", "options": {"size": 25}},
+            {"tag": "PHONE", "name": "Phone Number", "type": "phone", "options": {"phone_format": "none"}},
+            {"tag": "TIER", "name": "Loyalty tier", "type": "text"},
+            {"tag": "LTV", "name": "Lifetime value", "type": "number"},
+        ]
+        config.write_text(json.dumps({"mailchimp_accounts": [{
+            "api_key": MAILCHIMP_API_KEY, "account_id": MAILCHIMP_ACCOUNT_ID,
+            "audiences": [{"id": MAILCHIMP_AUDIENCE_ID, "name": MAILCHIMP_AUDIENCE_NAME, "merge_fields": fields}],
+        }]}))
+        command = [
+            sys.executable, "-m", "segment_export_sandbox", "--port", "0", "--config", str(config),
+            "--latency-klaviyo-job", str(args.latency_klaviyo_job),
+            "--latency-mailchimp-batch", str(args.latency_mailchimp_batch),
+            "--klaviyo-profiles-per-second", str(args.klaviyo_profiles_per_second),
+        ]
+        self.log = open(workdir / "sandbox.log", "wb")
+        self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=self.log, cwd=ROOT)
+        line = self.process.stdout.readline().decode().strip()
+        if not line.startswith("SANDBOX_URL="):
+            self.stop()
+            raise RuntimeError(f"the sandbox did not start (see {workdir / 'sandbox.log'})")
+        self.url = line.split("=", 1)[1]
+
+    def call(self, method: str, path: str) -> Any:
+        request = urllib.request.Request(self.url + path, method=method, data=b"" if method == "POST" else None)
+        with urllib.request.urlopen(request, timeout=600) as response:
+            return json.loads(response.read() or b"null")
+
+    def cpu_seconds(self) -> float:
+        try:
+            import psutil
+
+            times = psutil.Process(self.process.pid).cpu_times()
+            return times.user + times.system
+        except Exception:  # noqa: BLE001 - only informative
+            return float("nan")
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+        self.log.close()
+
+
+def request_counts(log: dict[str, Any]) -> tuple[int, int]:
+    """(API requests, those answered 429 or 5xx: each is retried by the client) from the sandbox log."""
+    sent = retried = 0
+    for endpoint, entry in log.get("by_endpoint", {}).items():
+        sent += entry["count"]
+        retried += sum(n for status, n in entry["status"].items() if status == "429" or status.startswith("5"))
+    return sent, retried
+
+
+# --- cases --------------------------------------------------------------------------------------------
+
+def export_spec(destination: str, source: str, n: int, paths: dict[str, Any]) -> dict[str, Any]:
+    from segment_export_sandbox.config import KLAVIYO_LIST_ID, MAILCHIMP_AUDIENCE_ID
+
+    if source == "parquet":
+        src: dict[str, Any] = {"path": str(paths["parquet"])}
+    elif source == "sqlite":
+        src = {"conn_id": "bench_sqlite", "table": "segment_members"}
+    else:
+        src = {"conn_id": "bench_postgres", "table": paths["postgres"]}
+    src.update({"segment_column": "segment", "segments": SEGMENTS})
+    mapping: dict[str, Any] = {
+        "email": "email", "first_name": "first_name", "last_name": "last_name", "phone_number": "phone",
+    }
+    if destination == "klaviyo":
+        dest: dict[str, Any] = {"type": "klaviyo", "list_id": KLAVIYO_LIST_ID}
+        mapping.update({"external_id": "customer_id", "attributes": {"loyalty_tier": "tier", "lifetime_value": "lifetime_value"}})
+    else:
+        dest = {"type": "mailchimp", "audience_id": MAILCHIMP_AUDIENCE_ID, "new_member_status": "subscribed"}
+        mapping["attributes"] = {"TIER": "tier", "LTV": "lifetime_value"}
+    return {
+        "id": f"bench_{destination}_{source}",
+        "privacy_acknowledged": True,
+        "source": src,
+        "destination": dest,
+        "mapping": mapping,
+        "limit": {"max_profiles": 10 * expected_rows(n)},
+    }
+
+
+def child_env(sandbox: SandboxProcess, paths: dict[str, Any], workdir: Path) -> dict[str, str]:
+    from airflow_env import airflow_env
+
+    env = airflow_env(workdir / "airflow-home", sandbox.url, paths["sqlite"])
+    env["AIRFLOW_CONN_BENCH_SQLITE"] = json.dumps({"conn_type": "sqlite", "host": str(paths["sqlite"])})
+    env["AIRFLOW_CONN_BENCH_POSTGRES"] = json.dumps(
+        {"conn_type": "postgres", "host": "127.0.0.1", "port": 5432, "login": "postgres", "schema": "test"}
+    )
+    env.setdefault("SEGMENT_EXPORT_STATE_DB", str(workdir / "state.db"))
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT / "plugins"), env.get("PYTHONPATH", "")) if p)
+    return env
+
+
+def run_child(case: dict[str, Any], env: dict[str, str], workdir: Path, name: str, py_spy: Path | None) -> dict[str, Any]:
+    case_file = workdir / f"{name}.json"
+    case_file.write_text(json.dumps(case))
+    command = [sys.executable, str(HERE / "run_case.py"), str(case_file)]
+    if py_spy is not None:
+        py_spy.mkdir(parents=True, exist_ok=True)
+        spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+        command = [spy, "record", "--threads", "--rate", "200", "--format", "raw", "-o", str(py_spy / f"{name}.txt"), "--"] + command
+    with open(workdir / f"{name}.log", "wb") as log:
+        completed = subprocess.run(command, env=env, stdout=subprocess.PIPE, stderr=log, cwd=ROOT)
+    lines = [l for l in completed.stdout.decode().splitlines() if l.startswith("RESULT ")]
+    if completed.returncode != 0 or not lines:
+        raise RuntimeError(f"case {name} failed (exit {completed.returncode}); its log: {workdir / (name + '.log')}")
+    return json.loads(lines[-1][len("RESULT "):])
+
+
+def measure(sandbox: SandboxProcess, run: callable) -> tuple[dict[str, Any], int, int, float]:
+    sandbox.call("POST", "/_sandbox/reset")
+    cpu0 = sandbox.cpu_seconds()
+    result = run()
+    sandbox_cpu = sandbox.cpu_seconds() - cpu0
+    sent, retried = request_counts(sandbox.call("GET", "/_sandbox/requests"))
+    return result, sent, retried, sandbox_cpu
+
+
+def sync_state_available() -> str | None:
+    """None when the exporter keeps sync state (issue 3); else why the 1%-changed rerun is skipped."""
+    import importlib.util
+    import inspect
+
+    if importlib.util.find_spec("segment_export.state") is None:
+        return "segment_export has no sync state module yet"
+    import segment_export.exporter as exporter
+
+    if "segment_export.state" not in inspect.getsource(exporter):
+        return "the exporter does not use sync state yet (issue 3)"
+    return None
+
+
+# --- main ---------------------------------------------------------------------------------------------
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Export benchmark against the API sandbox (see the module docstring).")
+    parser.add_argument("--profiles", type=int, default=1_000_000, help="customers in the segment (default 1,000,000)")
+    parser.add_argument("--destinations", default="klaviyo,mailchimp")
+    parser.add_argument("--sources", default="sqlite,parquet,postgres", help="postgres only when reachable")
+    parser.add_argument("--latency-klaviyo-job", type=float, default=0.5, help="seconds per job submission (default 0.5)")
+    parser.add_argument("--latency-mailchimp-batch", type=float, default=1.0, help="seconds per batch call (default 1.0)")
+    parser.add_argument("--klaviyo-profiles-per-second", type=float, default=10_000.0,
+                        help="Klaviyo's processing speed of one job (default 10,000: 1 s per full job)")
+    parser.add_argument("--baseline-profiles", type=int, default=2_000, help="profiles for the one-per-request baseline (0: skip)")
+    parser.add_argument("--no-rerun", action="store_true", help="skip the 1%%-changed rerun")
+    parser.add_argument("--data-dir", type=Path, default=HERE / "data")
+    parser.add_argument("--results", type=Path, default=HERE / "results.json")
+    parser.add_argument("--py-spy", type=Path, metavar="DIR", help="record each case with py-spy (raw stacks) into DIR")
+    args = parser.parse_args(argv)
+
+    n = args.profiles
+    destinations = [d for d in args.destinations.split(",") if d]
+    sources = [s for s in args.sources.split(",") if s]
+    args.data_dir.mkdir(parents=True, exist_ok=True)
+    paths: dict[str, Any] = dict(ensure_files(args.data_dir, n))
+    if "postgres" in sources:
+        table = postgres_table(n)
+        if table is None:
+            sources.remove("postgres")
+        else:
+            paths["postgres"] = table
+    workdir = Path(tempfile.mkdtemp(prefix="run-", dir=args.data_dir))
+    sandbox = SandboxProcess(args, workdir)
+    env = child_env(sandbox, paths, workdir)
+    print(f"sandbox {sandbox.url}; logs in {_shown(workdir)}", flush=True)
+    results: list[dict[str, Any]] = []
+    notes: list[str] = []
+    try:
+        for destination in destinations:
+            for source in sources:
+                name = f"{destination}-{source}"
+                print(f"running {name} ({n:,} profiles)...", flush=True)
+                case = {"mode": "export", "spec": export_spec(destination, source, n, paths), "params": {"full_resync": True}}
+                result, sent, retried, sandbox_cpu = measure(sandbox, lambda: run_child(case, env, workdir, name, args.py_spy))
+                if destination == "klaviyo":
+                    floor, formula = klaviyo_floor(n, args.latency_klaviyo_job, args.klaviyo_profiles_per_second)
+                else:
+                    floor, formula = mailchimp_floor(n, args.latency_mailchimp_batch)
+                results.append(entry("export", destination, source, n, result, floor, formula, sent, retried, sandbox_cpu))
+                print(f"  {line(results[-1])}", flush=True)
+
+        if not args.no_rerun and "sqlite" in sources:
+            why = sync_state_available()
+            if why:
+                notes.append(f"1%-changed rerun skipped: {why}")
+                print(f"note: {notes[-1]}", flush=True)
+            else:
+                for destination in destinations:
+                    results.extend(rerun(destination, n, paths, env, workdir, sandbox, args))
+
+        if args.baseline_profiles > 0:
+            b = args.baseline_profiles
+            print(f"running baseline: {b:,} profiles, one POST /api/profile-import each...", flush=True)
+            from segment_export_sandbox.config import KLAVIYO_API_KEY
+
+            case = {"mode": "baseline", "sqlite": str(paths["sqlite"]), "profiles": b, "url": sandbox.url, "api_key": KLAVIYO_API_KEY}
+            result, sent, retried, sandbox_cpu = measure(sandbox, lambda: run_child(case, env, workdir, "baseline", None))
+            floor, formula = profile_import_floor(b)
+            results.append(entry("baseline-profile-import", "klaviyo", "sqlite", b, result, floor, formula, sent, retried, sandbox_cpu))
+            print(f"  {line(results[-1])}", flush=True)
+    finally:
+        sandbox.stop()
+
+    report = {
+        "machine": machine(),
+        "settings": {
+            "profiles": n, "latency_klaviyo_job_s": args.latency_klaviyo_job,
+            "latency_mailchimp_batch_s": args.latency_mailchimp_batch,
+            "klaviyo_profiles_per_second": args.klaviyo_profiles_per_second,
+            "rows_per_profile": round(expected_rows(n) / n, 3), "segments": SEGMENTS,
+        },
+        "notes": notes,
+        "cases": results,
+    }
+    args.results.parent.mkdir(parents=True, exist_ok=True)
+    args.results.write_text(json.dumps(report, indent=2) + "\n")
+    print_table(results, notes)
+    print(f"results: {args.results}")
+    for r in results:
+        if r["case"] == "export":
+            print(line(r))
+    return 0
+
+
+def rerun(destination: str, n: int, paths: dict[str, Any], env: dict[str, str], workdir: Path,
+          sandbox: SandboxProcess, args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Full run, 1% of rows changed in the SQLite segment, then a normal (incremental) run; rows restored after."""
+    import sqlite3
+
+    name = f"{destination}-sqlite-rerun"
+    spec = export_spec(destination, "sqlite", n, paths)
+    out = []
+    print(f"running {name}: full run, then 1% of rows changed...", flush=True)
+    sandbox.call("POST", "/_sandbox/reset")
+    full = run_child({"mode": "export", "spec": spec, "params": {"full_resync": True}}, env, workdir, name + "-full", None)
+    db = sqlite3.connect(paths["sqlite"])
+    try:
+        with db:
+            db.execute("UPDATE segment_members SET first_name = first_name || 'x' WHERE customer_id % 100 = 0")
+        cpu0 = sandbox.cpu_seconds()
+        before = request_counts(sandbox.call("GET", "/_sandbox/requests"))
+        result = run_child({"mode": "export", "spec": spec, "params": {}}, env, workdir, name, None)
+        after = request_counts(sandbox.call("GET", "/_sandbox/requests"))
+    finally:
+        with db:
+            db.execute("UPDATE segment_members SET first_name = substr(first_name, 1, length(first_name) - 1) WHERE customer_id % 100 = 0")
+        db.close()
+    floor = 0.15 * full["wall_s"]
+    formula = f"target: 15% of the full run's {full['wall_s']:.1f}s"
+    out.append(entry("rerun-1pct", destination, "sqlite", n, result, floor, formula, after[0] - before[0],
+                     after[1] - before[1], sandbox.cpu_seconds() - cpu0))
+    print(f"  {line(out[-1])}", flush=True)
+    return out
+
+
+def entry(case: str, destination: str, source: str, n: int, result: dict[str, Any], floor: float, formula: str,
+          sent: int, retried: int, sandbox_cpu: float) -> dict[str, Any]:
+    wall = result["wall_s"]
+    return {
+        "case": case, "destination": destination, "source": source, "profiles": n,
+        "wall_s": round(wall, 2), "floor_s": round(floor, 2), "ratio": round(wall / floor, 3) if floor > 0 else float("inf"),
+        "floor_formula": formula,
+        "cpu_s": round(result["cpu_s"], 2), "cpu_us_per_profile": round(result["cpu_s"] / n * 1e6, 2),
+        "peak_rss_mb": round(result["peak_rss_mb"], 1), "process_cpu_s": round(result["process_cpu_s"], 2),
+        "requests": sent, "retried": retried, "client_requests": result.get("client_requests"),
+        "client_retries": result.get("client_retries"), "sandbox_cpu_s": round(sandbox_cpu, 2),
+        "summary": result.get("summary", {}),
+    }
+
+
+def line(r: dict[str, Any]) -> str:
+    return (
+        f"bench: destination={r['destination']} source={r['source']} profiles={r['profiles']} wall_s={r['wall_s']:.2f} "
+        f"floor_s={r['floor_s']:.2f} ratio={r['ratio']:.3f} cpu_us_per_profile={r['cpu_us_per_profile']:.2f} "
+        f"peak_rss_mb={r['peak_rss_mb']:.1f}"
+    )
+
+
+def print_table(results: list[dict[str, Any]], notes: list[str]) -> None:
+    head = f"{'case':<24}{'destination':<12}{'source':<10}{'profiles':>10}{'wall s':>9}{'floor s':>9}{'ratio':>7}" \
+           f"{'cpu us/p':>10}{'rss MB':>8}{'requests':>9}{'retried':>8}{'sbx cpu s':>10}"
+    print()
+    print(head)
+    print("-" * len(head))
+    for r in results:
+        print(f"{r['case']:<24}{r['destination']:<12}{r['source']:<10}{r['profiles']:>10,}{r['wall_s']:>9.1f}"
+              f"{r['floor_s']:>9.1f}{r['ratio']:>7.2f}{r['cpu_us_per_profile']:>10.1f}{r['peak_rss_mb']:>8.0f}"
+              f"{r['requests']:>9,}{r['retried']:>8,}{r['sandbox_cpu_s']:>10.1f}")
+    print()
+    seen = set()
+    for r in results:
+        key = (r["case"], r["destination"])
+        if key not in seen:
+            seen.add(key)
+            print(f"floor {r['case']} {r['destination']}: {r['floor_formula']}")
+    for note in notes:
+        print(f"note: {note}")
+    print()
+
+
+def machine() -> dict[str, Any]:
+    info: dict[str, Any] = {"python": platform.python_version(), "platform": platform.platform(), "cpus": os.cpu_count()}
+    try:
+        for raw in Path("/proc/cpuinfo").read_text().splitlines():
+            if raw.startswith("model name"):
+                info["cpu"] = raw.split(":", 1)[1].strip()
+                break
+        for raw in Path("/proc/meminfo").read_text().splitlines():
+            if raw.startswith("MemTotal"):
+                info["memory_gib"] = round(int(raw.split()[1]) / 1024 / 1024, 1)
+                break
+    except OSError:
+        pass
+    return info
+
+
+if __name__ == "__main__":
+    sys.exit(main())
