@@ -55,6 +55,11 @@ class Batcher:
         current.size += cost
         return closed
 
+    @property
+    def current_number(self) -> int:
+        """The number of the batch the next (or the last added) profile is in."""
+        return self._current.number
+
     def flush(self) -> Batch | None:
         """The last, partly filled batch, if any."""
         if not self._current.fragments:

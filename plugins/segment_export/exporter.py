@@ -1,29 +1,41 @@
-"""One export run: source → mapping → limit → batches → destination → summary.
+"""One export run: read → stage → diff against the last accepted state → send changes → remember what landed.
 
-The order matters: the mapping's columns are checked and the limit decided before the destination is even
-asked whether the target exists, and both before the first profile is sent. Batches go out concurrently
-(the destination says how many at once) while the source is still being read; at most two batches per
-sender are queued, so memory is bounded by the batch size, not by the segment.
+1. Check (before anything is sent): the mapping's columns exist, the segment fits the limit, the target exists.
+2. Read the segment in chunks; map, validate and serialize each row; stage the profiles on local disk (a profile
+   in several segments is staged once, with all its segments).
+3. Diff the staged segment against the export's state (what the destination accepted last time): new and
+   changed profiles are sent, unchanged ones are not (unless a full resync is asked for), profiles that left
+   get the export's ``on_leave``.
+4. Send the changes in batches, several at once; after each batch, remember the profiles the destination
+   confirmed and write one outcome row per profile. Then segment (tag) changes and leavers.
+A dry run stops after step 3 and reports the plan.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import re
 import time
-from dataclasses import dataclass
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
-from typing import Callable
+from dataclasses import dataclass
+from typing import Any, Callable
 
 from segment_export.batching import Batch, Batcher
 from segment_export.destinations.base import Destination
+from segment_export.diff import Change, diff
 from segment_export.limit import decide_limit
 from segment_export.mapping import Rejection, RowMapper
 from segment_export.sources.base import Source
 from segment_export.spec import ExportSpec
+from segment_export.staging import Staging
+from segment_export.state import StateStore
 from segment_export.summary import BatchResult, ExportSummary
 
 log = logging.getLogger(__name__)
 PROGRESS_EVERY_S = 5.0
+EXAMPLES = 3
+_EMAIL_LOCAL = re.compile(rb'"email(_address)?":"[^"@]*@')
 
 
 @dataclass(frozen=True)
@@ -33,6 +45,7 @@ class RunOptions:
     dry_run: bool = False  # plan and report, send nothing
     full_resync: bool = False  # send every profile, not only the changed ones
     max_profiles: int | None = None  # a lower limit for this run only
+    run_id: str = "manual"
 
     def limit(self, spec: ExportSpec) -> int:
         if self.max_profiles is None:
@@ -52,13 +65,25 @@ class ExportError(RuntimeError):
         self.summary = summary
 
 
-class _Sender:
-    """Sends batches on a thread pool and folds their results into the summary, in the caller's thread."""
+def fingerprint(fragment: bytes) -> str:
+    """What was sent, in 32 hex characters: any change to a mapped value (or to the mapping) changes it."""
+    return hashlib.blake2b(fragment, digest_size=16).hexdigest()
 
-    def __init__(self, destination: Destination, summary: ExportSummary, logger: logging.Logger, expected: int, dry_run: bool = False):
+
+def redacted_example(fragment: bytes) -> dict[str, Any]:
+    """A payload for the dry-run report, with the address's local part hidden."""
+    import json
+
+    return json.loads(_EMAIL_LOCAL.sub(lambda m: m.group(0)[: m.group(0).index(b":") + 2] + b"***@", fragment))
+
+
+class _Sender:
+    """Sends batches on a thread pool; folds each result into the summary and the state, in the caller's thread."""
+
+    def __init__(self, destination: Destination, summary: ExportSummary, logger: logging.Logger, expected: int,
+                 on_result: Callable[[Batch, BatchResult], None]):
         self.destination, self.summary, self.log = destination, summary, logger
-        self.dry_run = dry_run
-        self.expected = expected
+        self.expected, self.on_result = expected, on_result
         self.pool = ThreadPoolExecutor(max_workers=destination.concurrency, thread_name_prefix="segment-export")
         self.pending: dict[Future[BatchResult], Batch] = {}
         self.failure: BaseException | None = None
@@ -66,9 +91,6 @@ class _Sender:
         self.started = self.last_log = time.monotonic()
 
     def submit(self, batch: Batch) -> None:
-        if self.dry_run:  # the plan only: count what would go out, send nothing
-            self.summary.add_planned(len(batch))
-            return
         while len(self.pending) >= 2 * self.destination.concurrency and self.failure is None:
             self._collect(wait(self.pending, return_when=FIRST_COMPLETED).done)
         if self.failure is not None:
@@ -87,6 +109,7 @@ class _Sender:
                 self.log.error("batch %d (%d profiles) failed: %s", batch.number, len(batch), exc)
                 continue
             self.summary.add_batch(len(batch), result)
+            self.on_result(batch, result)
             now = time.monotonic()
             # Every batch of a small export; for a large one, a line every few seconds (the summary follows).
             if self.summary.batches > 10 and now - self.last_log < PROGRESS_EVERY_S:
@@ -94,9 +117,9 @@ class _Sender:
             self.last_log = now
             rate = self.summary.sent / max(now - self.started, 1e-6)
             self.log.info(
-                "batch %d: %d sent, %d accepted, %d rejected | total %d/%d accepted, %.0f profiles/s",
+                "batch %d: %d sent, %d accepted, %d rejected, %d skipped | total %d/%d sent, %.0f profiles/s",
                 batch.number, len(batch), result.accepted, sum(result.rejected.values()),
-                self.summary.accepted, self.expected, rate,
+                sum(result.skipped.values()), self.summary.sent, self.expected, rate,
             )
 
     def drain(self) -> None:
@@ -105,88 +128,227 @@ class _Sender:
         self.pool.shutdown(wait=True)
 
 
-def run_export(
-    spec: ExportSpec,
-    source: Source,
-    destination: Destination,
-    *,
-    options: RunOptions | None = None,
-    logger: logging.Logger | None = None,
-    clock: Callable[[], float] = time.monotonic,
-) -> ExportSummary:
-    """Run one export and return its summary; raise before sending when the input is wrong."""
-    logger = logger or log
-    options = options or RunOptions()
-    max_profiles = options.limit(spec)
-    started = clock()
-    summary = ExportSummary(spec.id, destination.type, destination.target_id)
-    columns = spec.mapping.columns()
+class _Run:
+    """The state of one run while it goes: kept together so each step stays small."""
 
-    RowMapper(spec.mapping, source.columns())  # fails here, naming the missing columns, before anything else
-    mapper = RowMapper(spec.mapping, columns)  # the rows below are projected to exactly these columns
-    total = source.count()
-    # A run-time limit is for trying an export on a few profiles: it truncates (by order_by, else email).
-    on_exceed = "truncate" if options.max_profiles is not None else spec.limit.on_exceed
-    order_by = spec.limit.order_by or (spec.mapping.email if options.max_profiles is not None else None)
-    decision = decide_limit(total, max_profiles, on_exceed)
-    logger.info("read plan: %s, %d rows in the segment, limit %d profiles", source.description, total, max_profiles)
-    if decision.truncated:
-        logger.warning(
-            "the segment has %d rows, over the limit of %d: exporting the first %d by %r, skipping %d",
-            total, max_profiles, decision.read_limit, order_by, decision.skipped,
-        )
-    summary.skipped_by_limit = decision.skipped
-    summary.dry_run = options.dry_run
-    destination.preflight()  # read-only requests: a dry run checks the target too
-    expected = decision.read_limit or total
-    logger.info(
-        "sending to %s %s in batches of up to %d profiles, %d at a time",
-        destination.type, destination.target_id, destination.max_batch_profiles, destination.concurrency,
-    )
+    def __init__(self, spec: ExportSpec, source: Source, destination: Destination, state: StateStore | None,
+                 options: RunOptions, logger: logging.Logger):
+        self.spec, self.source, self.destination, self.state = spec, source, destination, state
+        self.options, self.log = options, logger
+        self.summary = ExportSummary(spec.id, destination.type, destination.target_id, dry_run=options.dry_run)
+        self.staging = Staging()
+        self.batch_changes: dict[int, dict[str, Change]] = {}
 
-    sender = _Sender(destination, summary, logger, expected, dry_run=options.dry_run)
-    batcher = Batcher(destination.max_batch_profiles, destination.max_batch_bytes)
-    seen: set[int] = set()  # hashes of normalised emails: 1 int per profile, not the address itself
-    try:
-        for rows in source.chunks(
-            columns,
-            order_by=order_by if decision.truncated else None,
-            tie_breaker=spec.mapping.email,
+    # -- 1 + 2: check, read and stage ---------------------------------------------------------------------
+    def stage(self) -> int:
+        spec, options = self.spec, self.options
+        columns = spec.mapping.columns()
+        segment_column = spec.source.segment_column
+        if segment_column and segment_column not in columns:
+            columns = columns + [segment_column]
+        RowMapper(spec.mapping, self.source.columns())  # fails here, naming the missing columns
+        mapper = RowMapper(spec.mapping, columns)
+        seg_index = columns.index(segment_column) if segment_column else None
+        default_segment = spec.id  # without a segment column, the export itself is the one segment
+
+        max_profiles = options.limit(spec)
+        total = self.source.count()
+        # A run-time limit is for trying an export on a few profiles: it truncates (by order_by, else email).
+        on_exceed = "truncate" if options.max_profiles is not None else spec.limit.on_exceed
+        order_by = spec.limit.order_by or (spec.mapping.email if options.max_profiles is not None else None)
+        decision = decide_limit(total, max_profiles, on_exceed)
+        self.log.info("read plan: %s, %d rows in the segment, limit %d profiles", self.source.description, total, max_profiles)
+        if decision.truncated:
+            self.log.warning(
+                "the segment has %d rows, over the limit of %d: exporting the first %d by %r, skipping %d",
+                total, max_profiles, decision.read_limit, order_by, decision.skipped,
+            )
+        self.summary.skipped_by_limit = decision.skipped
+        self.destination.preflight()  # read-only requests: a dry run checks the target too
+
+        summary, encode = self.summary, self.destination.encode
+        for rows in self.source.chunks(
+            columns, order_by=order_by if decision.truncated else None, tie_breaker=spec.mapping.email,
             limit=decision.read_limit,
         ):
             summary.read += len(rows)
+            profiles: list[tuple[str, str, bytes]] = []
+            memberships: list[tuple[str, str]] = []
             for row in rows:
                 profile = mapper.map(row)
                 if isinstance(profile, Rejection):
                     summary.add_invalid(profile.reason)
                     continue
-                fingerprint = hash(profile.key)
-                if fingerprint in seen:
-                    summary.duplicates += 1
-                    continue
-                seen.add(fingerprint)
-                fragment = destination.encode(profile)
+                fragment = encode(profile)
                 if isinstance(fragment, Rejection):
                     summary.add_invalid(fragment.reason)
                     continue
-                closed = batcher.add(profile.key, fragment)
+                profiles.append((profile.key, fingerprint(fragment), fragment))
+                segment = row[seg_index] if seg_index is not None else default_segment
+                memberships.append((profile.key, str(segment)))
+            added = self.staging.add(profiles, memberships)
+            summary.duplicates += len(profiles) - added
+        if self.state is not None:
+            self.staging.load_previous(self.state.previous())
+        self.staging.seal()
+        return decision.read_limit or total
+
+    # -- 3 + 4: diff and send --------------------------------------------------------------------------------
+    def send(self, expected: int) -> None:
+        summary, destination, dry = self.summary, self.destination, self.options.dry_run
+        on_leave = self.spec.on_leave
+        batcher = Batcher(destination.max_batch_profiles, destination.max_batch_bytes)
+        sender = _Sender(destination, summary, self.log, expected, self._batch_done)
+        leavers = 0
+        try:
+            for change in diff(self.staging.current(), self.staging.previous(), full_resync=self.options.full_resync):
+                if change.kind == "leave":
+                    if on_leave != "keep":
+                        leavers += 1
+                        if not dry:
+                            self.staging.queue_leaver(change.key, change.previous_segments)
+                            self._queue_tags(change)
+                    continue
+                if change.kind == "unchanged":
+                    summary.unchanged += 1
+                    if destination.manages_segments and (change.segments_added or change.segments_removed):
+                        if dry:
+                            self._count_tags(change)
+                        else:
+                            self._queue_tags(change)
+                    continue
+                if dry:
+                    summary.planned += 1
+                    self._count_tags(change)
+                    if len(summary.examples) < EXAMPLES:
+                        summary.examples.append({"action": change.kind, "payload": redacted_example(change.fragment)})
+                    continue
+                closed = batcher.add(change.key, change.fragment)
+                self._remember(batcher.current_number, change)
                 if closed is not None:
                     sender.submit(closed)
-        last = batcher.flush()
-        if last is not None:
-            sender.submit(last)
-    except BaseException as exc:
-        if exc is not sender.failure:  # the source or the mapping failed: settle what is in flight, then fail
-            sender.drain()
-            summary.seconds = clock() - started
-            raise
-    sender.drain()
-    summary.seconds = clock() - started
-    if sender.failure is not None:
-        raise ExportError(
-            f"export {spec.id} stopped: {sender.failure}. Before it stopped, {summary.accepted} profiles were "
-            f"accepted and {summary.rejected} rejected; {sender.failed_profiles} profiles in failed batches have "
-            "an unknown outcome and are not counted as sent",
-            summary,
-        ) from sender.failure
+            last = batcher.flush()
+            if last is not None:
+                sender.submit(last)
+        except BaseException as exc:
+            if exc is not sender.failure:
+                sender.drain()
+                raise
+        sender.drain()
+        if sender.failure is not None:
+            raise ExportError(
+                f"export {self.spec.id} stopped: {sender.failure}. Before it stopped, {summary.accepted} profiles were "
+                f"accepted and {summary.rejected} rejected; {sender.failed_profiles} profiles in failed batches have "
+                "an unknown outcome, are not counted as sent, and will be sent again by the next run",
+                summary,
+            ) from sender.failure
+        if dry:
+            summary.removed = leavers  # would be removed
+            summary.batches = -(-summary.planned // destination.max_batch_profiles)  # would be sent
+            return
+        self._apply_segments()
+        self._apply_leavers(on_leave)
+
+    def _remember(self, batch_number: int, change: Change) -> None:
+        self.batch_changes.setdefault(batch_number, {})[change.key] = change
+
+    def _count_tags(self, change: Change) -> None:
+        if self.destination.manages_segments:
+            self.summary.tags_added += len(change.segments_added)
+            self.summary.tags_removed += len(change.segments_removed)
+
+    def _queue_tags(self, change: Change) -> None:
+        if self.destination.manages_segments and (change.segments_added or change.segments_removed):
+            self.staging.queue_tags(change.key, change.fingerprint or "", change.segments,
+                                    change.segments_added, change.segments_removed)
+
+    def _batch_done(self, batch: Batch, result: BatchResult) -> None:
+        """Remember what the destination confirmed; queue its tag changes; one outcome row per profile."""
+        changes = self.batch_changes.pop(batch.number, {})
+        accepted, outcomes = [], []
+        for key in batch.keys:
+            change = changes[key]
+            if key in result.accepted_keys:
+                # Segments are remembered once their tags are applied (Mailchimp); until then, the old ones.
+                remembered = change.previous_segments if self.destination.manages_segments else change.segments
+                accepted.append((key, change.fingerprint, remembered))
+                outcomes.append((key, "created" if change.kind == "create" else "updated", None))
+                self._queue_tags(change)
+            elif key in result.skipped_keys:
+                # A lasting refusal: remembered, so it is not retried until the row changes.
+                accepted.append((key, change.fingerprint, change.previous_segments))
+                outcomes.append((key, "skipped", result.skipped_keys[key]))
+            elif key in result.rejected_keys:
+                outcomes.append((key, "rejected", result.rejected_keys[key]))
+        if self.state is not None:
+            self.state.save(accepted)
+            self.state.record_outcomes(self.options.run_id, outcomes)
+
+    def _apply_segments(self) -> None:
+        if not self.destination.manages_segments:
+            return
+        self.destination.prepare_segments(self.staging.tag_segments())
+        failed: set[str] = set()
+        for segment, op, keys in self.staging.tag_chunks(self.destination.max_batch_profiles):
+            failed_here = self.destination.change_segment(segment, op, keys)
+            failed |= failed_here
+            done = len(keys) - len(failed_here)
+            if op == "+":
+                self.summary.tags_added += done
+            else:
+                self.summary.tags_removed += done
+        if self.state is not None:
+            batch: list[tuple[str, str, tuple[str, ...]]] = []
+            for key, fp, segments in self.staging.pending():
+                if key not in failed:
+                    batch.append((key, fp, segments))
+                if len(batch) >= 5000:
+                    self.state.save(batch)
+                    batch = []
+            self.state.save(batch)
+        if failed:
+            self.log.warning("%d segment (tag) changes failed; they are retried by the next run", len(failed))
+
+    def _apply_leavers(self, on_leave: str) -> None:
+        for keys in self.staging.leaver_chunks(1000):
+            failed = self.destination.remove(keys, on_leave)
+            done = [k for k in keys if k not in failed]
+            self.summary.removed += len(done)
+            if self.state is not None:
+                self.state.save([], forgotten=done)
+                self.state.record_outcomes(self.options.run_id, [(k, "removed", f"left the segment ({on_leave})") for k in done])
+
+    def close(self) -> None:
+        self.staging.close()
+
+
+def run_export(
+    spec: ExportSpec,
+    source: Source,
+    destination: Destination,
+    *,
+    state: StateStore | None = None,
+    options: RunOptions | None = None,
+    logger: logging.Logger | None = None,
+    clock: Callable[[], float] = time.monotonic,
+) -> ExportSummary:
+    """Run one export and return its summary; raise before sending when the input is wrong.
+
+    Without a ``state`` every run sends the whole segment (nothing is remembered); with one, only changes.
+    """
+    logger = logger or log
+    options = options or RunOptions()
+    started = clock()
+    run = _Run(spec, source, destination, state, options, logger)
+    try:
+        expected = run.stage()
+        run.send(expected)
+    finally:
+        run.summary.seconds = clock() - started
+        run.close()
+    summary = run.summary
+    if summary.dry_run:
+        logger.info("dry run: nothing was sent")
+    elif summary.sent == 0 and summary.removed == 0 and summary.tags_added + summary.tags_removed == 0:
+        logger.info("the segment has not changed since the last run: nothing to send")
     return summary

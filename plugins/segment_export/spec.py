@@ -202,6 +202,24 @@ ACCESS_LEVELS: dict[str, dict[str, set[str]]] = {
 }
 
 
+class SyncSpec(_Strict):
+    """How runs after the first stay in step with the segment (changed rows only, members who left)."""
+
+    state_conn_id: str | None = Field(
+        None, description="SQL connection for the state and outcomes tables; default: the source's connection "
+        "(an embedded SQLite file for file sources)."
+    )
+    on_leave: Literal["keep", "remove", "unsubscribe"] | None = Field(
+        None,
+        description=(
+            "A profile exported before that is no longer in the segment: 'keep' it, 'remove' it from what the "
+            "export manages (the Klaviyo list; the Mailchimp tags of its segments), or for Mailchimp 'unsubscribe' "
+            "it (explicit opt-in). Default: keep for Klaviyo, remove for Mailchimp. Nothing is ever deleted."
+        ),
+    )
+    dry_run: bool = Field(False, description="Every run only plans and reports; nothing is sent.")
+
+
 class ExportSpec(_Strict):
     """One export: one destination fed by one source; becomes one DAG whose dag_id is ``id``."""
 
@@ -222,6 +240,7 @@ class ExportSpec(_Strict):
     destination: DestinationSpec
     mapping: MappingSpec
     limit: LimitSpec = Field(default_factory=LimitSpec)
+    sync: SyncSpec = Field(default_factory=SyncSpec)
     schedule_on_source_asset: bool = Field(
         False, description="Run whenever the source's asset is updated (instead of 'schedule')."
     )
@@ -288,6 +307,11 @@ class ExportSpec(_Strict):
                 raise ValueError("schedule_on_source_asset: give either 'schedule' or this option, not both")
             if self.source.asset_uri is None:
                 raise ValueError("schedule_on_source_asset: the source has no asset; set 'source.asset' (a URI)")
+        if self.destination.type == "klaviyo" and self.sync.on_leave == "unsubscribe":
+            raise ValueError(
+                "sync.on_leave: 'unsubscribe' is for Mailchimp; for Klaviyo use 'remove' (list membership only, "
+                "consent untouched) or 'keep'"
+            )
         if self.destination.type == "mailchimp":
             if self.mapping.external_id:
                 raise ValueError(
@@ -300,6 +324,14 @@ class ExportSpec(_Strict):
                     f"mapping.attributes: {bad} are not Mailchimp merge tags (A-Z, 0-9, '_', at most 10 characters)"
                 )
         return self
+
+    @property
+    def on_leave(self) -> str:
+        return self.sync.on_leave or ("remove" if self.destination.type == "mailchimp" else "keep")
+
+    @property
+    def state_conn_id(self) -> str | None:
+        return self.sync.state_conn_id or self.source.conn_id
 
     @property
     def max_profiles(self) -> int:

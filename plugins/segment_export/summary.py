@@ -1,7 +1,6 @@
 """What an export did, in counts: the task's XCom value and the last lines of its log. Pure.
 
-Invariants the exporter keeps: ``sent == accepted + rejected`` (nothing sent is left unaccounted for) and
-``read == profiles_sent_or_pending + invalid + duplicates`` at the end of a successful run. Reasons are counted
+Invariant the exporter keeps: ``sent == accepted + rejected + skipped`` (nothing sent is left unaccounted for). Reasons are counted
 by kind and never carry an email address.
 """
 
@@ -14,12 +13,20 @@ from typing import Any
 
 @dataclass(slots=True)
 class BatchResult:
-    """The destination's answer for one batch. ``created``/``updated`` are None where the API does not say."""
+    """The destination's answer for one batch. ``created``/``updated`` are None where the API does not say.
+
+    ``accepted_keys`` are the profiles the destination confirmed one by one; only they advance the sync state.
+    ``rejected_keys``/``skipped_keys`` map a profile to its reason where the destination named the profile.
+    """
 
     accepted: int
     rejected: Counter[str] = field(default_factory=Counter)
     created: int | None = None
     updated: int | None = None
+    skipped: Counter[str] = field(default_factory=Counter)
+    accepted_keys: set[str] = field(default_factory=set)
+    rejected_keys: dict[str, str] = field(default_factory=dict)
+    skipped_keys: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(slots=True)
@@ -36,12 +43,19 @@ class ExportSummary:
     created: int | None = None
     updated: int | None = None
     rejected: int = 0
+    skipped: int = 0  # the destination declined for a lasting reason (e.g. compliance state); not retried
+    unchanged: int = 0  # in the segment, same as last accepted: not sent
+    removed: int = 0  # left the segment and removed from what the export manages
+    tags_added: int = 0
+    tags_removed: int = 0
     batches: int = 0
     seconds: float = 0.0
     dry_run: bool = False
     planned: int = 0  # profiles a dry run would have sent
     invalid_reasons: Counter[str] = field(default_factory=Counter)
     rejected_reasons: Counter[str] = field(default_factory=Counter)
+    skipped_reasons: Counter[str] = field(default_factory=Counter)
+    examples: list[dict[str, Any]] = field(default_factory=list)  # dry run: a few payloads, emails redacted
 
     def add_invalid(self, reason: str) -> None:
         self.invalid += 1
@@ -57,6 +71,8 @@ class ExportSummary:
         self.accepted += result.accepted
         self.rejected += sum(result.rejected.values())
         self.rejected_reasons.update(result.rejected)
+        self.skipped += sum(result.skipped.values())
+        self.skipped_reasons.update(result.skipped)
         if result.created is not None:
             self.created = (self.created or 0) + result.created
         if result.updated is not None:
@@ -64,7 +80,7 @@ class ExportSummary:
 
     @property
     def consistent(self) -> bool:
-        return self.sent == self.accepted + self.rejected
+        return self.sent == self.accepted + self.rejected + self.skipped
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-able, for XCom: counts and reasons only, no personal data, no credentials."""
@@ -81,12 +97,19 @@ class ExportSummary:
             "created": self.created,
             "updated": self.updated,
             "rejected": self.rejected,
+            "skipped": self.skipped,
+            "unchanged": self.unchanged,
+            "removed": self.removed,
+            "tags_added": self.tags_added,
+            "tags_removed": self.tags_removed,
             "batches": self.batches,
             "seconds": round(self.seconds, 3),
             "dry_run": self.dry_run,
             "planned": self.planned,
             "invalid_reasons": dict(self.invalid_reasons.most_common()),
             "rejected_reasons": dict(self.rejected_reasons.most_common()),
+            "skipped_reasons": dict(self.skipped_reasons.most_common()),
+            "examples": self.examples,
         }
 
     def table(self) -> str:
@@ -101,6 +124,10 @@ class ExportSummary:
             ("  created", "n/a" if self.created is None else self.created),
             ("  updated", "n/a" if self.updated is None else self.updated),
             ("rejected by destination", self.rejected),
+            ("skipped by destination", self.skipped),
+            ("unchanged (not sent)", self.unchanged),
+            ("removed (left segment)", self.removed),
+            ("tags added / removed", f"{self.tags_added} / {self.tags_removed}"),
             ("batches", self.batches),
             ("seconds", f"{self.seconds:.1f}"),
         ]
@@ -108,7 +135,7 @@ class ExportSummary:
             rows.insert(4, ("would send (dry run)", self.planned))
         lines = [f"export {self.export_id} -> {self.destination} {self.target_id}" + (" (DRY RUN: nothing sent)" if self.dry_run else "")]
         lines += [f"  {label:<24} {value:>10}" for label, value in rows]
-        for title, reasons in (("invalid", self.invalid_reasons), ("rejected", self.rejected_reasons)):
+        for title, reasons in (("invalid", self.invalid_reasons), ("rejected", self.rejected_reasons), ("skipped", self.skipped_reasons)):
             for reason, count in reasons.most_common(5):
                 lines.append(f"  {title}: {count} x {reason}")
         return "\n".join(lines)

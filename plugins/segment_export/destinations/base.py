@@ -59,6 +59,20 @@ class Destination(ABC):
     def send(self, batch: Batch) -> BatchResult:
         """Send one batch and return what the destination accepted and rejected, with reasons."""
 
+    #: True when the destination shows segments itself (Mailchimp tags), so segment changes must be sent
+    manages_segments: bool = False
+
+    def prepare_segments(self, names: list[str]) -> None:
+        """Make sure every segment the run will tag exists (Mailchimp creates missing tags)."""
+
+    def change_segment(self, segment: str, op: str, keys: list[str]) -> set[str]:
+        """Add (``+``) or remove (``-``) profiles to a segment's tag; return the keys that failed."""
+        raise NotImplementedError(f"{self.type} does not manage segments")
+
+    def remove(self, keys: list[str], how: str) -> set[str]:
+        """Apply the export's ``on_leave`` to profiles that left the segment; return the keys that failed."""
+        raise NotImplementedError(f"{self.type} cannot {how} profiles")
+
     @property
     @abstractmethod
     def request_stats(self) -> dict[str, int]:

@@ -7,7 +7,7 @@ from collections import Counter
 from typing import Any
 
 from segment_export.batching import Batch
-from segment_export.destinations.base import Destination, dump_bytes
+from segment_export.destinations.base import Destination, dump_bytes, redact_emails
 from segment_export.hooks.base import DestinationError
 from segment_export.hooks.klaviyo import KlaviyoHook
 from segment_export.mapping import Profile
@@ -72,10 +72,15 @@ class KlaviyoDestination(Destination):
         accepted = int(attrs.get("completed_count") or 0)
         failed = int(attrs.get("failed_count") or 0)
         rejected: Counter[str] = Counter()
+        rejected_keys: dict[str, str] = {}
         if failed:
             for error in self.hook.iter_import_errors(job["id"]):
                 a = error.get("attributes", {})
-                rejected[f"{a.get('code') or 'import_error'}: {a.get('title') or 'import error'}"] += 1
+                reason = redact_emails(f"{a.get('code') or 'import_error'}: {a.get('title') or 'import error'}")
+                rejected[reason] += 1
+                key = _payload_email(a.get("original_payload"))
+                if key:
+                    rejected_keys[key] = reason
             # Count what Klaviyo reported even if its error listing was shorter than failed_count.
             missing = failed - sum(rejected.values())
             if missing > 0:
@@ -84,7 +89,21 @@ class KlaviyoDestination(Destination):
         if unaccounted > 0:
             reason = "job cancelled by Klaviyo" if attrs["status"] == "cancelled" else "not confirmed by Klaviyo"
             rejected[reason] += unaccounted
-        return BatchResult(accepted=accepted, rejected=rejected)
+        # Profile by profile, only when Klaviyo's counts and its named errors agree with the batch.
+        confident = unaccounted <= 0 and len(rejected_keys) == failed and accepted == len(batch) - failed
+        accepted_keys = set(batch.keys) - set(rejected_keys) if confident else set()
+        return BatchResult(accepted=accepted, rejected=rejected, accepted_keys=accepted_keys, rejected_keys=rejected_keys)
+
+    def remove(self, keys: list[str], how: str) -> set[str]:
+        """Take profiles off the export's list (the list relationship only; consent is not touched)."""
+        if how != "remove":
+            raise NotImplementedError(f"Klaviyo exports cannot {how} profiles")
+        ids: list[str] = []
+        for start in range(0, len(keys), 100):
+            ids.extend(self.hook.find_profile_ids(keys[start : start + 100]).values())
+        for start in range(0, len(ids), 1000):
+            self.hook.remove_from_list(self.target_id, ids[start : start + 1000])
+        return set()  # a profile Klaviyo does not know is not on the list either
 
     def _await(self, job: dict[str, Any]) -> dict[str, Any]:
         """Poll a job until it is complete or cancelled, backing off between polls."""
@@ -98,6 +117,14 @@ class KlaviyoDestination(Destination):
     @property
     def request_stats(self) -> dict[str, int]:
         return {"requests": self.hook.requests, "retries": self.hook.retries}
+
+
+def _payload_email(payload: object) -> str | None:
+    """The lower-cased email of an import error's original profile, wherever Klaviyo put it."""
+    if not isinstance(payload, dict):
+        return None
+    email = payload.get("email") or (payload.get("attributes") or {}).get("email")
+    return email.strip().lower() if isinstance(email, str) else None
 
 
 __all__ = ["KlaviyoDestination", "profile_fragment", "job_envelope", "DestinationError"]

@@ -10,7 +10,6 @@ Each batch is sent in (at most) two calls:
 
 from __future__ import annotations
 
-from collections import Counter
 from typing import Any
 
 from segment_export.batching import Batch
@@ -100,35 +99,96 @@ class MailchimpDestination(Destination):
         first = self.hook.batch_subscribe(
             self.target_id, batch_body([with_status(f, self._status) for f in batch.fragments], update_existing=False)
         )
-        rejected: Counter[str] = Counter()
+        result = BatchResult(accepted=0, created=0, updated=0)
         existing: list[int] = []
         for error in first.get("errors") or []:
-            if error.get("error_code") == CONTACT_EXISTS:
-                index = by_key.get(str(error.get("email_address", "")).strip().lower())
-                if index is not None:
-                    existing.append(index)
-                    continue
-            rejected[_reason(error)] += 1
-        created = int(first.get("total_created") or 0)
-        updated = 0
+            key = _key(error)
+            if error.get("error_code") == CONTACT_EXISTS and key in by_key:
+                existing.append(by_key[key])
+                continue
+            _fold_error(result, error, key)
+        result.created = int(first.get("total_created") or 0)
+        result.accepted_keys.update(_key(m) for m in first.get("new_members") or [])
         if existing:
             second = self.hook.batch_subscribe(
                 self.target_id, batch_body([batch.fragments[i] for i in existing], update_existing=True)
             )
-            updated = int(second.get("total_updated") or 0)
+            result.updated = int(second.get("total_updated") or 0)
+            result.accepted_keys.update(_key(m) for m in second.get("updated_members") or [])
             for error in second.get("errors") or []:
-                rejected[_reason(error)] += 1
-        unaccounted = len(batch) - created - updated - sum(rejected.values())
+                _fold_error(result, error, _key(error))
+        result.accepted = result.created + result.updated
+        unaccounted = len(batch) - result.accepted - sum(result.rejected.values()) - sum(result.skipped.values())
         if unaccounted > 0:
-            rejected["not confirmed by Mailchimp"] += unaccounted
-        return BatchResult(accepted=created + updated, rejected=rejected, created=created, updated=updated)
+            result.rejected["not confirmed by Mailchimp"] += unaccounted
+        result.accepted_keys &= set(by_key)
+        return result
+
+    # -- tags and leavers ----------------------------------------------------------------------------------
+    manages_segments = True
+
+    def prepare_segments(self, names: list[str]) -> None:
+        self._tags = self.hook.static_segments(self.target_id)
+        for name in names:
+            if name not in self._tags:
+                self._tags[name] = self.hook.create_static_segment(self.target_id, name)
+
+    def change_segment(self, segment: str, op: str, keys: list[str]) -> set[str]:
+        tags = getattr(self, "_tags", None) or self.hook.static_segments(self.target_id)
+        self._tags = tags
+        if segment not in tags:
+            return set() if op == "-" else set(keys)  # nothing to remove from a tag that does not exist
+        failed: set[str] = set()
+        for start in range(0, len(keys), MAX_BATCH_MEMBERS):
+            part = keys[start : start + MAX_BATCH_MEMBERS]
+            add, remove = (part, []) if op == "+" else ([], part)
+            answer = self.hook.update_segment_members(self.target_id, tags[segment], add, remove)
+            for error in answer.get("errors") or []:
+                failed.update(str(e).strip().lower() for e in error.get("email_addresses") or [])
+        return failed
+
+    def remove(self, keys: list[str], how: str) -> set[str]:
+        """``remove`` is done by the tag changes; ``unsubscribe`` sets the members' status, explicitly opted in."""
+        if how == "remove":
+            return set()
+        members = [dump_bytes({"email_address": key, "status": "unsubscribed"}) for key in keys]
+        failed: set[str] = set()
+        for start in range(0, len(members), MAX_BATCH_MEMBERS):
+            answer = self.hook.batch_subscribe(self.target_id, batch_body(members[start : start + MAX_BATCH_MEMBERS], True))
+            failed.update(_key(e) for e in answer.get("errors") or [] if not _is_lasting(e))
+        return failed
 
     @property
     def request_stats(self) -> dict[str, int]:
         return {"requests": self.hook.requests, "retries": self.hook.retries}
 
 
+def _key(item: dict[str, Any]) -> str:
+    return str(item.get("email_address") or "").strip().lower()
+
+
+# Member errors that will not change by sending again: reported as skipped, not retried.
+_LASTING = ("compliance state", "permanently deleted", "forgotten email")
+
+
+def _is_lasting(error: dict[str, Any]) -> bool:
+    text = str(error.get("error") or "").lower()
+    return any(marker in text for marker in _LASTING)
+
+
 def _reason(error: dict[str, Any]) -> str:
     message = redact_emails(str(error.get("error") or "rejected"))
     code = error.get("error_code") or "ERROR"
     return f"{code}: {message}"
+
+
+def _fold_error(result: BatchResult, error: dict[str, Any], key: str) -> None:
+    reason = _reason(error)
+    if _is_lasting(error):
+        result.skipped[reason] += 1
+        if key:
+            result.skipped_keys[key] = reason
+    else:
+        result.rejected[reason] += 1
+        if key:
+            result.rejected_keys[key] = reason

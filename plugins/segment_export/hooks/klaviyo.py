@@ -27,6 +27,8 @@ class KlaviyoHook(DestinationHook):
         "bulk-import-read": (10, 150),
         "lists": (75, 750),
         "accounts": (1, 15),
+        "lists-write": (10, 150),
+        "profiles": (75, 750),
     }
 
     def default_base_url(self, connection: Any) -> str:
@@ -87,6 +89,30 @@ class KlaviyoHook(DestinationHook):
             yield from page.get("data", [])
             next_url = (page.get("links") or {}).get("next")
             endpoint, params = (next_url, None) if next_url else (None, None)
+
+    def find_profile_ids(self, emails: list[str]) -> dict[str, str]:
+        """Profile id by lower-cased email for up to 100 addresses (``any(email,[...])``); unknown ones are absent."""
+        import json
+
+        found: dict[str, str] = {}
+        endpoint: str | None = "/api/profiles"
+        params: dict[str, Any] | None = {
+            "filter": f"any(email,{json.dumps(emails)})", "page[size]": 100, "fields[profile]": "email",
+        }
+        while endpoint:
+            page = self.request_json("GET", endpoint, params=params, limit_key="profiles")
+            for profile in page.get("data", []):
+                email = (profile.get("attributes") or {}).get("email")
+                if email:
+                    found[email.lower()] = profile["id"]
+            next_url = (page.get("links") or {}).get("next")
+            endpoint, params = (next_url, None) if next_url else (None, None)
+        return found
+
+    def remove_from_list(self, list_id: str, profile_ids: list[str]) -> None:
+        """Remove up to 1,000 profiles from a list; list membership only, consent is not touched."""
+        body = {"data": [{"type": "profile", "id": pid} for pid in profile_ids]}
+        self.request("DELETE", f"/api/lists/{list_id}/relationships/profiles", json=body, limit_key="lists-write")
 
     def url_from_endpoint(self, endpoint: str | None) -> str:
         # Pagination links are absolute URLs; keep them as Klaviyo gave them.

@@ -79,6 +79,29 @@ class MailchimpHook(DestinationHook):
         body = self.request_json("GET", f"/lists/{audience_id}/merge-fields", params={"count": 1000})
         return body.get("merge_fields", [])
 
+    def static_segments(self, audience_id: str) -> dict[str, int]:
+        """Tag (static segment) id by name."""
+        found: dict[str, int] = {}
+        offset = 0
+        while True:
+            body = self.request_json(
+                "GET", f"/lists/{audience_id}/segments", params={"type": "static", "count": 1000, "offset": offset}
+            )
+            segments = body.get("segments", [])
+            found.update({s["name"]: s["id"] for s in segments})
+            offset += len(segments)
+            if not segments or offset >= int(body.get("total_items", 0)):
+                return found
+
+    def create_static_segment(self, audience_id: str, name: str) -> int:
+        body = self.request_json("POST", f"/lists/{audience_id}/segments", json={"name": name, "static_segment": []})
+        return body["id"]
+
+    def update_segment_members(self, audience_id: str, segment_id: int, add: list[str], remove: list[str]) -> dict[str, Any]:
+        """Add or remove up to 500 members each to a tag; per-member errors come back in the answer."""
+        body = {"members_to_add": add, "members_to_remove": remove}
+        return self.request_json("POST", f"/lists/{audience_id}/segments/{segment_id}", json=body)
+
     def batch_subscribe(self, audience_id: str, body: bytes) -> dict[str, Any]:
         """POST /lists/{id}: at most 500 members; per-member errors come back in a 200 answer."""
         return self.request_json(

@@ -1,0 +1,71 @@
+"""The sync diff: what changed between the segment now and what was last accepted. Pure, no I/O.
+
+Both sides arrive sorted by profile key (the normalised email), so the diff is one merge pass in constant memory,
+whatever the size of the segment.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable, Iterator, Literal
+
+Kind = Literal["create", "update", "unchanged", "leave"]
+
+
+@dataclass(frozen=True, slots=True)
+class Current:
+    """A profile as the segment holds it now."""
+
+    key: str
+    fingerprint: str
+    fragment: bytes
+    segments: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Previous:
+    """A profile as the export's state remembers it: the fingerprint and segments last accepted."""
+
+    key: str
+    fingerprint: str
+    segments: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Change:
+    key: str
+    kind: Kind
+    fingerprint: str | None  # the current fingerprint (None for a profile that left)
+    fragment: bytes | None
+    segments: tuple[str, ...]  # segments now
+    previous_segments: tuple[str, ...]
+
+    @property
+    def send_profile(self) -> bool:
+        return self.kind in ("create", "update")
+
+    @property
+    def segments_added(self) -> tuple[str, ...]:
+        return tuple(s for s in self.segments if s not in self.previous_segments)
+
+    @property
+    def segments_removed(self) -> tuple[str, ...]:
+        return tuple(s for s in self.previous_segments if s not in self.segments)
+
+
+def diff(current: Iterable[Current], previous: Iterable[Previous], *, full_resync: bool = False) -> Iterator[Change]:
+    """Merge two key-sorted streams into changes. ``full_resync`` turns every unchanged profile into an update."""
+    cur_iter, prev_iter = iter(current), iter(previous)
+    cur, prev = next(cur_iter, None), next(prev_iter, None)
+    while cur is not None or prev is not None:
+        if prev is None or (cur is not None and cur.key < prev.key):
+            yield Change(cur.key, "create", cur.fingerprint, cur.fragment, cur.segments, ())
+            cur = next(cur_iter, None)
+        elif cur is None or prev.key < cur.key:
+            yield Change(prev.key, "leave", None, None, (), prev.segments)
+            prev = next(prev_iter, None)
+        else:
+            same = cur.fingerprint == prev.fingerprint and not full_resync
+            kind: Kind = "unchanged" if same else "update"
+            yield Change(cur.key, kind, cur.fingerprint, cur.fragment, cur.segments, prev.segments)
+            cur, prev = next(cur_iter, None), next(prev_iter, None)

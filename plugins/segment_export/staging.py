@@ -1,0 +1,118 @@
+"""A run's scratch space: the segment as read, and the previous state, in a local SQLite file.
+
+Why a file and not memory: a profile can appear in several rows (one per segment) far apart in the source, and
+the diff needs the whole segment; keeping it on disk keeps the exporter's memory flat at any size. Why copy the
+previous state here: both sides of the diff must be sorted by the same collation, and the state may live in
+another database (PostgreSQL sorts text by locale).
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import tempfile
+from pathlib import Path
+from typing import Iterable, Iterator
+
+from segment_export.diff import Current, Previous
+
+SEP = "\x1f"  # between segment names in one column
+
+
+class Staging:
+    def __init__(self, directory: str | None = None):
+        fd, path = tempfile.mkstemp(prefix="segment-export-", suffix=".db", dir=directory)
+        os.close(fd)
+        self.path = Path(path)
+        self.conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        self.conn.executescript(
+            """
+            PRAGMA journal_mode = OFF; PRAGMA synchronous = OFF; PRAGMA temp_store = FILE;
+            CREATE TABLE profiles (key TEXT PRIMARY KEY, fingerprint TEXT NOT NULL, fragment BLOB NOT NULL) WITHOUT ROWID;
+            CREATE TABLE memberships (key TEXT NOT NULL, segment TEXT NOT NULL, PRIMARY KEY (key, segment)) WITHOUT ROWID;
+            CREATE TABLE previous (key TEXT PRIMARY KEY, fingerprint TEXT NOT NULL, segments TEXT NOT NULL) WITHOUT ROWID;
+            -- work queued while the diff streams: tag changes, profiles waiting on them, profiles that left
+            CREATE TABLE tag_ops (segment TEXT NOT NULL, op TEXT NOT NULL, key TEXT NOT NULL);
+            CREATE TABLE pending (key TEXT PRIMARY KEY, fingerprint TEXT NOT NULL, segments TEXT NOT NULL) WITHOUT ROWID;
+            CREATE TABLE leavers (key TEXT PRIMARY KEY, segments TEXT NOT NULL) WITHOUT ROWID;
+            """
+        )
+        self.conn.execute("BEGIN")
+        self.rows = 0
+
+    def add(self, profiles: list[tuple[str, str, bytes]], memberships: list[tuple[str, str]]) -> int:
+        """Stage one chunk; return how many profiles were new (the rest repeat a key already staged)."""
+        before = self.conn.total_changes
+        self.conn.executemany("INSERT OR IGNORE INTO profiles VALUES (?, ?, ?)", profiles)
+        added = self.conn.total_changes - before
+        self.conn.executemany("INSERT OR IGNORE INTO memberships VALUES (?, ?)", memberships)
+        return added
+
+    def load_previous(self, rows: Iterable[Previous]) -> None:
+        batch: list[tuple[str, str, str]] = []
+        for row in rows:
+            batch.append((row.key, row.fingerprint, SEP.join(row.segments)))
+            if len(batch) >= 10_000:
+                self.conn.executemany("INSERT OR REPLACE INTO previous VALUES (?, ?, ?)", batch)
+                batch = []
+        self.conn.executemany("INSERT OR REPLACE INTO previous VALUES (?, ?, ?)", batch)
+
+    def seal(self) -> None:
+        """End staging: everything written is committed and readable by the diff's cursors."""
+        self.conn.execute("COMMIT")
+
+    def current(self) -> Iterator[Current]:
+        cursor = self.conn.execute(
+            "SELECT p.key, p.fingerprint, p.fragment, "
+            "(SELECT group_concat(segment, char(31)) FROM memberships m WHERE m.key = p.key) "
+            "FROM profiles p ORDER BY p.key"
+        )
+        while rows := cursor.fetchmany(5000):
+            for key, fingerprint, fragment, segments in rows:
+                yield Current(key, fingerprint, fragment, tuple(sorted(segments.split(SEP))) if segments else ())
+
+    def previous(self) -> Iterator[Previous]:
+        cursor = self.conn.cursor().execute("SELECT key, fingerprint, segments FROM previous ORDER BY key")
+        while rows := cursor.fetchmany(5000):
+            for key, fingerprint, segments in rows:
+                yield Previous(key, fingerprint, tuple(segments.split(SEP)) if segments else ())
+
+    # -- work queues (written and read after seal(), each statement its own transaction) ---------------------
+    def queue_tags(self, key: str, fingerprint: str, segments: tuple[str, ...], added: tuple[str, ...], removed: tuple[str, ...]) -> None:
+        self.conn.executemany("INSERT INTO tag_ops VALUES (?, ?, ?)", [(s, "+", key) for s in added] + [(s, "-", key) for s in removed])
+        if fingerprint:
+            self.conn.execute("INSERT OR REPLACE INTO pending VALUES (?, ?, ?)", (key, fingerprint, SEP.join(segments)))
+
+    def queue_leaver(self, key: str, segments: tuple[str, ...]) -> None:
+        self.conn.execute("INSERT OR REPLACE INTO leavers VALUES (?, ?)", (key, SEP.join(segments)))
+
+    def tag_chunks(self, size: int) -> Iterator[tuple[str, str, list[str]]]:
+        """(segment, "+" or "-", up to ``size`` keys) for every queued tag change, streamed."""
+        current: tuple[str, str] | None = None
+        chunk: list[str] = []
+        for segment, op, key in self.conn.execute("SELECT segment, op, key FROM tag_ops ORDER BY segment, op, key"):
+            if (segment, op) != current or len(chunk) >= size:
+                if chunk and current:
+                    yield current[0], current[1], chunk
+                current, chunk = (segment, op), []
+            chunk.append(key)
+        if chunk and current:
+            yield current[0], current[1], chunk
+
+    def tag_segments(self) -> list[str]:
+        return [r[0] for r in self.conn.execute("SELECT DISTINCT segment FROM tag_ops WHERE op = '+'")]
+
+    def pending(self) -> Iterator[tuple[str, str, tuple[str, ...]]]:
+        for key, fingerprint, segments in self.conn.execute("SELECT key, fingerprint, segments FROM pending ORDER BY key"):
+            yield key, fingerprint, tuple(segments.split(SEP)) if segments else ()
+
+    def leaver_chunks(self, size: int) -> Iterator[list[str]]:
+        cursor = self.conn.execute("SELECT key FROM leavers ORDER BY key")
+        while rows := cursor.fetchmany(size):
+            yield [r[0] for r in rows]
+
+    def close(self) -> None:
+        try:
+            self.conn.close()
+        finally:
+            self.path.unlink(missing_ok=True)

@@ -1,0 +1,138 @@
+"""The export's memory between runs, and its per-row outcomes, in two tables behind an Airflow SQL connection.
+
+``segment_export_state`` holds, per export and destination target, one row per profile the destination
+accepted: the fingerprint of what was sent and the segments it was tagged with. A row is written only after
+the destination confirmed it, so a failed or unconfirmed row is sent again by the next run.
+``segment_export_outcomes`` holds one row per profile a run acted on (created, updated, removed, skipped,
+rejected) with the destination's reason. Both hold the profile key (the lower-cased email), which is already
+in the user's segment table, and nothing else personal.
+
+By default the tables live next to the segment (the source's connection); file sources, and exports that say
+so, use an embedded SQLite file. Statements are plain SQL that SQLite, PostgreSQL and MySQL all accept.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+from segment_export.diff import Previous
+
+STATE_TABLE = "segment_export_state"
+OUTCOMES_TABLE = "segment_export_outcomes"
+DEFAULT_STATE_DB_ENV = "SEGMENT_EXPORT_STATE_DB"
+
+_DDL = (
+    f"CREATE TABLE IF NOT EXISTS {STATE_TABLE} ("
+    " export_id VARCHAR(200) NOT NULL, target_id VARCHAR(200) NOT NULL, profile_key VARCHAR(320) NOT NULL,"
+    " fingerprint VARCHAR(64) NOT NULL, segments TEXT NOT NULL, updated_at VARCHAR(40) NOT NULL,"
+    " PRIMARY KEY (export_id, target_id, profile_key))",
+    f"CREATE TABLE IF NOT EXISTS {OUTCOMES_TABLE} ("
+    " export_id VARCHAR(200) NOT NULL, run_id VARCHAR(250) NOT NULL, profile_key VARCHAR(320) NOT NULL,"
+    " action VARCHAR(16) NOT NULL, reason TEXT, recorded_at VARCHAR(40) NOT NULL)",
+)
+_CHUNK = 500
+
+
+def default_state_db() -> Path:
+    """The embedded SQLite file used when no state connection applies."""
+    env = os.environ.get(DEFAULT_STATE_DB_ENV)
+    if env:
+        return Path(env)
+    home = os.environ.get("AIRFLOW_HOME") or str(Path.home() / "airflow")
+    return Path(home) / "segment_export_state.db"
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+class StateStore:
+    """State and outcomes of one export's target, over a DB-API connection with the given placeholder."""
+
+    def __init__(self, conn: Any, placeholder: str, export_id: str, target_id: str, description: str):
+        self.conn, self.ph = conn, placeholder
+        self.export_id, self.target_id = export_id, target_id
+        self.description = description
+
+    @classmethod
+    def open(cls, conn_id: str | None, export_id: str, target_id: str) -> StateStore:
+        """Through an Airflow SQL connection, or the embedded SQLite file when ``conn_id`` is None."""
+        if conn_id is None:
+            import sqlite3
+
+            path = default_state_db()
+            path.parent.mkdir(parents=True, exist_ok=True)
+            store = cls(sqlite3.connect(path), "?", export_id, target_id, f"SQLite file {path}")
+        else:
+            from airflow.sdk import BaseHook
+
+            hook = BaseHook.get_connection(conn_id).get_hook()
+            store = cls(hook.get_conn(), hook.placeholder or "%s", export_id, target_id, f"connection {conn_id}")
+        store.ensure_tables()
+        return store
+
+    def _run(self, sql: str, params: Iterable[Any] = ()) -> Any:
+        cursor = self.conn.cursor()
+        cursor.execute(sql.replace("?", self.ph), list(params))
+        return cursor
+
+    def ensure_tables(self) -> None:
+        for ddl in _DDL:
+            self._run(ddl).close()
+        self.conn.commit()
+
+    def previous(self) -> Iterator[Previous]:
+        """Every profile this export's target accepted before (any order; the staging area sorts)."""
+        cursor = self._run(
+            f"SELECT profile_key, fingerprint, segments FROM {STATE_TABLE} WHERE export_id = ? AND target_id = ?",
+            (self.export_id, self.target_id),
+        )
+        try:
+            while rows := cursor.fetchmany(5000):
+                for key, fingerprint, segments in rows:
+                    yield Previous(key, fingerprint, tuple(json.loads(segments)))
+        finally:
+            cursor.close()
+
+    def save(self, accepted: list[tuple[str, str, tuple[str, ...]]], forgotten: list[str] = ()) -> None:
+        """Remember accepted profiles (key, fingerprint, segments) and forget removed ones, in one transaction."""
+        keys = [a[0] for a in accepted] + list(forgotten)
+        now = _now()
+        for start in range(0, len(keys), _CHUNK):
+            part = keys[start : start + _CHUNK]
+            marks = ", ".join(["?"] * len(part))
+            self._run(
+                f"DELETE FROM {STATE_TABLE} WHERE export_id = ? AND target_id = ? AND profile_key IN ({marks})",
+                [self.export_id, self.target_id, *part],
+            ).close()
+        if accepted:
+            cursor = self.conn.cursor()
+            cursor.executemany(
+                f"INSERT INTO {STATE_TABLE} VALUES (?, ?, ?, ?, ?, ?)".replace("?", self.ph),
+                [(self.export_id, self.target_id, k, fp, json.dumps(list(segs)), now) for k, fp, segs in accepted],
+            )
+            cursor.close()
+        self.conn.commit()
+
+    def record_outcomes(self, run_id: str, outcomes: list[tuple[str, str, str | None]]) -> None:
+        """One row per profile acted on: (key, action, reason)."""
+        if not outcomes:
+            return
+        now = _now()
+        cursor = self.conn.cursor()
+        cursor.executemany(
+            f"INSERT INTO {OUTCOMES_TABLE} VALUES (?, ?, ?, ?, ?, ?)".replace("?", self.ph),
+            [(self.export_id, run_id, key, action, reason, now) for key, action, reason in outcomes],
+        )
+        cursor.close()
+        self.conn.commit()
+
+    def close(self) -> None:
+        try:
+            self.conn.close()
+        except Exception:  # noqa: BLE001 - closing is best effort
+            pass
