@@ -64,11 +64,12 @@ def specs_dir(tmp_path):
     return folder
 
 
-def dags_test(airflow_home: Path, sandbox, warehouse: Path, specs: Path, dag_id: str) -> subprocess.CompletedProcess:
+def dags_test(airflow_home: Path, sandbox, warehouse: Path, specs: Path, dag_id: str, conf: dict | None = None) -> subprocess.CompletedProcess:
     env = airflow_env(airflow_home, sandbox.url, warehouse)
     env["SEGMENT_EXPORT_SPECS"] = str(specs)
+    extra = ["-c", json.dumps(conf)] if conf else []
     return subprocess.run(
-        [AIRFLOW, "dags", "test", dag_id], env=env, capture_output=True, text=True, timeout=600
+        [AIRFLOW, "dags", "test", dag_id, *extra], env=env, capture_output=True, text=True, timeout=600
     )
 
 
@@ -143,3 +144,43 @@ def test_missing_column_fails_the_task_before_sending(airflow_home, sandbox, seg
     assert "customer_id, email, first_name" in output
     assert "POST /api/profile-bulk-import-jobs" not in sandbox.state()["requests"]["by_endpoint"]
     assert "failed" in output.lower()
+
+
+def writes(sandbox) -> dict[str, int]:
+    by_endpoint = sandbox.state()["requests"]["by_endpoint"]
+    return {k: v["count"] for k, v in by_endpoint.items() if not k.startswith("GET ")}
+
+
+def test_sync_through_dag_runs(airflow_home, sandbox, segment_db, specs_dir):
+    """Dry run, first run, unchanged rerun, one changed row, one leaver, full resync: each a real DAG run."""
+    def run_ok(conf=None):
+        result = dags_test(airflow_home, sandbox, segment_db, specs_dir, "e2e_mailchimp", conf)
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+        return xcom_summary(airflow_home, "e2e_mailchimp"), result.stdout + result.stderr
+
+    newsletter = [r for r in segment_data.rows(1000) if r[-1] == "newsletter"]
+    plan, _ = run_ok({"dry_run": True})
+    assert plan["dry_run"] and plan["planned"] == len(newsletter) and writes(sandbox) == {}
+    assert mailchimp_members(sandbox.state(), MAILCHIMP_AUDIENCE_ID) == {}
+
+    first, _ = run_ok()
+    assert first["created"] == len(newsletter) and first["tags_added"] == len(newsletter)
+    members = mailchimp_members(sandbox.state(), MAILCHIMP_AUDIENCE_ID)
+    assert set(members) == {r[1] for r in newsletter} and all(m["tags"] == ["newsletter"] for m in members.values())
+
+    before = writes(sandbox)
+    second, output = run_ok()
+    assert (second["sent"], second["unchanged"]) == (0, len(newsletter)) and writes(sandbox) == before
+    assert "nothing to send" in output
+
+    changed, gone = newsletter[0][1], newsletter[1][1]
+    with sqlite3.connect(segment_db) as conn:
+        conn.execute("UPDATE segment_members SET first_name = 'Renamed' WHERE email = ?", (changed,))
+        conn.execute("DELETE FROM segment_members WHERE email = ?", (gone,))
+    third, _ = run_ok()
+    assert (third["sent"], third["updated"], third["removed"]) == (1, 1, 1)
+    members = mailchimp_members(sandbox.state(), MAILCHIMP_AUDIENCE_ID)
+    assert members[changed]["merge_fields"]["FNAME"] == "Renamed" and members[gone]["tags"] == []
+
+    resync, _ = run_ok({"full_resync": True})
+    assert resync["sent"] == len(newsletter) - 1
