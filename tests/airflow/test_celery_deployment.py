@@ -1,0 +1,131 @@
+"""A running Airflow with the CeleryExecutor (see conftest.py): exports triggered through the REST API v2 as a
+user would, checked by the sandbox's end state, the task's XCom and log, asset events, lineage events and the
+failure callback. Also the UI's connection metadata and the connection Test button, through the API."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import segment_data
+from sandbox_state import klaviyo_profiles, mailchimp_members
+from segment_export_sandbox import KLAVIYO_API_KEY, KLAVIYO_LIST_ID, MAILCHIMP_API_KEY, MAILCHIMP_AUDIENCE_ID
+
+pytestmark = [pytest.mark.airflow, pytest.mark.postgres]
+
+ROWS = list(segment_data.rows(1000))
+
+
+def test_klaviyo_export_runs_on_a_celery_worker_and_reports_everywhere(airflow_deployment):
+    dep = airflow_deployment
+    run_id = dep.trigger("e2e_celery_klaviyo")
+    run = dep.wait_for_run("e2e_celery_klaviyo", run_id)
+    assert run["state"] == "success", dep.logs_tail()
+
+    vip = {r[1]: r for r in ROWS if r[-1] == "vip"}
+    held = klaviyo_profiles(dep.sandbox.state(), KLAVIYO_LIST_ID)
+    assert set(held) == set(vip)
+    email, profile = next(iter(held.items()))
+    assert profile["first_name"] == vip[email][2] and profile["properties"] == {"tier": vip[email][5]}
+
+    summary = dep.xcom("e2e_celery_klaviyo", run_id)
+    assert summary["export_id"] == "e2e_celery_klaviyo" and summary["destination"] == "klaviyo"
+    assert summary["read"] == summary["sent"] == summary["accepted"] == len(vip) and summary["rejected"] == 0
+
+    ti = dep.api("GET", f"/dags/e2e_celery_klaviyo/dagRuns/{run_id}/taskInstances/export").json()
+    assert ti["state"] == "success" and ti["queue"] == "default" and ti["hostname"]
+    worker_log = (dep.home / "celery-worker.log").read_text()  # the Celery worker ran it
+    assert "Executing workload in Celery" in worker_log and "dag_id=e2e_celery_klaviyo" in worker_log
+
+    log = dep.task_log("e2e_celery_klaviyo", run_id)
+    assert "read plan:" in log and "batch 1: " in log and "profiles/s" in log and "export summary" in log
+    assert KLAVIYO_API_KEY not in log and "@example.com" not in log
+
+    # The destination asset got an event carrying counts; a DAG scheduled on it would run now.
+    assets = dep.api("GET", "/assets", params={"uri_pattern": "klaviyo://"}).json()["assets"]
+    (asset,) = [a for a in assets if a["uri"] == f"klaviyo://{KLAVIYO_LIST_ID}"]
+    events = dep.api("GET", "/assets/events", params={"asset_id": asset["id"]}).json()["asset_events"]
+    assert any(e["source_run_id"] == run_id and e["extra"].get("accepted") == len(vip) for e in events)
+    inlets = dep.api("GET", "/assets", params={"uri_pattern": "sql://warehouse"}).json()["assets"]
+    assert [a["uri"] for a in inlets] == ["sql://warehouse/segment_members"]
+
+    # OpenLineage: the COMPLETE event names the segment table and the list, in their own namespaces.
+    events = [json.loads(line) for line in dep.lineage_file.read_text().splitlines() if line.strip()]
+    (complete,) = [e for e in events if e["eventType"] == "COMPLETE" and e["run"]["runId"] and
+                   e["job"]["name"] == "e2e_celery_klaviyo.export"]
+    assert [(d["namespace"], d["name"]) for d in complete["inputs"]] == [("sql://warehouse", "segment_members")]
+    host = dep.sandbox.url.split("://", 1)[1]
+    (out,) = complete["outputs"]
+    assert (out["namespace"], out["name"]) == (f"klaviyo://{host}", KLAVIYO_LIST_ID)
+    assert out["outputFacets"]["outputStatistics"]["rowCount"] == len(vip)
+    assert "@example.com" not in dep.lineage_file.read_text() and KLAVIYO_API_KEY not in dep.lineage_file.read_text()
+
+
+def test_trigger_form_values_are_validated_then_used(airflow_deployment):
+    dep = airflow_deployment
+    dag_id = "e2e_celery_mailchimp"
+    dep.wait_for_dag(dag_id)
+    details = dep.api("GET", f"/dags/{dag_id}/details").json()
+    assert details["params"]["max_profiles"]["schema"]["maximum"] == 1_000_000
+    assert details["owners"] == ["e2e-team"] and {t["name"] for t in details["tags"]} >= {"segment-export", "mailchimp"}
+    assert f"| Destination | Mailchimp audience `{MAILCHIMP_AUDIENCE_ID}`" in details["doc_md"]
+
+    dep.api("PATCH", f"/dags/{dag_id}", json={"is_paused": False})
+    for bad in ({"max_profiles": 0}, {"max_profiles": 1_000_001}, {"dry_run": "yes"}):
+        r = dep.api("POST", f"/dags/{dag_id}/dagRuns", json={"logical_date": None, "conf": bad})
+        assert r.status_code == 400, (bad, r.status_code, r.text)
+
+    dry = dep.trigger(dag_id, {"dry_run": True})
+    assert dep.wait_for_run(dag_id, dry)["state"] == "success"
+    assert dep.xcom(dag_id, dry)["dry_run"] is True
+    assert mailchimp_members(dep.sandbox.state(), MAILCHIMP_AUDIENCE_ID) == {}
+
+    capped = dep.trigger(dag_id, {"max_profiles": 100})
+    assert dep.wait_for_run(dag_id, capped)["state"] == "success", dep.logs_tail()
+    summary = dep.xcom(dag_id, capped)
+    members = mailchimp_members(dep.sandbox.state(), MAILCHIMP_AUDIENCE_ID)
+    newsletter = {r[1] for r in ROWS if r[-1] == "newsletter"}
+    assert len(members) == summary["accepted"] == 100 and set(members) <= newsletter
+    assert {m["status"] for m in members.values()} == {"pending"}
+    assert MAILCHIMP_API_KEY not in dep.task_log(dag_id, capped)
+
+
+def test_a_failing_export_fails_its_run_and_calls_the_spec_callback(airflow_deployment):
+    dep = airflow_deployment
+    run_id = dep.trigger("e2e_celery_failing")
+    assert dep.wait_for_run("e2e_celery_failing", run_id)["state"] == "failed"
+    log = dep.task_log("e2e_celery_failing", run_id)
+    assert "['no_such_column'] not found in the source" in log
+    (alert,) = [json.loads(line) for line in dep.alerts_file.read_text().splitlines()]
+    assert (alert["dag_id"], alert["task_id"], alert["run_id"]) == ("e2e_celery_failing", "export", run_id)
+    assert "no_such_column" in alert["exception"]
+
+
+def test_connection_form_metadata_and_test_button(airflow_deployment):
+    dep = airflow_deployment
+    r = requests_get_ui(dep, "/ui/connections/hook_meta")
+    meta = {m["connection_type"]: m for m in r}
+    klaviyo = meta["klaviyo"]
+    assert klaviyo["hook_name"] == "Klaviyo"
+    assert klaviyo["standard_fields"]["password"]["title"] == "Private API key"
+    assert klaviyo["standard_fields"]["login"]["hidden"] is True
+    assert klaviyo["extra_fields"]["timeout"]["schema"]["title"] == "Request timeout (seconds)"
+    assert meta["mailchimp"]["standard_fields"]["password"]["title"] == "API key"
+
+    good = {"connection_id": "klaviyo_try", "conn_type": "klaviyo", "host": dep.sandbox.url, "password": KLAVIYO_API_KEY}
+    r = dep.api("POST", "/connections/test", json=good)
+    assert r.status_code == 200 and r.json()["status"] is True, r.text
+    r = dep.api("POST", "/connections/test", json={**good, "password": "pk_wrong_key_0000000000000000"})
+    assert r.json()["status"] is False and "401" in r.json()["message"], r.text
+    assert KLAVIYO_API_KEY not in r.text
+    mc = {"connection_id": "mc_try", "conn_type": "mailchimp", "host": f"{dep.sandbox.url}/3.0", "password": MAILCHIMP_API_KEY}
+    r = dep.api("POST", "/connections/test", json=mc)
+    assert r.json()["status"] is True, r.text
+
+
+def requests_get_ui(dep, path: str):
+    import requests
+
+    r = requests.get(f"{dep.url}{path}", headers={"Authorization": f"Bearer {dep.token()}"}, timeout=60)
+    assert r.status_code == 200, r.text
+    return r.json()
