@@ -198,3 +198,25 @@ def test_unsubscribe_on_leave_is_an_explicit_mailchimp_opt_in(segment_db, sandbo
     sql(segment_db, "DELETE FROM segment_members WHERE email = ?", (gone,))
     assert run(spec).removed == 1
     assert mailchimp_members(sandbox.state(), MAILCHIMP_AUDIENCE_ID)[gone]["status"] == "unsubscribed"
+
+
+def test_mailchimp_consent_column_chooses_a_new_members_status_only(tmp_path, sandbox, airflow_conn):
+    db = tmp_path / "c.db"
+    with sqlite3.connect(db) as conn:
+        conn.execute("CREATE TABLE segment_members (email TEXT, first_name TEXT, opted_in TEXT, segment TEXT)")
+        conn.executemany("INSERT INTO segment_members VALUES (?, ?, ?, 'vip')", [
+            ("yes@example.com", "Y", "true"), ("no@example.com", "N", "false"), ("blank@example.com", "B", None),
+            ("old@example.com", "O", "true"),
+        ])
+    airflow_conn("warehouse", conn_type="sqlite", host=str(db))
+    sandbox.seed_mailchimp_member(MAILCHIMP_AUDIENCE_ID, "old@example.com", "unsubscribed")
+    spec = make_spec(MAILCHIMP, mapping={"email": "email", "first_name": "first_name", "consent": "opted_in"})
+    summary = run(spec)
+    members = mailchimp_members(sandbox.state(), MAILCHIMP_AUDIENCE_ID)
+    assert {e: m["status"] for e, m in members.items()} == {
+        "yes@example.com": "subscribed", "no@example.com": "transactional", "blank@example.com": "transactional",
+        "old@example.com": "unsubscribed",  # consent in the warehouse never re-subscribes through an export
+    }
+    assert "opted_in" not in str(members) and (summary.created, summary.updated) == (3, 1)
+    with pytest.raises(ValueError, match="Klaviyo subscriptions .* not supported yet"):
+        make_spec(KLAVIYO, mapping={"email": "email", "consent": "opted_in"})

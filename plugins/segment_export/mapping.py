@@ -40,6 +40,7 @@ class Profile:
     phone_number: str | None = None
     external_id: str | None = None
     attributes: dict[str, Any] = field(default_factory=dict)
+    consent: bool | None = None  # from mapping.consent; never sent as a field
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,6 +88,19 @@ def to_json_value(value: Any) -> Any:
     return str(value)
 
 
+_TRUE = {"true", "t", "yes", "y", "1"}
+
+
+def to_consent(value: Any) -> bool:
+    """True only for an explicit yes (true, 1, 'yes', 'y', 't'); blanks and anything else are not consent."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, (int, float)) and not is_blank(value):
+        return value == 1
+    text = to_text(value)
+    return text is not None and text.lower() in _TRUE
+
+
 def normalise_email(value: Any) -> str | None:
     """The address to send (surrounding spaces removed) or None when blank."""
     text = to_text(value)
@@ -106,6 +120,7 @@ class RowMapper:
         self._email = index[mapping.email]
         self._text = [(f, index[getattr(mapping, f)]) for f in self._TEXT_FIELDS if getattr(mapping, f)]
         self._attrs = [(name, index[col]) for name, col in mapping.attributes.items()]
+        self._consent = index[mapping.consent] if mapping.consent else None
 
     def map(self, row: Sequence[Any]) -> Profile | Rejection:
         try:
@@ -128,4 +143,6 @@ class RowMapper:
         except UnicodeDecodeError:
             return Rejection("a mapped field is not valid UTF-8")
         profile.attributes = attributes
+        if self._consent is not None:
+            profile.consent = to_consent(row[self._consent])
         return profile

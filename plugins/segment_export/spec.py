@@ -126,6 +126,10 @@ class MailchimpDestinationSpec(_DestinationBase):
             "decision. Existing members' status is never changed by an export."
         )
     )
+    status_without_consent: Literal["pending", "unsubscribed", "transactional"] = Field(
+        "transactional",
+        description="With mapping.consent: the status of a new member whose consent column is not true.",
+    )
 
     @property
     def target_id(self) -> str:
@@ -147,10 +151,15 @@ class MappingSpec(_Strict):
         default_factory=dict,
         description="Extra attributes: Klaviyo custom properties, or Mailchimp merge fields keyed by merge tag.",
     )
+    consent: str | None = Field(
+        None,
+        description="Column that is true where the person consented to marketing (Mailchimp: chooses a new "
+        "member's status). Never sent itself.",
+    )
 
     def columns(self) -> list[str]:
         """Every source column the mapping reads, in a stable order, without repeats."""
-        cols = [self.email, self.first_name, self.last_name, self.phone_number, self.external_id]
+        cols = [self.email, self.first_name, self.last_name, self.phone_number, self.external_id, self.consent]
         cols += list(self.attributes.values())
         return list(dict.fromkeys(c for c in cols if c))
 
@@ -307,6 +316,11 @@ class ExportSpec(_Strict):
                 raise ValueError("schedule_on_source_asset: give either 'schedule' or this option, not both")
             if self.source.asset_uri is None:
                 raise ValueError("schedule_on_source_asset: the source has no asset; set 'source.asset' (a URI)")
+        if self.destination.type == "klaviyo" and self.mapping.consent:
+            raise ValueError(
+                "mapping.consent: Klaviyo subscriptions (bulk subscription jobs) are not supported yet; a Klaviyo "
+                "export adds profiles to the list, which is not consent. Remove mapping.consent"
+            )
         if self.destination.type == "klaviyo" and self.sync.on_leave == "unsubscribe":
             raise ValueError(
                 "sync.on_leave: 'unsubscribe' is for Mailchimp; for Klaviyo use 'remove' (list membership only, "

@@ -2,7 +2,8 @@
 
 Each batch is sent in (at most) two calls:
 
-1. ``update_existing: false`` with the spec's status for new members: new people are created with that status,
+1. ``update_existing: false`` with the status for new members (``new_member_status``, or
+   ``status_without_consent`` where ``mapping.consent`` is not true): new people are created with it,
    people already in the audience come back as ``ERROR_CONTACT_EXISTS`` and are left untouched;
 2. for those, ``update_existing: true`` **without** a status: their merge fields are updated and their
    subscription status stays what it was, so an export never re-subscribes someone who unsubscribed.
@@ -33,8 +34,9 @@ def merge_tags_for(mapping: MappingSpec) -> list[str]:
     return tags + list(mapping.attributes)
 
 
-def member_fragment(profile: Profile) -> bytes:
-    """A member without ``status``; the status is added only for the call that may create the member."""
+def member_fragment(profile: Profile, status: str) -> bytes:
+    """A member with ``status`` last: the creating call sends it, the updating call cuts it off (see
+    :func:`without_status`), so an existing member's status is never sent."""
     merge_fields: dict[str, Any] = {}
     for name, tag in STANDARD_MERGE_TAGS.items():
         value = getattr(profile, name)
@@ -44,12 +46,13 @@ def member_fragment(profile: Profile) -> bytes:
     member: dict[str, Any] = {"email_address": profile.email}
     if merge_fields:
         member["merge_fields"] = merge_fields
+    member["status"] = status
     return dump_bytes(member)
 
 
-def with_status(fragment: bytes, status_member: bytes) -> bytes:
-    """The same member with ``"status": …`` appended (fragments are JSON objects ending in ``}``)."""
-    return fragment[:-1] + status_member
+def without_status(fragment: bytes) -> bytes:
+    """The member without its trailing ``"status"`` (fragments are written by :func:`member_fragment`)."""
+    return fragment[: fragment.rindex(b',"status":')] + b"}"
 
 
 def batch_body(fragments: list[bytes], update_existing: bool) -> bytes:
@@ -62,18 +65,24 @@ class MailchimpDestination(Destination):
     max_batch_profiles = MAX_BATCH_MEMBERS
     max_batch_bytes = MAX_BODY_BYTES
 
-    def __init__(self, hook: MailchimpHook, audience_id: str, new_member_status: str, merge_tags: list[str], *, concurrency: int = MAX_CONNECTIONS_PER_KEY):
+    def __init__(self, hook: MailchimpHook, audience_id: str, new_member_status: str, merge_tags: list[str], *,
+                 status_without_consent: str = "transactional", uses_consent: bool = False,
+                 concurrency: int = MAX_CONNECTIONS_PER_KEY):
         self.hook, self.target_id = hook, audience_id
         self.merge_tags = merge_tags
         self.concurrency = min(concurrency, MAX_CONNECTIONS_PER_KEY)
-        # b',"status":"…"}': appended to a member fragment in place of its closing brace
-        self._status = b"," + dump_bytes({"status": new_member_status})[1:]
+        self.new_member_status, self.status_without_consent = new_member_status, status_without_consent
+        self.uses_consent = uses_consent
 
     @classmethod
     def from_spec(cls, spec: ExportSpec) -> MailchimpDestination:
         dest = spec.destination
         hook = MailchimpHook(dest.connection_id)
-        return cls(hook, dest.audience_id, dest.new_member_status, merge_tags_for(spec.mapping))  # type: ignore[union-attr]
+        return cls(
+            hook, dest.audience_id, dest.new_member_status, merge_tags_for(spec.mapping),  # type: ignore[union-attr]
+            status_without_consent=dest.status_without_consent,  # type: ignore[union-attr]
+            uses_consent=spec.mapping.consent is not None,
+        )
 
     def preflight(self) -> None:
         self.hook.get_audience(self.target_id)
@@ -92,12 +101,13 @@ class MailchimpDestination(Destination):
             )
 
     def serialize(self, profile: Profile) -> bytes:
-        return member_fragment(profile)
+        consented = profile.consent if self.uses_consent else True
+        return member_fragment(profile, self.new_member_status if consented else self.status_without_consent)
 
     def send(self, batch: Batch) -> BatchResult:
         by_key = {key: i for i, key in enumerate(batch.keys)}
         first = self.hook.batch_subscribe(
-            self.target_id, batch_body([with_status(f, self._status) for f in batch.fragments], update_existing=False)
+            self.target_id, batch_body(batch.fragments, update_existing=False)
         )
         result = BatchResult(accepted=0, created=0, updated=0)
         existing: list[int] = []
@@ -111,7 +121,7 @@ class MailchimpDestination(Destination):
         result.accepted_keys.update(_key(m) for m in first.get("new_members") or [])
         if existing:
             second = self.hook.batch_subscribe(
-                self.target_id, batch_body([batch.fragments[i] for i in existing], update_existing=True)
+                self.target_id, batch_body([without_status(batch.fragments[i]) for i in existing], update_existing=True)
             )
             result.updated = int(second.get("total_updated") or 0)
             result.accepted_keys.update(_key(m) for m in second.get("updated_members") or [])
