@@ -45,6 +45,9 @@ def sandbox() -> Iterator[str]:
 
 
 def make_data() -> Path:
+    # A fresh start: the segment file also holds the exports' sync state, and the sandbox starts empty.
+    for stale in (DEMO / "segments.db", HOME / "segment_export_state.db"):
+        stale.unlink(missing_ok=True)
     db = segment_data.write_sqlite(DEMO / "segments.db", PROFILES)
     segment_data.write_csv(DEMO / "churn_risk.csv", PROFILES, segment="churn_risk")
     return db
@@ -82,6 +85,15 @@ def held(state: dict, summary: dict) -> int:
     return len(account["audiences"][summary["target_id"]]["members"])
 
 
+def run_dag(dag_id: str, env: dict[str, str], label: str) -> tuple:
+    log_path = DEMO / "logs" / f"{label.strip().split(':')[0]}-{dag_id}.log" if label != dag_id else DEMO / "logs" / f"{dag_id}.log"
+    started = time.monotonic()
+    with log_path.open("w") as log:
+        rc = subprocess.run([AIRFLOW, "dags", "test", dag_id], env=env, stdout=log, stderr=subprocess.STDOUT).returncode
+    summary = last_summary(dag_id) if rc == 0 else None
+    return label, rc, summary, time.monotonic() - started, log_path
+
+
 def main() -> int:
     import requests
 
@@ -93,31 +105,33 @@ def main() -> int:
         print(f"API sandbox: {url}")
         env = airflow_env(HOME, url, warehouse)
         subprocess.run([AIRFLOW, "db", "migrate"], env=env, check=True, capture_output=True)
-        results = []
-        for dag_id in export_ids(env):
-            log_path = DEMO / "logs" / f"{dag_id}.log"
-            started = time.monotonic()
-            with log_path.open("w") as log:
-                rc = subprocess.run([AIRFLOW, "dags", "test", dag_id], env=env, stdout=log, stderr=subprocess.STDOUT).returncode
-            summary = last_summary(dag_id) if rc == 0 else None
-            results.append((dag_id, rc, summary, time.monotonic() - started, log_path))
+        results = [run_dag(dag_id, env, dag_id) for dag_id in export_ids(env)]
+        # Sync: change 10 customers and drop 5 from the warehouse, then run one export again.
+        with sqlite3.connect(warehouse) as conn:
+            conn.execute("UPDATE segment_members SET first_name = 'Changed' WHERE customer_id IN (SELECT customer_id FROM segment_members WHERE segment = 'newsletter' ORDER BY customer_id LIMIT 10)")
+            conn.execute("DELETE FROM segment_members WHERE customer_id IN (SELECT customer_id FROM segment_members WHERE segment = 'newsletter' ORDER BY customer_id DESC LIMIT 5)")
+        results.append(run_dag("newsletter_to_mailchimp", env, "  rerun: 10 changed, 5 left"))
         state = requests.get(f"{url}/_sandbox/state", timeout=10).json()
 
-    header = f"{'export':<26} {'destination':<22} {'status':<7} {'read':>7} {'sent':>7} {'created':>8} {'updated':>8} {'rejected':>8} {'limit-skipped':>13} {'held':>7}"
+    header = (f"{'export':<28} {'destination':<22} {'status':<7} {'read':>7} {'sent':>7} {'created':>8} {'updated':>8} "
+              f"{'unchanged':>9} {'removed':>7} {'rejected':>8} {'limit-skipped':>13} {'held':>7}")
     print("\n" + header + "\n" + "-" * len(header))
     failed = 0
     for dag_id, rc, summary, seconds, log_path in results:
         if summary is None:
             failed += 1
-            print(f"{dag_id:<26} {'':<22} {'FAILED':<7} see {log_path.relative_to(ROOT)}")
+            print(f"{dag_id:<28} {'':<22} {'FAILED':<7} see {log_path.relative_to(ROOT)}")
             continue
         fmt = lambda v: "n/a" if v is None else f"{v:,}"  # noqa: E731
         dest = f"{summary['destination']} {summary['target_id']}"
         print(
-            f"{dag_id:<26} {dest:<22} {'ok':<7} {summary['read']:>7,} {summary['sent']:>7,} {fmt(summary['created']):>8} "
-            f"{fmt(summary['updated']):>8} {summary['rejected']:>8,} {summary['skipped_by_limit']:>13,} {held(state, summary):>7,}"
+            f"{dag_id:<28} {dest:<22} {'ok':<7} {summary['read']:>7,} {summary['sent']:>7,} {fmt(summary['created']):>8} "
+            f"{fmt(summary['updated']):>8} {summary['unchanged']:>9,} {summary['removed']:>7,} {summary['rejected']:>8,} "
+            f"{summary['skipped_by_limit']:>13,} {held(state, summary):>7,}"
         )
-    print("\n'held' is what the sandbox holds in the list or audience afterwards; Klaviyo does not say created vs updated.")
+    print("\n'held' is what the sandbox holds in the list or audience now (for the rerun: the audience, whose tags the")
+    print("5 leavers lost); Klaviyo does not say created vs updated. State and per-row outcomes: tables")
+    print("segment_export_state and segment_export_outcomes in .demo/segments.db.")
     print("Task logs: .demo/logs/. Open the UI with `make airflow`.")
     return 1 if failed else 0
 
