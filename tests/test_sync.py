@@ -220,3 +220,23 @@ def test_mailchimp_consent_column_chooses_a_new_members_status_only(tmp_path, sa
     assert "opted_in" not in str(members) and (summary.created, summary.updated) == (3, 1)
     with pytest.raises(ValueError, match="Klaviyo subscriptions .* not supported yet"):
         make_spec(KLAVIYO, mapping={"email": "email", "consent": "opted_in"})
+
+
+def test_klaviyo_one_list_per_segment_and_moves_between_lists(segment_db, sandbox):
+    lists = {"vip": KLAVIYO_LIST_ID, "newsletter": "XyZ123"}
+    spec = make_spec({"type": "klaviyo", "lists": lists}, segments=("vip", "newsletter"), sync={"on_leave": "remove"})
+    first = run(spec)
+    rows = [r for r in segment_data.rows(1000) if r[-1] in lists]
+    for segment, list_id in lists.items():
+        assert set(klaviyo_profiles(sandbox.state(), list_id)) == {r[1] for r in rows if r[-1] == segment}
+    assert first.tags_added == len(rows)
+    mover = next(r[1] for r in rows if r[-1] == "vip" and sum(1 for x in rows if x[1] == r[1]) == 1)
+    sql(segment_db, "UPDATE segment_members SET segment = 'newsletter' WHERE email = ? AND segment = 'vip'", (mover,))
+    second = run(spec)
+    assert (second.sent, second.tags_added, second.tags_removed) == (0, 1, 1)
+    assert mover not in klaviyo_profiles(sandbox.state(), KLAVIYO_LIST_ID)
+    assert mover in klaviyo_profiles(sandbox.state(), "XyZ123")
+    with pytest.raises(ValueError, match=r"no list for \['newsletter'\]"):
+        make_spec({"type": "klaviyo", "lists": {"vip": "A"}}, segments=("vip", "newsletter"))
+    with pytest.raises(ValueError, match="either 'list_id'"):
+        make_spec({"type": "klaviyo", "list_id": "A", "lists": {"vip": "A"}})

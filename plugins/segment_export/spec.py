@@ -110,11 +110,23 @@ class _DestinationBase(_Strict):
 
 class KlaviyoDestinationSpec(_DestinationBase):
     type: Literal["klaviyo"]
-    list_id: str = Field(min_length=1, description="The Klaviyo list that receives the profiles.")
+    list_id: str | None = Field(None, min_length=1, description="The Klaviyo list that receives every profile.")
+    lists: dict[str, str] | None = Field(
+        None, description="One list per segment instead: segment name → list id (profiles move with their segments)."
+    )
+
+    @model_validator(mode="after")
+    def _one_way(self) -> KlaviyoDestinationSpec:
+        if (self.list_id is None) == (self.lists is None):
+            raise ValueError("give either 'list_id' (one list for the export) or 'lists' (one list per segment)")
+        if self.lists is not None and not self.lists:
+            raise ValueError("'lists' needs at least one segment: list id pair")
+        return self
 
     @property
     def target_id(self) -> str:
-        return self.list_id
+        """The list, or the lists joined with '+': the state and the asset are kept per target."""
+        return self.list_id or "+".join(sorted(set((self.lists or {}).values())))
 
 
 class MailchimpDestinationSpec(_DestinationBase):
@@ -316,6 +328,13 @@ class ExportSpec(_Strict):
                 raise ValueError("schedule_on_source_asset: give either 'schedule' or this option, not both")
             if self.source.asset_uri is None:
                 raise ValueError("schedule_on_source_asset: the source has no asset; set 'source.asset' (a URI)")
+        if self.destination.type == "klaviyo" and self.destination.lists is not None:
+            missing = sorted(set(self.source.segments or []) - set(self.destination.lists))
+            if not self.source.segment_column or missing:
+                raise ValueError(
+                    "destination.lists: every exported segment needs a list "
+                    + (f"(no list for {missing})" if missing else "(and source.segment_column/segments must be set)")
+                )
         if self.destination.type == "klaviyo" and self.mapping.consent:
             raise ValueError(
                 "mapping.consent: Klaviyo subscriptions (bulk subscription jobs) are not supported yet; a Klaviyo "

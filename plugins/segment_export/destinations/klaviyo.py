@@ -32,12 +32,13 @@ def profile_fragment(profile: Profile) -> bytes:
     return dump_bytes({"type": "profile", "attributes": attributes})
 
 
-def job_envelope(list_id: str) -> tuple[bytes, bytes]:
-    """The bytes before and after the joined profiles of a bulk import job body."""
-    lists = dump_bytes({"lists": {"data": [{"type": "list", "id": list_id}]}})
+def job_envelope(list_id: str | None) -> tuple[bytes, bytes]:
+    """The bytes before and after the joined profiles of a bulk import job body (no list: profiles only)."""
     head = b'{"data":{"type":"profile-bulk-import-job","attributes":{"profiles":{"data":['
-    tail = b"]}},\"relationships\":" + lists + b"}}"
-    return head, tail
+    if list_id is None:
+        return head, b"]}}}}"
+    lists = dump_bytes({"lists": {"data": [{"type": "list", "id": list_id}]}})
+    return head, b"]}},\"relationships\":" + lists + b"}}"
 
 
 class KlaviyoDestination(Destination):
@@ -45,8 +46,13 @@ class KlaviyoDestination(Destination):
     max_batch_profiles = MAX_JOB_PROFILES
     max_profile_bytes = MAX_PROFILE_BYTES
 
-    def __init__(self, hook: KlaviyoHook, list_id: str, *, concurrency: int = 10, poll_interval: float = 0.5, poll_max_interval: float = 5.0):
-        self.hook, self.target_id = hook, list_id
+    def __init__(self, hook: KlaviyoHook, list_id: str | None, *, lists: dict[str, str] | None = None,
+                 concurrency: int = 10, poll_interval: float = 0.5, poll_max_interval: float = 5.0):
+        """One ``list_id`` for every profile, or ``lists`` (segment → list) where profiles follow their segments."""
+        self.hook = hook
+        self.lists = lists
+        self.manages_segments = lists is not None
+        self.target_id = list_id or "+".join(sorted(set((lists or {}).values())))
         self.concurrency = concurrency
         self.poll_interval, self.poll_max_interval = poll_interval, poll_max_interval
         self._head, self._tail = job_envelope(list_id)
@@ -54,10 +60,12 @@ class KlaviyoDestination(Destination):
 
     @classmethod
     def from_spec(cls, spec: ExportSpec) -> KlaviyoDestination:
-        return cls(KlaviyoHook(spec.destination.connection_id, max_concurrency=10), spec.destination.target_id)
+        dest = spec.destination
+        return cls(KlaviyoHook(dest.connection_id, max_concurrency=10), dest.list_id, lists=dest.lists)  # type: ignore[union-attr]
 
     def preflight(self) -> None:
-        self.hook.get_list(self.target_id)
+        for list_id in sorted(set(self.lists.values())) if self.lists else [self.target_id]:
+            self.hook.get_list(list_id)
 
     def serialize(self, profile: Profile) -> bytes:
         return profile_fragment(profile)
@@ -95,15 +103,34 @@ class KlaviyoDestination(Destination):
         return BatchResult(accepted=accepted, rejected=rejected, accepted_keys=accepted_keys, rejected_keys=rejected_keys)
 
     def remove(self, keys: list[str], how: str) -> set[str]:
-        """Take profiles off the export's list (the list relationship only; consent is not touched)."""
+        """Take profiles off the export's list (the list relationship only; consent is not touched).
+
+        With one list per segment, leavers already lost their segments' lists through the segment changes."""
         if how != "remove":
             raise NotImplementedError(f"Klaviyo exports cannot {how} profiles")
-        ids: list[str] = []
+        if self.lists is None:
+            self._change_list(self.target_id, "-", keys)
+        return set()
+
+    def change_segment(self, segment: str, op: str, keys: list[str]) -> set[str]:
+        """A profile joins or leaves its segment's list; profiles Klaviyo cannot find fail (retried next run)."""
+        list_id = (self.lists or {}).get(segment)
+        if list_id is None:
+            return set()  # a segment without a list (no longer exported): nothing to change
+        return self._change_list(list_id, op, keys)
+
+    def _change_list(self, list_id: str, op: str, keys: list[str]) -> set[str]:
+        ids: dict[str, str] = {}
         for start in range(0, len(keys), 100):
-            ids.extend(self.hook.find_profile_ids(keys[start : start + 100]).values())
-        for start in range(0, len(ids), 1000):
-            self.hook.remove_from_list(self.target_id, ids[start : start + 1000])
-        return set()  # a profile Klaviyo does not know is not on the list either
+            ids.update(self.hook.find_profile_ids(keys[start : start + 100]))
+        found = list(ids.values())
+        for start in range(0, len(found), 1000):
+            if op == "+":
+                self.hook.add_to_list(list_id, found[start : start + 1000])
+            else:
+                self.hook.remove_from_list(list_id, found[start : start + 1000])
+        # Removing a profile Klaviyo does not know is done already; adding one is not.
+        return {k for k in keys if k not in ids} if op == "+" else set()
 
     def _await(self, job: dict[str, Any]) -> dict[str, Any]:
         """Poll a job until it is complete or cancelled, backing off between polls."""

@@ -109,6 +109,11 @@ class KlaviyoHook(DestinationHook):
             endpoint, params = (next_url, None) if next_url else (None, None)
         return found
 
+    def add_to_list(self, list_id: str, profile_ids: list[str]) -> None:
+        """Add up to 1,000 existing profiles to a list (membership, not consent)."""
+        body = {"data": [{"type": "profile", "id": pid} for pid in profile_ids]}
+        self.request("POST", f"/api/lists/{list_id}/relationships/profiles", json=body, limit_key="lists-write")
+
     def remove_from_list(self, list_id: str, profile_ids: list[str]) -> None:
         """Remove up to 1,000 profiles from a list; list membership only, consent is not touched."""
         body = {"data": [{"type": "profile", "id": pid} for pid in profile_ids]}
