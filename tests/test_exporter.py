@@ -85,13 +85,14 @@ def test_rejected_rows_are_counted_with_reasons_and_never_reported_as_accepted(t
         conn.execute("CREATE TABLE segment_members (email TEXT, first_name TEXT, last_name TEXT, phone TEXT, segment TEXT)")
         conn.executemany("INSERT INTO segment_members VALUES (?, ?, ?, ?, 'vip')", [
             ("good@example.com", "A", "B", "+14155550100"),
-            ("GOOD@example.com ", "dup", "dup", None),   # duplicate after normalising
+            ("GOOD@example.com ", "A", "B", "+14155550100"),  # duplicate after normalising
             ("", "empty", None, None),
             ("not-an-email", None, None, None),
             ("phone@example.com", "P", None, "12"),      # Klaviyo rejects a non-E.164 phone: an import error
         ])
     airflow_conn("warehouse", conn_type="sqlite", host=str(db))
-    s = spec(KLAVIYO, mapping={"email": "email", "first_name": "first_name", "phone_number": "phone"})
+    s = spec(KLAVIYO, mapping={"email": "email", "first_name": "first_name", "phone_number": "phone"},
+             limit={"max_rejected_share": None})
     summary = export(s)
     assert (summary.read, summary.invalid, summary.duplicates) == (5, 2, 1)
     assert summary.sent == 2 and summary.accepted == 1 and summary.rejected == 1
@@ -219,3 +220,42 @@ def test_run_time_limit_truncates_within_the_exports_limit(segment_db, sandbox):
     with pytest.raises(ValueError, match="between 1 and the export's limit of 100000"):
         run_export(s, source, destination_for(s), options=RunOptions(max_profiles=100_001))
     source.close()
+
+
+def test_too_many_rejected_rows_fail_the_run_after_it_with_counts_and_reasons(tmp_path, sandbox, airflow_conn):
+    import sqlite3
+
+    from segment_export.exporter import RejectedShareError
+
+    db = tmp_path / "r.db"
+    with sqlite3.connect(db) as conn:
+        conn.execute("CREATE TABLE segment_members (email TEXT, first_name TEXT, last_name TEXT, segment TEXT)")
+        conn.executemany("INSERT INTO segment_members VALUES (?, 'A', 'B', 'vip')",
+                         [(f"ok{i}@example.com",) for i in range(18)] + [("nope",), ("",)])
+    airflow_conn("warehouse", conn_type="sqlite", host=str(db))
+    s = spec(KLAVIYO)  # default limit: 5%; here 2 of 20 = 10%
+    with pytest.raises(RejectedShareError, match=r"2 of 20 rows \(10.0%\).*5.0%.*Accepted: 18.*email is") as info:
+        export(s)
+    assert info.value.summary.accepted == 18
+    assert len(klaviyo_profiles(sandbox.state(), KLAVIYO_LIST_ID)) == 18  # the good rows went through
+    relaxed = spec(KLAVIYO, limit={"max_rejected_share": 0.2})
+    assert export(relaxed).accepted == 18
+
+
+def test_duplicates_with_differing_attributes_resolve_the_same_way_whatever_the_row_order(tmp_path, sandbox, airflow_conn):
+    import sqlite3
+
+    results = []
+    for order in ("ASC", "DESC"):
+        db = tmp_path / f"d{order}.db"
+        with sqlite3.connect(db) as conn:
+            conn.execute("CREATE TABLE segment_members (email TEXT, first_name TEXT, last_name TEXT, segment TEXT)")
+            rows = [("Same@Example.com", "First", "X"), (" same@example.com ", "Second", "Y")]
+            conn.executemany("INSERT INTO segment_members VALUES (?, ?, ?, 'vip')", rows if order == "ASC" else rows[::-1])
+        airflow_conn("warehouse", conn_type="sqlite", host=str(db))
+        sandbox.reset()
+        summary = export(spec(KLAVIYO))
+        assert (summary.read, summary.duplicates, summary.sent) == (2, 1, 1)
+        (profile,) = klaviyo_profiles(sandbox.state(), KLAVIYO_LIST_ID).values()
+        results.append(profile["first_name"])
+    assert results[0] == results[1]

@@ -65,6 +65,24 @@ class ExportError(RuntimeError):
         self.summary = summary
 
 
+class RejectedShareError(ExportError):
+    """The run finished, but too much of the segment was invalid or rejected: fail so that alerting fires."""
+
+
+def check_rejected_share(spec: ExportSpec, summary: ExportSummary) -> None:
+    limit = spec.limit.max_rejected_share
+    bad = summary.invalid + summary.rejected
+    if limit is None or summary.read == 0 or bad / summary.read <= limit:
+        return
+    reasons = (summary.invalid_reasons + summary.rejected_reasons).most_common(3)
+    top = "; ".join(f"{count} x {reason}" for reason, count in reasons)
+    raise RejectedShareError(
+        f"export {spec.id}: {bad} of {summary.read} rows ({bad / summary.read:.1%}) were invalid or rejected, over "
+        f"the limit of {limit:.1%} (limit.max_rejected_share). Accepted: {summary.accepted}. Top reasons: {top}",
+        summary,
+    )
+
+
 def fingerprint(fragment: bytes) -> str:
     """What was sent, in 32 hex characters: any change to a mapped value (or to the mapping) changes it."""
     return hashlib.blake2b(fragment, digest_size=16).hexdigest()
@@ -186,8 +204,8 @@ class _Run:
                 profiles.append((profile.key, fingerprint(fragment), fragment))
                 segment = row[seg_index] if seg_index is not None else default_segment
                 memberships.append((profile.key, str(segment)))
-            added = self.staging.add(profiles, memberships)
-            summary.duplicates += len(profiles) - added
+            self.staging.add(profiles, memberships)
+        summary.duplicates = self.staging.duplicates
         if self.state is not None:
             self.staging.load_previous(self.state.previous())
         self.staging.seal()
@@ -347,6 +365,8 @@ def run_export(
         run.summary.seconds = clock() - started
         run.close()
     summary = run.summary
+    if not summary.dry_run:
+        check_rejected_share(spec, summary)
     if summary.dry_run:
         logger.info("dry run: nothing was sent")
     elif summary.sent == 0 and summary.removed == 0 and summary.tags_added + summary.tags_removed == 0:

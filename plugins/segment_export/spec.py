@@ -180,6 +180,11 @@ class LimitSpec(_Strict):
     max_profiles: int | None = Field(None, ge=1, description="Defaults to the destination's documented cap.")
     on_exceed: Literal["fail", "truncate"] = "fail"
     order_by: str | None = Field(None, description="Column that orders rows when truncating (deterministic).")
+    max_rejected_share: float | None = Field(
+        0.05, ge=0, le=1,
+        description="Fail the task after the run when more than this share of the segment's rows was invalid or "
+        "rejected (null: never), so alerting fires. Default 5%.",
+    )
 
     @model_validator(mode="after")
     def _truncate_needs_key(self) -> LimitSpec:

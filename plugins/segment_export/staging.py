@@ -40,13 +40,22 @@ class Staging:
         self.conn.execute("BEGIN")
         self.rows = 0
 
-    def add(self, profiles: list[tuple[str, str, bytes]], memberships: list[tuple[str, str]]) -> int:
-        """Stage one chunk; return how many profiles were new (the rest repeat a key already staged)."""
-        before = self.conn.total_changes
-        self.conn.executemany("INSERT OR IGNORE INTO profiles VALUES (?, ?, ?)", profiles)
-        added = self.conn.total_changes - before
+    def add(self, profiles: list[tuple[str, str, bytes]], memberships: list[tuple[str, str]]) -> None:
+        """Stage one chunk. The same key twice is one profile; when the rows' payloads differ, the one with the
+        smallest fingerprint wins, so the outcome does not depend on the order the source returns rows in."""
+        self.rows += len(profiles)
+        self.conn.executemany(
+            "INSERT INTO profiles VALUES (?, ?, ?) ON CONFLICT (key) DO UPDATE SET "
+            "fingerprint = excluded.fingerprint, fragment = excluded.fragment "
+            "WHERE excluded.fingerprint < profiles.fingerprint",
+            profiles,
+        )
         self.conn.executemany("INSERT OR IGNORE INTO memberships VALUES (?, ?)", memberships)
-        return added
+
+    @property
+    def duplicates(self) -> int:
+        """Rows staged that repeated a key already staged."""
+        return self.rows - self.conn.execute("SELECT count(*) FROM profiles").fetchone()[0]
 
     def load_previous(self, rows: Iterable[Previous]) -> None:
         batch: list[tuple[str, str, str]] = []
