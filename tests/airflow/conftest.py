@@ -232,6 +232,8 @@ def airflow_deployment(tmp_path_factory):
     specs = home / "exports"
     specs.mkdir()
     (specs / "e2e.yaml").write_text(E2E_SPECS % {"list": KLAVIYO_LIST_ID, "audience": MAILCHIMP_AUDIENCE_ID})
+    # The demo's exports too, so the UI looks as a user's would (the browser test's screenshots); not run here.
+    (specs / "demo.yaml").write_text((ROOT / "dags" / "exports" / "demo.yaml").read_text())
     pylib = home / "pylib"
     pylib.mkdir()
     (pylib / "e2e_alert_sink.py").write_text(textwrap.dedent(ALERT_SINK))
