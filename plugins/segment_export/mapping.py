@@ -121,28 +121,66 @@ class RowMapper:
         self._text = [(f, index[getattr(mapping, f)]) for f in self._TEXT_FIELDS if getattr(mapping, f)]
         self._attrs = [(name, index[col]) for name, col in mapping.attributes.items()]
         self._consent = index[mapping.consent] if mapping.consent else None
+        self._map = self._compile()
 
     def map(self, row: Sequence[Any]) -> Profile | Rejection:
-        try:
-            email = normalise_email(row[self._email])
-        except UnicodeDecodeError:
-            return Rejection("email is not valid UTF-8")
-        if email is None:
-            return Rejection("email is empty")
-        if len(email) > MAX_EMAIL_LENGTH or not _EMAIL_RE.match(email):
-            return Rejection("email is not a valid address")
-        profile = Profile(email=email, key=email.lower())
-        try:
-            for name, i in self._text:
-                setattr(profile, name, to_text(row[i]))
-            attributes = {}
-            for name, i in self._attrs:
-                value = to_json_value(row[i])
-                if value is not None:
-                    attributes[name] = value
-        except UnicodeDecodeError:
-            return Rejection("a mapped field is not valid UTF-8")
-        profile.attributes = attributes
-        if self._consent is not None:
-            profile.consent = to_consent(row[self._consent])
-        return profile
+        """One row as a profile, or a rejection with its reason (compiled per mapping in ``__init__``)."""
+        return self._map(row)
+
+    def _compile(self):
+        """The per-row function, generated for this mapping's columns (it runs once per row, so every attribute
+        lookup and loop counts). Plain ``str`` values, the common case, are handled inline; any other type goes
+        through ``to_text`` / ``to_json_value``, which define the conversions."""
+        lines = [
+            "def map_row(row):",
+            f"    value = row[{self._email}]",
+            "    if type(value) is str:",
+            "        email = value.strip() or None",
+            "    else:",
+            "        try:",
+            "            email = normalise_email(value)",
+            "        except UnicodeDecodeError:",
+            "            return Rejection('email is not valid UTF-8')",
+            "    if email is None:",
+            "        return Rejection('email is empty')",
+            "    if len(email) > MAX_EMAIL_LENGTH or not email_match(email):",
+            "        return Rejection('email is not a valid address')",
+            "    try:",
+        ]
+        for n, (name, i) in enumerate(self._text):
+            lines += [
+                f"        value = row[{i}]",
+                f"        t{n} = (value.strip() or None) if type(value) is str else to_text(value)",
+            ]
+        lines.append("        attributes = {}")
+        for name, i in self._attrs:
+            lines += [
+                f"        value = row[{i}]",
+                "        kind = type(value)",
+                "        if kind is str:",
+                "            if value.strip():",
+                f"                attributes[{name!r}] = value",
+                "        elif kind is int or (kind is float and value == value):  # NaN != NaN: a blank",
+                f"            attributes[{name!r}] = value",
+                "        else:",
+                "            value = to_json_value(value)",
+                "            if value is not None:",
+                f"                attributes[{name!r}] = value",
+            ]
+        lines += [
+            "    except UnicodeDecodeError:",
+            "        return Rejection('a mapped field is not valid UTF-8')",
+        ]
+        consent = f"to_consent(row[{self._consent}])" if self._consent is not None else "None"
+        texts = {name: f"t{n}" for n, (name, _) in enumerate(self._text)}  # positional: cheaper than keywords
+        lines.append(
+            f"    return Profile(email, email.lower(), {', '.join(texts.get(f, 'None') for f in self._TEXT_FIELDS)}, "
+            f"attributes, {consent})"
+        )
+        scope = {
+            "Rejection": Rejection, "Profile": Profile, "normalise_email": normalise_email, "to_text": to_text,
+            "to_json_value": to_json_value, "to_consent": to_consent, "MAX_EMAIL_LENGTH": MAX_EMAIL_LENGTH, "email_match": _EMAIL_RE.match,
+            "UnicodeDecodeError": UnicodeDecodeError,
+        }
+        exec("\n".join(lines), scope)  # noqa: S102 - our own code over column indexes and validated field names
+        return scope["map_row"]

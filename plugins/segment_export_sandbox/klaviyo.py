@@ -125,6 +125,8 @@ PROFILE_ATTRIBUTE_FIELDS = (
     "title",
     "image",
 )
+_STORED_FIELDS = tuple(k for k in PROFILE_ATTRIBUTE_FIELDS if k != "_kx")  # _kx identifies, it is not stored
+_BLANK_PROFILE = dict.fromkeys(_STORED_FIELDS)
 LOCATION_FIELDS = ("address1", "address2", "city", "country", "latitude", "longitude", "region", "zip", "timezone", "ip")
 IDENTIFIERS = ("email", "phone_number", "external_id", "_kx")
 
@@ -543,20 +545,22 @@ class KlaviyoService:
     def _upsert(
         self, acc: KAccount, attrs: dict[str, Any], profile_id: Optional[str], meta: Optional[dict[str, Any]]
     ) -> tuple[dict[str, Any], bool]:
+        # Runs once per imported profile (millions in a benchmark): constants hoisted, no per-call closures.
         now = iso_now(self.clock())
         profile = self._find(acc, attrs, profile_id)
         created = profile is None
         if profile is None:
             pid = new_ulid()
-            profile = {"id": pid, **{k: None for k in PROFILE_ATTRIBUTE_FIELDS if k != "_kx"}}
+            profile = {"id": pid, **_BLANK_PROFILE}
             profile.update({"location": {}, "properties": {}, "created": now, "updated": now, "suppressed": False, "consent": "NEVER_SUBSCRIBED"})
             acc.profiles[pid] = profile
-        old = {k: profile.get(k) for k in ("email", "phone_number", "external_id")}
-        for key in PROFILE_ATTRIBUTE_FIELDS:
-            if key in attrs and key != "_kx":
-                if key == "email" and isinstance(attrs[key], str) and isinstance(profile.get("email"), str) and attrs[key].lower() == profile["email"].lower():
+        old_email, old_phone, old_external = profile.get("email"), profile.get("phone_number"), profile.get("external_id")
+        for key in _STORED_FIELDS:
+            if key in attrs:
+                value = attrs[key]
+                if key == "email" and isinstance(value, str) and isinstance(profile.get("email"), str) and value.lower() == profile["email"].lower():
                     continue  # same address in another case: keep the stored spelling
-                profile[key] = attrs[key]
+                profile[key] = value
         if "location" in attrs:
             if attrs["location"] is None:
                 profile["location"] = {}
@@ -567,14 +571,22 @@ class KlaviyoService:
                 profile["properties"] = {}
             else:
                 profile["properties"].update(attrs["properties"])
-        self._patch_properties(profile, (meta or {}).get("patch_properties") or {})
+        patch = (meta or {}).get("patch_properties")
+        if patch:
+            self._patch_properties(profile, patch)
         profile["updated"] = now
-        for key, index in (("email", acc.by_email), ("phone_number", acc.by_phone), ("external_id", acc.by_external_id)):
-            norm = (lambda v: v.lower()) if key == "email" else (lambda v: v)
-            if old[key] != profile.get(key) and isinstance(old[key], str):
-                index.pop(norm(old[key]), None)
-            if isinstance(profile.get(key), str):
-                index[norm(profile[key])] = profile["id"]
+        pid = profile["id"]
+        new = profile.get("email")
+        if old_email != new and isinstance(old_email, str):
+            acc.by_email.pop(old_email.lower(), None)
+        if isinstance(new, str):
+            acc.by_email[new.lower()] = pid
+        for old, key, index in ((old_phone, "phone_number", acc.by_phone), (old_external, "external_id", acc.by_external_id)):
+            new = profile.get(key)
+            if old != new and isinstance(old, str):
+                index.pop(old, None)
+            if isinstance(new, str):
+                index[new] = pid
         return profile, created
 
     @staticmethod

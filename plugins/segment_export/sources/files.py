@@ -129,7 +129,40 @@ class ParquetSource(FileSource):
     def count(self) -> int:
         if not self.spec.segment_column:
             return self._file().metadata.num_rows  # from the footer, without reading rows
-        return super().count()
+        seg_col, wanted = self.spec.segment_column, self._wanted()
+        if wanted is None:
+            return super().count()
+        import pyarrow.compute as pc
+
+        total = 0
+        for batch in self._file().iter_batches(batch_size=max(self.chunk_size, 65_536), columns=[seg_col]):
+            total += pc.sum(pc.is_in(batch.column(0), value_set=wanted)).as_py() or 0
+        return total
+
+    def _wanted(self):
+        """The segment names as an Arrow array matching the segment column's type, or None (then rows are
+        filtered in Python, as for CSV)."""
+        import pyarrow as pa
+
+        field = self._file().schema_arrow.field(self.spec.segment_column)
+        if not (pa.types.is_string(field.type) or pa.types.is_large_string(field.type)):
+            return None
+        return pa.array(list(self.spec.segments or []), type=field.type)
+
+    def _segment_rows(self, columns: Sequence[str]) -> Iterator[list[Row]]:
+        """Segment filtering in Arrow (a mask over the segment column), so only kept rows become tuples."""
+        wanted = self._wanted() if self.spec.segment_column else None
+        if wanted is None:
+            yield from super()._segment_rows(columns)
+            return
+        import pyarrow.compute as pc
+
+        seg_col = self.spec.segment_column
+        read = list(dict.fromkeys(list(columns) + [seg_col]))
+        for batch in self._file().iter_batches(batch_size=self.chunk_size, columns=read):
+            kept = batch.filter(pc.is_in(batch.column(seg_col), value_set=wanted))  # null segments are dropped
+            if kept.num_rows:
+                yield list(zip(*(kept.column(name).to_pylist() for name in columns)))
 
     def _raw_chunks(self, columns: Sequence[str]) -> Iterator[list[Row]]:
         for batch in self._file().iter_batches(batch_size=self.chunk_size, columns=list(columns)):

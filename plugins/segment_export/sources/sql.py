@@ -133,7 +133,8 @@ class SqlSource(Source):
         cursor = self._execute(sql, params, stream=True)
         try:
             while rows := cursor.fetchmany(self.chunk_size):
-                yield [tuple(r) for r in rows]
+                # sqlite3 and psycopg already give a list of tuples: no copy then
+                yield rows if type(rows) is list and type(rows[0]) is tuple else [tuple(r) for r in rows]
         finally:
             cursor.close()
 
