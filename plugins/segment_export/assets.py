@@ -28,6 +28,14 @@ def sanitize_uri(uri: SplitResult) -> SplitResult:
     return uri._replace(path="")
 
 
+def destination_targets(spec: Any) -> list[str]:
+    """The ids an export writes to: its list or audience, or each of its per-segment Klaviyo lists."""
+    lists = getattr(spec.destination, "lists", None)
+    if lists:
+        return sorted(set(lists.values()))
+    return [spec.destination.target_id]
+
+
 def create_asset(*, destination: str, target_id: str, extra: dict[str, Any] | None = None) -> Asset:
     """The asset of a Klaviyo list (``destination='klaviyo'``) or a Mailchimp audience."""
     if destination not in SCHEMES:

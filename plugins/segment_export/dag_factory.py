@@ -13,7 +13,7 @@ from pathlib import Path
 
 from airflow.sdk import DAG, Asset, Param
 
-from segment_export.assets import create_asset
+from segment_export.assets import create_asset, destination_targets
 from segment_export.lineage import mapped_fields
 from segment_export.notifications import AlertConfigError, failure_callbacks
 from segment_export.spec import ExportSpec, SpecError, load_specs
@@ -58,6 +58,12 @@ def doc_md(spec: ExportSpec) -> str:
         source = f"{src.file_format.upper()} file `{src.path}`"
     if src.segment_column:
         source += f", rows whose `{src.segment_column}` is " + ", ".join(f"`{s}`" for s in src.segments or [])
+    lists = getattr(dest, "lists", None)
+    if lists:
+        target_kind = "lists"
+        destination_text = ", ".join(f"`{lid}` (segment `{seg}`)" for seg, lid in lists.items())
+    else:
+        destination_text = f"`{dest.target_id}`"
     mapping = ", ".join(f"`{col}` → {field}" for field, col in mapped_fields(spec))
     limit = f"{spec.max_profiles:,} profiles, on exceed: {spec.limit.on_exceed}"
     if spec.limit.on_exceed == "truncate":
@@ -67,7 +73,7 @@ def doc_md(spec: ExportSpec) -> str:
     else:
         schedule = f"`{spec.schedule}`" if spec.schedule else "on demand only (trigger by hand)"
     rows = [
-        ("Destination", f"{dest.type.capitalize()} {target_kind} `{dest.target_id}` (connection `{dest.connection_id}`)"),
+        ("Destination", f"{dest.type.capitalize()} {target_kind} {destination_text} (connection `{dest.connection_id}`)"),
         ("Source", source),
         ("Mapping", mapping),
         ("Limit", limit),
@@ -119,9 +125,9 @@ def source_asset(spec: ExportSpec) -> Asset | None:
     return Asset(uri=uri, name=uri) if uri else None
 
 
-def destination_asset(spec: ExportSpec) -> Asset:
-    """``klaviyo://<list_id>`` or ``mailchimp://<audience_id>``: downstream DAGs can schedule on it."""
-    return create_asset(destination=spec.destination.type, target_id=spec.destination.target_id)
+def destination_assets(spec: ExportSpec) -> list[Asset]:
+    """``klaviyo://<list_id>`` (one per list) or ``mailchimp://<audience_id>``: downstream DAGs can schedule on them."""
+    return [create_asset(destination=spec.destination.type, target_id=t) for t in destination_targets(spec)]
 
 
 def export_dag(spec: ExportSpec) -> DAG:
@@ -133,7 +139,7 @@ def export_dag(spec: ExportSpec) -> DAG:
     dest = spec.destination
     target = f"{dest.type} {'list' if dest.type == 'klaviyo' else 'audience'} {dest.target_id}"
     inlet = source_asset(spec)
-    outlet = destination_asset(spec)
+    outlets = destination_assets(spec)
     with DAG(
         dag_id=spec.id,
         dag_display_name=spec.display_name,
@@ -152,7 +158,7 @@ def export_dag(spec: ExportSpec) -> DAG:
             task_id="export",
             export=spec,
             inlets=[inlet] if inlet else [],
-            outlets=[outlet],
+            outlets=outlets,
             on_failure_callback=failure_callbacks(spec) or None,
         )
     return dag

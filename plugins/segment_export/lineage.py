@@ -68,12 +68,17 @@ def operator_lineage(spec: ExportSpec, summary: dict[str, Any] | None, api_base_
     output_ds_facets: dict[str, Any] = {}
     if summary and not summary.get("dry_run"):
         output_ds_facets["outputStatistics"] = OutputStatisticsOutputDatasetFacet(rowCount=int(summary["accepted"]))
+    from segment_export.assets import destination_targets
+
+    targets = destination_targets(spec)
     outputs = [
         OutputDataset(
             namespace=output_namespace(spec, api_base_url),
-            name=spec.destination.target_id,
+            name=target,
             facets=output_facets,
-            outputFacets=output_ds_facets,
+            # the accepted count is the export's; per list it is known only when there is one list
+            outputFacets=output_ds_facets if len(targets) == 1 else {},
         )
+        for target in targets
     ]
     return OperatorLineage(inputs=inputs, outputs=outputs)

@@ -222,3 +222,18 @@ def test_demo_specs_still_load():
     specs, errors = load_specs("dags/exports")
     assert errors == [] and len(specs) == 3
     assert all(export_dag(s).params for s in specs)
+
+
+def test_one_list_per_segment_gives_one_outlet_and_one_lineage_output_per_list(airflow_conn):
+    lists_spec = spec(
+        source={**BASE["source"], "segments": ["vip", "newsletter"]},
+        destination=dict(type="klaviyo", lists={"vip": "VipL1st", "newsletter": "NewsL1st"}),
+    )
+    dag = export_dag(lists_spec)
+    assert sorted(a.uri for a in dag.tasks[0].outlets) == ["klaviyo://NewsL1st", "klaviyo://VipL1st"]
+    assert "Klaviyo lists `VipL1st` (segment `vip`), `NewsL1st` (segment `newsletter`)" in dag.doc_md
+    pytest.importorskip("airflow.providers.openlineage")
+    airflow_conn("klaviyo_default", conn_type="klaviyo", password="pk_not_used")
+    lineage = dag.tasks[0].get_openlineage_facets_on_complete(None)
+    assert sorted((o.namespace, o.name) for o in lineage.outputs) == [
+        ("klaviyo://a.klaviyo.com", "NewsL1st"), ("klaviyo://a.klaviyo.com", "VipL1st")]
