@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import queue
 import re
 import time
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
@@ -99,20 +100,31 @@ class _Sender:
     """Sends batches on a thread pool; folds each result into the summary and the state, in the caller's thread."""
 
     def __init__(self, destination: Destination, summary: ExportSummary, logger: logging.Logger, expected: int,
-                 on_result: Callable[[Batch, BatchResult], None]):
+                 on_result: Callable[[Batch, BatchResult], None], on_submit: Callable[[Batch], None],
+                 on_tick: Callable[[], None]):
         self.destination, self.summary, self.log = destination, summary, logger
-        self.expected, self.on_result = expected, on_result
+        self.expected, self.on_result, self.on_submit, self.on_tick = expected, on_result, on_submit, on_tick
         self.pool = ThreadPoolExecutor(max_workers=destination.concurrency, thread_name_prefix="segment-export")
         self.pending: dict[Future[BatchResult], Batch] = {}
         self.failure: BaseException | None = None
         self.failed_profiles = 0
         self.started = self.last_log = time.monotonic()
 
+    def _wait(self, return_when: str) -> set[Future[BatchResult]]:
+        """Wait for batches, running ``on_tick`` (in this thread) at least every quarter second meanwhile."""
+        while True:
+            done = wait(self.pending, timeout=0.25, return_when=return_when).done
+            self.on_tick()
+            if done:
+                return done
+
     def submit(self, batch: Batch) -> None:
+        self.on_tick()
         while len(self.pending) >= 2 * self.destination.concurrency and self.failure is None:
-            self._collect(wait(self.pending, return_when=FIRST_COMPLETED).done)
+            self._collect(self._wait(FIRST_COMPLETED))
         if self.failure is not None:
             raise self.failure
+        self.on_submit(batch)
         self.pending[self.pool.submit(self.destination.send, batch)] = batch
 
     def _collect(self, done: set[Future[BatchResult]]) -> None:
@@ -142,8 +154,9 @@ class _Sender:
 
     def drain(self) -> None:
         while self.pending:
-            self._collect(wait(self.pending).done)
+            self._collect(self._wait(FIRST_COMPLETED))
         self.pool.shutdown(wait=True)
+        self.on_tick()
 
 
 class _Run:
@@ -156,6 +169,30 @@ class _Run:
         self.summary = ExportSummary(spec.id, destination.type, destination.target_id, dry_run=options.dry_run)
         self.staging = Staging()
         self.batch_changes: dict[int, dict[str, Change]] = {}
+        # Asynchronous destinations: each batch is recorded before it is handed over (see state.INFLIGHT_TABLE).
+        self.track = state is not None and destination.asynchronous and not options.dry_run
+        self.batch_ids: dict[int, str] = {}
+        # Job ids arrive on the sending threads; the state connection belongs to this one (SQLite insists).
+        self.submitted: queue.SimpleQueue[tuple[int, str]] = queue.SimpleQueue()
+        if self.track:
+            destination.on_submitted = lambda batch, job_id: self.submitted.put((batch.number, job_id))
+
+    # -- 0: finish what an interrupted run left in flight ------------------------------------------------------
+    def resume(self) -> None:
+        """Await the jobs a killed run had submitted and remember their outcome, so they are not sent again."""
+        if not self.track:
+            return
+        for batch_id, (job_id, rows) in self.state.inflight().items():
+            result = self.destination.resume(job_id, [r[0] for r in rows]) if job_id else None
+            if result is not None:
+                changes = {k: Change(k, kind, fp, None, segs, ()) for k, fp, segs, kind in rows}  # type: ignore[arg-type]
+                self._save_outcome([r[0] for r in rows], changes, result)
+                self.summary.resumed += len(rows)
+                self.log.info("resumed job %s of an interrupted run: %d accepted, %d rejected",
+                              job_id, result.accepted, sum(result.rejected.values()))
+            else:
+                self.log.info("an interrupted run left %d profiles never confirmed: they are sent again", len(rows))
+            self.state.end_batch(batch_id)
 
     # -- 1 + 2: check, read and stage ---------------------------------------------------------------------
     def stage(self) -> int:
@@ -216,7 +253,7 @@ class _Run:
         summary, destination, dry = self.summary, self.destination, self.options.dry_run
         on_leave = self.spec.on_leave
         batcher = Batcher(destination.max_batch_profiles, destination.max_batch_bytes)
-        sender = _Sender(destination, summary, self.log, expected, self._batch_done)
+        sender = _Sender(destination, summary, self.log, expected, self._batch_done, self._batch_submitting, self._record_jobs)
         leavers = 0
         try:
             for change in diff(self.staging.current(), self.staging.previous(), full_resync=self.options.full_resync):
@@ -280,11 +317,31 @@ class _Run:
             self.staging.queue_tags(change.key, change.fingerprint or "", change.segments,
                                     change.segments_added, change.segments_removed)
 
+    def _batch_submitting(self, batch: Batch) -> None:
+        if self.track:
+            import uuid
+
+            batch_id = self.batch_ids[batch.number] = uuid.uuid4().hex
+            changes = self.batch_changes[batch.number]
+            self.state.begin_batch(batch_id, [(k, changes[k].fingerprint, changes[k].segments, changes[k].kind) for k in batch.keys])
+
+    def _record_jobs(self) -> None:
+        """Persist the job ids the sending threads reported (a killed run's jobs are then awaited, not resent)."""
+        while not self.submitted.empty():
+            number, job_id = self.submitted.get()
+            if number in self.batch_ids:
+                self.state.batch_submitted(self.batch_ids[number], job_id)
+
     def _batch_done(self, batch: Batch, result: BatchResult) -> None:
+        self._record_jobs()
+        self._save_outcome(batch.keys, self.batch_changes.pop(batch.number, {}), result)
+        if self.track:
+            self.state.end_batch(self.batch_ids.pop(batch.number))
+
+    def _save_outcome(self, keys: list[str], changes: dict[str, Change], result: BatchResult) -> None:
         """Remember what the destination confirmed; queue its tag changes; one outcome row per profile."""
-        changes = self.batch_changes.pop(batch.number, {})
         accepted, outcomes = [], []
-        for key in batch.keys:
+        for key in keys:
             change = changes[key]
             if key in result.accepted_keys:
                 # Segments are remembered once their tags are applied (Mailchimp); until then, the old ones.
@@ -359,6 +416,7 @@ def run_export(
     started = clock()
     run = _Run(spec, source, destination, state, options, logger)
     try:
+        run.resume()
         expected = run.stage()
         run.send(expected)
     finally:

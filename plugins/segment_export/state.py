@@ -23,6 +23,7 @@ from segment_export.diff import Previous
 
 STATE_TABLE = "segment_export_state"
 OUTCOMES_TABLE = "segment_export_outcomes"
+INFLIGHT_TABLE = "segment_export_inflight"
 DEFAULT_STATE_DB_ENV = "SEGMENT_EXPORT_STATE_DB"
 
 _DDL = (
@@ -33,6 +34,12 @@ _DDL = (
     f"CREATE TABLE IF NOT EXISTS {OUTCOMES_TABLE} ("
     " export_id VARCHAR(200) NOT NULL, run_id VARCHAR(250) NOT NULL, profile_key VARCHAR(320) NOT NULL,"
     " action VARCHAR(16) NOT NULL, reason TEXT, recorded_at VARCHAR(40) NOT NULL)",
+    # Batches handed to an asynchronous destination (Klaviyo jobs): written before the job is submitted, the
+    # job id added right after, deleted once the outcome is saved. What a killed task leaves here is resumed.
+    f"CREATE TABLE IF NOT EXISTS {INFLIGHT_TABLE} ("
+    " export_id VARCHAR(200) NOT NULL, target_id VARCHAR(200) NOT NULL, batch_id VARCHAR(300) NOT NULL,"
+    " job_id VARCHAR(100), profile_key VARCHAR(320) NOT NULL, fingerprint VARCHAR(64) NOT NULL,"
+    " segments TEXT NOT NULL, kind VARCHAR(16) NOT NULL)",
 )
 _CHUNK = 500
 
@@ -66,7 +73,7 @@ class StateStore:
 
             path = default_state_db()
             path.parent.mkdir(parents=True, exist_ok=True)
-            store = cls(sqlite3.connect(path), "?", export_id, target_id, f"SQLite file {path}")
+            store = cls(sqlite3.connect(path, check_same_thread=False), "?", export_id, target_id, f"SQLite file {path}")
         else:
             from airflow.sdk import BaseHook
 
@@ -130,6 +137,39 @@ class StateStore:
         )
         cursor.close()
         self.conn.commit()
+
+    # -- in-flight batches (asynchronous destinations) ----------------------------------------------------
+    def begin_batch(self, batch_id: str, rows: list[tuple[str, str, tuple[str, ...], str]]) -> None:
+        """Record a batch's profiles (key, fingerprint, segments, kind) before it is handed over."""
+        cursor = self.conn.cursor()
+        cursor.executemany(
+            f"INSERT INTO {INFLIGHT_TABLE} VALUES (?, ?, ?, NULL, ?, ?, ?, ?)".replace("?", self.ph),
+            [(self.export_id, self.target_id, batch_id, k, fp, json.dumps(list(s)), kind) for k, fp, s, kind in rows],
+        )
+        cursor.close()
+        self.conn.commit()
+
+    def batch_submitted(self, batch_id: str, job_id: str) -> None:
+        self._run(f"UPDATE {INFLIGHT_TABLE} SET job_id = ? WHERE batch_id = ?", (job_id, batch_id)).close()
+        self.conn.commit()
+
+    def end_batch(self, batch_id: str) -> None:
+        self._run(f"DELETE FROM {INFLIGHT_TABLE} WHERE batch_id = ?", (batch_id,)).close()
+        self.conn.commit()
+
+    def inflight(self) -> dict[str, tuple[str | None, list[tuple[str, str, tuple[str, ...], str]]]]:
+        """Batches a previous, interrupted run left behind: batch id → (job id or None, profiles)."""
+        cursor = self._run(
+            f"SELECT batch_id, job_id, profile_key, fingerprint, segments, kind FROM {INFLIGHT_TABLE} "
+            "WHERE export_id = ? AND target_id = ?",
+            (self.export_id, self.target_id),
+        )
+        found: dict[str, tuple[str | None, list[tuple[str, str, tuple[str, ...], str]]]] = {}
+        for batch_id, job_id, key, fp, segments, kind in cursor.fetchall():
+            entry = found.setdefault(batch_id, (job_id, []))
+            entry[1].append((key, fp, tuple(json.loads(segments)), kind))
+        cursor.close()
+        return found
 
     def close(self) -> None:
         try:

@@ -48,6 +48,7 @@ class ExportSummary:
     removed: int = 0  # left the segment and removed from what the export manages
     tags_added: int = 0
     tags_removed: int = 0
+    resumed: int = 0  # profiles of jobs an interrupted run had submitted, awaited instead of sent again
     batches: int = 0
     seconds: float = 0.0
     dry_run: bool = False
@@ -102,6 +103,7 @@ class ExportSummary:
             "removed": self.removed,
             "tags_added": self.tags_added,
             "tags_removed": self.tags_removed,
+            "resumed": self.resumed,
             "batches": self.batches,
             "seconds": round(self.seconds, 3),
             "dry_run": self.dry_run,

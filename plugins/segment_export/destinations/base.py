@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import re
 from abc import ABC, abstractmethod
-from typing import Any
+from typing import Any, Callable
 
 from segment_export.batching import Batch
 from segment_export.mapping import Profile, Rejection
@@ -61,6 +61,14 @@ class Destination(ABC):
 
     #: True when the destination shows segments itself (Mailchimp tags), so segment changes must be sent
     manages_segments: bool = False
+    #: True when a batch is a job the destination finishes later (Klaviyo): a killed run can resume it
+    asynchronous: bool = False
+    #: called from the sending thread with (batch, job id) as soon as an asynchronous batch is accepted for work
+    on_submitted: Callable[[Batch, str], None] | None = None
+
+    def resume(self, job_id: str, keys: list[str]) -> BatchResult | None:
+        """The outcome of a job an interrupted run submitted (None when the destination no longer knows it)."""
+        raise NotImplementedError(f"{self.type} batches are not asynchronous")
 
     def prepare_segments(self, names: list[str]) -> None:
         """Make sure every segment the run will tag exists (Mailchimp creates missing tags)."""

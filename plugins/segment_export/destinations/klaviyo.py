@@ -73,9 +73,26 @@ class KlaviyoDestination(Destination):
     def job_body(self, batch: Batch) -> bytes:
         return self._head + b",".join(batch.fragments) + self._tail
 
+    asynchronous = True
+
     def send(self, batch: Batch) -> BatchResult:
         job = self.hook.submit_bulk_import(self.job_body(batch))
-        job = self._await(job)
+        if self.on_submitted is not None:
+            self.on_submitted(batch, job["id"])
+        return self._outcome(self._await(job), batch.keys)
+
+    def resume(self, job_id: str, keys: list[str]) -> BatchResult | None:
+        """Await a job an interrupted run submitted, instead of importing its profiles again."""
+        try:
+            job = self.hook.get_bulk_import_job(job_id)
+        except DestinationError as exc:
+            if exc.status == 404:
+                return None
+            raise
+        return self._outcome(self._await(job), keys)
+
+    def _outcome(self, job: dict[str, Any], keys: list[str]) -> BatchResult:
+        """A finished job's counts and import errors, profile by profile where Klaviyo names them."""
         attrs = job["attributes"]
         accepted = int(attrs.get("completed_count") or 0)
         failed = int(attrs.get("failed_count") or 0)
@@ -93,13 +110,13 @@ class KlaviyoDestination(Destination):
             missing = failed - sum(rejected.values())
             if missing > 0:
                 rejected["import error without details"] += missing
-        unaccounted = len(batch) - accepted - sum(rejected.values())
+        unaccounted = len(keys) - accepted - sum(rejected.values())
         if unaccounted > 0:
             reason = "job cancelled by Klaviyo" if attrs["status"] == "cancelled" else "not confirmed by Klaviyo"
             rejected[reason] += unaccounted
         # Profile by profile, only when Klaviyo's counts and its named errors agree with the batch.
-        confident = unaccounted <= 0 and len(rejected_keys) == failed and accepted == len(batch) - failed
-        accepted_keys = set(batch.keys) - set(rejected_keys) if confident else set()
+        confident = unaccounted <= 0 and len(rejected_keys) == failed and accepted == len(keys) - failed
+        accepted_keys = set(keys) - set(rejected_keys) if confident else set()
         return BatchResult(accepted=accepted, rejected=rejected, accepted_keys=accepted_keys, rejected_keys=rejected_keys)
 
     def remove(self, keys: list[str], how: str) -> set[str]:
