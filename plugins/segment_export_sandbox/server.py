@@ -25,6 +25,7 @@ from typing import Any, Optional, Protocol
 from urllib.parse import parse_qs, urlsplit
 
 from .common import ApiError, ApiRequest, ApiResponse, RequestLog, Route, match_route
+from .faults import Faults
 from .config import SandboxConfig
 from .klaviyo import KlaviyoService
 from .mailchimp import MailchimpService
@@ -54,6 +55,10 @@ class ApiService(Protocol):
     def state(self) -> dict[str, Any]: ...
 
 
+#: returned by the pipeline when a fault drops the connection without an answer
+DROP = ApiResponse(599, {})
+
+
 class Sandbox:
     """The API sandbox.  ``Sandbox(cfg).start()`` serves on a daemon thread.
 
@@ -63,6 +68,7 @@ class Sandbox:
 
     def __init__(self, config: Optional[SandboxConfig] = None) -> None:
         self.config = config or SandboxConfig()
+        self.faults = Faults()
         self.klaviyo = KlaviyoService(self.config)
         self.mailchimp = MailchimpService(self.config)
         self.services: list[ApiService] = [self.klaviyo, self.mailchimp]
@@ -138,11 +144,16 @@ class Sandbox:
             svc.reset()
         self.log.reset()
         self.windows.reset()
+        self.faults.set([])
 
     def configure(self, **runtime: Any) -> dict[str, Any]:
         """Change runtime knobs (latency, job speed, rate limits) of a running sandbox."""
         self.config.apply_runtime(runtime)
         return self.config.runtime_dict()
+
+    def set_faults(self, rules: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Inject faults (see :mod:`.faults`); an empty list clears them. Returns the rules as set."""
+        return self.faults.set(rules)
 
     def seed_mailchimp_member(
         self, audience_id: str, email: str, status: str, merge_fields: Optional[dict[str, Any]] = None, tags: Optional[list[str]] = None
@@ -185,6 +196,24 @@ class Sandbox:
             return response
         if route is None:
             return svc.method_not_allowed(req) if path_exists else svc.not_found_response(req)
+        fault = self.faults.take(route.name)
+        if fault is not None and fault.phase == "before":
+            if fault.kind == "429":
+                return svc.throttled(int(fault.seconds))
+            if fault.kind in ("500", "502", "503"):
+                response = svc.server_error(req)
+                response.status = int(fault.kind)
+                return response
+            if fault.kind == "drop":
+                return DROP
+            if fault.kind == "slow":
+                time.sleep(fault.seconds)
+        response = self._handle(svc, route, req)
+        if fault is not None and fault.phase == "after" and fault.kind == "drop":
+            return DROP
+        return response
+
+    def _handle(self, svc: ApiService, route: Route, req: ApiRequest) -> ApiResponse:
         limits_on = self.config.rate_limits
         slot_key = (svc.name, svc.account_key(req))
         limit = svc.connection_limit() if limits_on else None
@@ -235,6 +264,10 @@ class Sandbox:
             if method == "POST" and parts == ["reset"]:
                 self.reset()
                 return ApiResponse(200, {"reset": True})
+            if parts == ["faults"] and method == "GET":
+                return ApiResponse(200, {"faults": self.faults.describe()})
+            if parts == ["faults"] and method == "PUT":
+                return ApiResponse(200, {"faults": self.faults.set(payload if isinstance(payload, list) else payload.get("faults", []))})
             if parts == ["config"] and method == "GET":
                 return ApiResponse(200, self.config.runtime_dict())
             if parts == ["config"] and method in ("PUT", "PATCH"):
@@ -262,6 +295,12 @@ class Sandbox:
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # A client that went away (killed task, timeout) is part of what the sandbox simulates, not a bug.
+        if isinstance(sys.exc_info()[1], (BrokenPipeError, ConnectionResetError)):
+            return
+        super().handle_error(request, client_address)
     request_queue_size = 128  # the exporter opens many connections at once
 
     def __init__(self, address: tuple[str, int], handler: type, sandbox: Sandbox) -> None:
@@ -337,6 +376,9 @@ class _Handler(BaseHTTPRequestHandler):
             base_url=f"http://{host}",
         )
         _, response = sandbox.process(svc, req)
+        if response is DROP:
+            self.close_connection = True  # no status line, no body: the client sees a dropped connection
+            return
         self._send(response)
 
     do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = _dispatch
