@@ -59,8 +59,8 @@ def test_unknown_key_is_an_error_naming_file_export_and_field(tmp_path):
 
 def test_missing_list_id(tmp_path):
     error = only_error(write(tmp_path, "a.yaml", GOOD.replace(", list_id: Y6nRLr", "")))
-    assert error.field == "destination.list_id"
-    assert "Field required" in error.reason
+    assert error.field == "destination"
+    assert "give either 'list_id'" in error.reason
 
 
 def test_unknown_destination_type(tmp_path):
@@ -151,3 +151,11 @@ def test_relative_file_paths_resolve_against_the_spec(tmp_path):
     (spec,), _ = parse_spec_file(write(tmp_path, "a.yaml", text))
     assert spec.source.path == str((tmp_path / "data" / "seg.parquet").resolve())
     assert spec.source.file_format == "parquet"
+
+
+@pytest.mark.parametrize("table", ["segment_members; DROP TABLE x", "t -- comment", "a'b", ""])
+def test_table_name_carrying_sql_is_a_spec_error(tmp_path, table):
+    text = GOOD.replace("table: analytics.segment_members", f"table: {table!r}" if table else "table: ''")
+    error = only_error(write(tmp_path, "a.yaml", text))
+    assert error.field == "source.table"
+    assert "SQL punctuation" in error.reason or "exactly one" in error.reason

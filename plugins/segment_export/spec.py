@@ -50,6 +50,17 @@ class SourceSpec(_Strict):
         ),
     )
 
+    @field_validator("table", "segment_column")
+    @classmethod
+    def _identifier(cls, v: str | None) -> str | None:
+        # Names are quoted as identifiers at run time, so nothing here could run as SQL; but a name carrying
+        # SQL is a mistake worth a clear error now rather than a "no such table" later.
+        if v is not None and (not v.strip() or any(bad in v for bad in (";", "--", "/*", "'", '"', "`", "\x00"))):
+            raise ValueError(
+                f"{v!r} is not a table or column name (it contains SQL punctuation); to filter or join, use 'query'"
+            )
+        return v
+
     @model_validator(mode="after")
     def _one_kind(self) -> SourceSpec:
         kinds = [k for k in ("table", "query", "path") if getattr(self, k)]
