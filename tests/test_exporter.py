@@ -259,3 +259,13 @@ def test_duplicates_with_differing_attributes_resolve_the_same_way_whatever_the_
         (profile,) = klaviyo_profiles(sandbox.state(), KLAVIYO_LIST_ID).values()
         results.append(profile["first_name"])
     assert results[0] == results[1]
+
+
+@pytest.mark.parametrize("destination", [KLAVIYO, MAILCHIMP])
+def test_only_mapped_fields_leave(segment_db, sandbox, destination):
+    import json
+
+    export(spec(destination))  # maps email, first_name, last_name; the table also has tier, phone, value...
+    held = json.dumps(sandbox.state()["klaviyo" if destination is KLAVIYO else "mailchimp"])
+    assert "+1415" not in held and "platinum" not in held and "lifetime" not in held
+    assert vip_rows()[0][2] in held  # a mapped first name did arrive

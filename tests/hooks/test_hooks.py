@@ -95,3 +95,19 @@ def test_pacing_avoids_429(sandbox):
         hook.request_json("GET", "/api/accounts", limit_key="accounts")
     statuses = sandbox.state()["requests"]["by_endpoint"]["GET /api/accounts"]["status"]
     assert statuses == {"200": 3} and hook.retries == 0
+
+
+def test_missing_or_wrong_type_connection_is_a_clear_error(airflow_conn):
+    with pytest.raises(DestinationError, match="connection 'nope' is not defined: add a klaviyo connection"):
+        KlaviyoHook("nope").get_conn()
+    airflow_conn("mc_as_klaviyo", conn_type="mailchimp", password=MAILCHIMP_API_KEY)
+    with pytest.raises(DestinationError, match="is of type 'mailchimp', not 'klaviyo'"):
+        KlaviyoHook("mc_as_klaviyo").get_conn()
+
+
+def test_api_key_is_masked_in_airflow_logs(airflow_conn):
+    from airflow.sdk._shared.secrets_masker import redact
+
+    airflow_conn("k_mask", conn_type="klaviyo", host="http://127.0.0.1:9", password="pk_masked_0123456789")
+    KlaviyoHook("k_mask").get_conn()
+    assert "pk_masked_0123456789" not in str(redact("key is pk_masked_0123456789 here"))

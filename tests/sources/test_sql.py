@@ -98,3 +98,8 @@ def check_postgres_streaming(source):
     assert sorted(got) == expected
     limited = [r for c in source.chunks(["customer_id", "email"], order_by="customer_id", tie_breaker="email", limit=7) for r in c]
     assert limited == expected[:7]
+
+
+def test_missing_source_connection_names_the_field():
+    with pytest.raises(SourceError, match="source.conn_id 'no_such_warehouse': no such Airflow connection"):
+        source_for(SourceSpec(conn_id="no_such_warehouse", table="t"))

@@ -103,6 +103,24 @@ class DestinationHook(HttpHook):
         self.requests = 0
 
     # -- connection -> session -------------------------------------------------------------------------
+    def get_conn(self, headers: dict[Any, Any] | None = None, extra_options: dict[str, Any] | None = None) -> requests.Session:
+        """HttpHook's session, after checking the connection exists and is of this destination's type."""
+        from airflow.sdk.exceptions import AirflowNotFoundException
+
+        try:
+            connection = self.get_connection(self.conn_id)
+        except AirflowNotFoundException as exc:
+            raise DestinationError(
+                f"connection {self.conn_id!r} is not defined: add a {self.conn_type} connection with that id "
+                "(Admin > Connections, `airflow connections add`, or an AIRFLOW_CONN_ environment variable)"
+            ) from exc
+        if connection.conn_type != self.conn_type:
+            raise DestinationError(
+                f"connection {self.conn_id!r} is of type {connection.conn_type!r}, not {self.conn_type!r}: "
+                f"a {self.hook_name} export needs a {self.conn_type} connection"
+            )
+        return super().get_conn(headers, extra_options)
+
     def api_key(self, connection: Any) -> str:
         key = connection.password
         if not key:

@@ -87,8 +87,12 @@ class SqlSource(Source):
     @classmethod
     def from_spec(cls, spec: SourceSpec) -> SqlSource:
         from airflow.sdk import BaseHook
+        from airflow.sdk.exceptions import AirflowNotFoundException
 
-        hook = BaseHook.get_connection(spec.conn_id).get_hook()
+        try:
+            hook = BaseHook.get_connection(spec.conn_id).get_hook()
+        except AirflowNotFoundException as exc:
+            raise SourceError(f"source.conn_id {spec.conn_id!r}: no such Airflow connection") from exc
         if not hasattr(hook, "get_conn") or not hasattr(hook, "placeholder"):
             raise SourceError(f"connection {spec.conn_id!r} is not a SQL connection (its hook is {type(hook).__name__})")
         return cls(spec, hook)
