@@ -17,13 +17,14 @@ from segment_export.batching import Batch
 from segment_export.destinations.base import Destination, dump_bytes, redact_emails
 from segment_export.hooks.base import DestinationError
 from segment_export.hooks.mailchimp import MAX_CONNECTIONS_PER_KEY, MailchimpHook
-from segment_export.mapping import Profile
+from segment_export.mapping import Profile, Rejection
 from segment_export.spec import ExportSpec, MappingSpec
 from segment_export.summary import BatchResult
 
 MAX_BATCH_MEMBERS = 500
 MAX_BODY_BYTES = 10_000_000  # no documented cap per call; keeps one request well-sized
 CONTACT_EXISTS = "ERROR_CONTACT_EXISTS"
+MAX_MERGE_TEXT = 255  # characters in a text merge field
 # Profile fields with a standard merge tag in every new Mailchimp audience.
 STANDARD_MERGE_TAGS = {"first_name": "FNAME", "last_name": "LNAME", "phone_number": "PHONE"}
 
@@ -99,6 +100,17 @@ class MailchimpDestination(Destination):
                 "Mailchimp audience %s requires merge field(s) %s that the export does not map: new members "
                 "without them will be rejected", self.target_id, required,
             )
+
+    def encode(self, profile: Profile) -> bytes | Rejection:
+        """Mailchimp keeps at most 255 characters in a text merge field; longer values are refused here, by name."""
+        for name, tag in STANDARD_MERGE_TAGS.items():
+            value = getattr(profile, name)
+            if value is not None and len(value) > MAX_MERGE_TEXT:
+                return Rejection(f"merge field {tag} is longer than {MAX_MERGE_TEXT} characters")
+        for tag, value in profile.attributes.items():
+            if isinstance(value, str) and len(value) > MAX_MERGE_TEXT:
+                return Rejection(f"merge field {tag} is longer than {MAX_MERGE_TEXT} characters")
+        return super().encode(profile)
 
     def serialize(self, profile: Profile) -> bytes:
         consented = profile.consent if self.uses_consent else True
