@@ -159,3 +159,10 @@ def test_table_name_carrying_sql_is_a_spec_error(tmp_path, table):
     error = only_error(write(tmp_path, "a.yaml", text))
     assert error.field == "source.table"
     assert "SQL punctuation" in error.reason or "exactly one" in error.reason
+
+
+def test_pool_reaches_the_export_task(tmp_path):
+    from segment_export.dag_factory import export_dag
+
+    (spec,), _ = parse_spec_file(write(tmp_path, "a.yaml", GOOD.replace("privacy_acknowledged", "pool: mailchimp_key_1\n    privacy_acknowledged")))
+    assert export_dag(spec).get_task("export").pool == "mailchimp_key_1"

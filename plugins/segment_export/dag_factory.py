@@ -160,6 +160,7 @@ def export_dag(spec: ExportSpec) -> DAG:
             inlets=[inlet] if inlet else [],
             outlets=outlets,
             on_failure_callback=failure_callbacks(spec) or None,
+            **({"pool": spec.pool} if spec.pool else {}),
         )
     return dag
 

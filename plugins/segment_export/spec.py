@@ -266,6 +266,10 @@ class ExportSpec(_Strict):
     owner: str = "segment-export"
     tags: list[str] = Field(default_factory=list)
     schedule: str | None = Field(None, description="Cron expression or preset; null for on-demand only.")
+    pool: str | None = Field(
+        None, description="Airflow pool for the export task, e.g. one single-slot pool per Mailchimp API key so "
+        "exports sharing the key never exceed its 10 connections together."
+    )
     start_date: date = date(2024, 1, 1)
     privacy_acknowledged: bool = Field(
         description=(
