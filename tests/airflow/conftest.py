@@ -3,7 +3,8 @@ docker-compose.yaml (PostgreSQL metadata database, Redis broker, CeleryExecutor;
 dag-processor, Celery worker), started once per pytest session and stopped after it.
 
 - PostgreSQL: a fresh database ``segment_export_e2e_<pid>`` on 127.0.0.1:5432, dropped at the end.
-- Redis: database number 9..15 (chosen by pid), flushed before and after.
+- Redis: database number 9..15 (chosen by pid); tasks go to a queue named after the pid (deleted after), so
+  concurrent sessions never take each other's tasks.
 - Auth: Airflow's simple auth manager with one admin user whose password the test writes (no FAB needed).
 - The export specs are a temporary folder (``SEGMENT_EXPORT_SPECS``); connections are AIRFLOW_CONN_* variables
   pointing at an API sandbox started here; OpenLineage events go to a file.
@@ -217,6 +218,7 @@ def airflow_deployment(tmp_path_factory):
     home = tmp_path_factory.mktemp("airflow-celery")
     db_name = f"segment_export_e2e_{os.getpid()}"
     redis_db = 9 + os.getpid() % 7
+    queue = f"segment_export_e2e_{os.getpid()}"
     try:
         admin = psycopg.connect(f"{PG} dbname=postgres", autocommit=True, connect_timeout=5)
         broker = redis.Redis(host="127.0.0.1", port=6379, db=redis_db, socket_connect_timeout=5)
@@ -227,7 +229,6 @@ def airflow_deployment(tmp_path_factory):
         pytest.skip(f"PostgreSQL or Redis not reachable: {exc}")
     admin.execute(f'DROP DATABASE IF EXISTS "{db_name}"')
     admin.execute(f'CREATE DATABASE "{db_name}"')
-    broker.flushdb()
 
     specs = home / "exports"
     specs.mkdir()
@@ -255,6 +256,8 @@ def airflow_deployment(tmp_path_factory):
         "AIRFLOW__CELERY__BROKER_URL": f"redis://127.0.0.1:6379/{redis_db}",
         "AIRFLOW__CELERY__RESULT_BACKEND": f"db+postgresql://postgres@127.0.0.1:5432/{db_name}",
         "AIRFLOW__CELERY__WORKER_CONCURRENCY": "2",
+        # A queue of this run's own: two test sessions sharing a Redis database never take each other's tasks.
+        "AIRFLOW__OPERATORS__DEFAULT_QUEUE": queue,
         "AIRFLOW__CORE__AUTH_MANAGER": "airflow.api_fastapi.auth.managers.simple.simple_auth_manager.SimpleAuthManager",
         "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": f"{ADMIN_USER}:admin",
         "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(home / "passwords.json"),
@@ -284,7 +287,7 @@ def airflow_deployment(tmp_path_factory):
         _start(dep, "api-server", ["api-server", "--port", str(port), "--host", "127.0.0.1"])
         _start(dep, "scheduler", ["scheduler"])
         _start(dep, "dag-processor", ["dag-processor"])
-        _start(dep, "celery-worker", ["celery", "worker", "--concurrency", "2", "--without-mingle", "--without-gossip"])
+        _start(dep, "celery-worker", ["celery", "worker", "--concurrency", "2", "--queues", queue, "--without-mingle", "--without-gossip"])
         deadline = time.monotonic() + 180
         while True:
             dep.check_alive()
@@ -303,7 +306,8 @@ def airflow_deployment(tmp_path_factory):
         _stop(dep.procs)
         dep.timings["stop"] = time.monotonic() - t
         sandbox.stop()
-        broker.flushdb()
+        for key in broker.scan_iter(match=f"*{queue}*"):  # this run's queue and its bindings only
+            broker.delete(key)
         broker.close()
         # Any connection left by a killed process is gone with it; FORCE covers the rest.
         admin.execute(f'DROP DATABASE IF EXISTS "{db_name}" WITH (FORCE)')

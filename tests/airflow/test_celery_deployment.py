@@ -33,7 +33,7 @@ def test_klaviyo_export_runs_on_a_celery_worker_and_reports_everywhere(airflow_d
     assert summary["read"] == summary["sent"] == summary["accepted"] == len(vip) and summary["rejected"] == 0
 
     ti = dep.api("GET", f"/dags/e2e_celery_klaviyo/dagRuns/{run_id}/taskInstances/export").json()
-    assert ti["state"] == "success" and ti["queue"] == "default" and ti["hostname"]
+    assert ti["state"] == "success" and ti["queue"] == dep.env["AIRFLOW__OPERATORS__DEFAULT_QUEUE"] and ti["hostname"]
     worker_log = (dep.home / "celery-worker.log").read_text()  # the Celery worker ran it
     assert "Executing workload in Celery" in worker_log and "dag_id=e2e_celery_klaviyo" in worker_log
 
