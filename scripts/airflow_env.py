@@ -30,3 +30,17 @@ def airflow_env(home: Path, sandbox_url: str, warehouse_db: Path, base: dict[str
         }
     )
     return env
+
+
+def last_export_summary(home: Path, dag_id: str) -> dict | None:
+    """The latest export task's XCom summary, read from the SQLite metadata database of an Airflow home."""
+    import sqlite3
+
+    with sqlite3.connect(home / "airflow.db") as conn:
+        row = conn.execute(
+            "SELECT value FROM xcom WHERE dag_id = ? AND task_id = 'export' ORDER BY timestamp DESC LIMIT 1", (dag_id,)
+        ).fetchone()
+    if row is None:
+        return None
+    value = json.loads(row[0]) if isinstance(row[0], str) else row[0]
+    return json.loads(value) if isinstance(value, str) else value

@@ -8,7 +8,6 @@ any export failed. Task logs of each run are kept in .demo/logs/.
 
 from __future__ import annotations
 
-import json
 import sqlite3
 import subprocess
 import sys
@@ -20,7 +19,7 @@ from typing import Iterator
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import segment_data  # noqa: E402
-from airflow_env import ROOT, airflow_env  # noqa: E402
+from airflow_env import ROOT, airflow_env, last_export_summary  # noqa: E402
 
 DEMO = ROOT / ".demo"
 HOME = ROOT / ".airflow"
@@ -65,17 +64,6 @@ def export_ids(env: dict[str, str]) -> list[str]:
     return [s.id for s in specs]
 
 
-def last_summary(dag_id: str) -> dict | None:
-    with sqlite3.connect(HOME / "airflow.db") as conn:
-        row = conn.execute(
-            "SELECT value FROM xcom WHERE dag_id = ? AND task_id = 'export' ORDER BY timestamp DESC LIMIT 1", (dag_id,)
-        ).fetchone()
-    if row is None:
-        return None
-    value = json.loads(row[0]) if isinstance(row[0], str) else row[0]
-    return json.loads(value) if isinstance(value, str) else value
-
-
 def held(state: dict, summary: dict) -> int:
     """How many profiles the sandbox holds in the export's list or audience."""
     if summary["destination"] == "klaviyo":
@@ -90,7 +78,7 @@ def run_dag(dag_id: str, env: dict[str, str], label: str) -> tuple:
     started = time.monotonic()
     with log_path.open("w") as log:
         rc = subprocess.run([AIRFLOW, "dags", "test", dag_id], env=env, stdout=log, stderr=subprocess.STDOUT).returncode
-    summary = last_summary(dag_id) if rc == 0 else None
+    summary = last_export_summary(HOME, dag_id) if rc == 0 else None
     return label, rc, summary, time.monotonic() - started, log_path
 
 

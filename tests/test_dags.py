@@ -6,7 +6,6 @@ Each run is checked by what the sandbox holds afterwards and by the task's XCom 
 from __future__ import annotations
 
 import json
-import shutil
 import sqlite3
 import subprocess
 import sys
@@ -15,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import segment_data
-from airflow_env import ROOT, airflow_env
+from airflow_env import ROOT, airflow_env, last_export_summary
 from sandbox_state import klaviyo_profiles, mailchimp_members
 from segment_export_sandbox import KLAVIYO_API_KEY, KLAVIYO_LIST_ID, MAILCHIMP_API_KEY, MAILCHIMP_AUDIENCE_ID
 
@@ -73,15 +72,6 @@ def dags_test(airflow_home: Path, sandbox, warehouse: Path, specs: Path, dag_id:
     )
 
 
-def xcom_summary(airflow_home: Path, dag_id: str) -> dict:
-    with sqlite3.connect(airflow_home / "airflow.db") as conn:
-        (value,) = conn.execute(
-            "SELECT value FROM xcom WHERE dag_id = ? AND task_id = 'export' ORDER BY timestamp DESC LIMIT 1", (dag_id,)
-        ).fetchone()
-    value = json.loads(value)
-    return json.loads(value) if isinstance(value, str) else value
-
-
 def test_dagbag_loads_good_exports_and_reports_a_broken_spec_as_import_error(specs_dir, monkeypatch):
     from airflow.dag_processing.dagbag import DagBag
 
@@ -112,7 +102,7 @@ def test_klaviyo_dag_end_to_end(airflow_home, sandbox, segment_db, specs_dir):
     assert set(held) == set(vip)
     email, profile = next(iter(held.items()))
     assert profile["first_name"] == vip[email][2] and profile["properties"] == {"tier": vip[email][5]}
-    summary = xcom_summary(airflow_home, "e2e_klaviyo")
+    summary = last_export_summary(airflow_home, "e2e_klaviyo")
     assert summary["accepted"] == summary["sent"] == len(held) and summary["rejected"] == 0
     output = result.stdout + result.stderr
     assert "batch 1: " in output and "export summary" in output
@@ -130,7 +120,7 @@ def test_mailchimp_dag_end_to_end(airflow_home, sandbox, segment_db, specs_dir):
     assert set(members) == set(newsletter)
     assert members[existing[1]]["status"] == "unsubscribed"
     assert {m["status"] for e, m in members.items() if e != existing[1]} == {"pending"}
-    summary = xcom_summary(airflow_home, "e2e_mailchimp")
+    summary = last_export_summary(airflow_home, "e2e_mailchimp")
     assert (summary["created"], summary["updated"], summary["rejected"]) == (len(newsletter) - 1, 1, 0)
     output = result.stdout + result.stderr
     assert MAILCHIMP_API_KEY not in output and "@example.com" not in output
@@ -155,7 +145,7 @@ def test_sync_through_dag_runs(airflow_home, sandbox, segment_db, specs_dir):
     def run_ok(conf=None):
         result = dags_test(airflow_home, sandbox, segment_db, specs_dir, "e2e_mailchimp", conf)
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-        return xcom_summary(airflow_home, "e2e_mailchimp"), result.stdout + result.stderr
+        return last_export_summary(airflow_home, "e2e_mailchimp"), result.stdout + result.stderr
 
     newsletter = [r for r in segment_data.rows(1000) if r[-1] == "newsletter"]
     plan, _ = run_ok({"dry_run": True})

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import segment_data
-from airflow_env import airflow_env
+from airflow_env import airflow_env, last_export_summary
 from sandbox_state import klaviyo_profiles, mailchimp_members
 from segment_export_sandbox import KLAVIYO_LIST_ID, MAILCHIMP_AUDIENCE_ID
 
@@ -103,17 +103,6 @@ def test_klaviyo_jobs_of_a_killed_task_are_awaited_not_resubmitted(fault_home, s
     assert "resumed job" in output
 
 
-def xcom_summary(home: Path, dag_id: str) -> dict:
-    import json
-
-    with sqlite3.connect(home / "airflow.db") as conn:
-        (value,) = conn.execute(
-            "SELECT value FROM xcom WHERE dag_id = ? AND task_id = 'export' ORDER BY timestamp DESC LIMIT 1", (dag_id,)
-        ).fetchone()
-    value = json.loads(value)
-    return json.loads(value) if isinstance(value, str) else value
-
-
 def test_mailchimp_export_killed_midway_resends_only_what_was_not_confirmed(fault_home, sandbox):
     home, _, warehouse = fault_home
     sandbox.configure(latency={"mailchimp_batch": 0.4})
@@ -136,7 +125,7 @@ def test_mailchimp_export_killed_midway_resends_only_what_was_not_confirmed(faul
         sandbox.configure(latency={"mailchimp_batch": 0.0})
     members = mailchimp_members(sandbox.state(), MAILCHIMP_AUDIENCE_ID)
     assert set(members) == unique_customers() and all(m["status"] == "subscribed" for m in members.values())
-    summary = xcom_summary(home, "kill_mailchimp")
+    summary = last_export_summary(home, "kill_mailchimp")
     assert summary["sent"] == PROFILES - remembered  # confirmed batches are not sent again
     # at-least-once: only members of batches in flight at the kill arrive a second time, as updates
     assert summary["updated"] == members_at_kill - remembered
