@@ -54,3 +54,18 @@ def test_missing_file_and_bad_parquet(tmp_path):
     bad.write_text("not parquet")
     with pytest.raises(SourceError, match="cannot open .* as Parquet"):
         source_for(SourceSpec(path=str(bad))).columns()
+
+
+def test_csv_bytes_that_are_not_utf8_cost_their_row_only(tmp_path):
+    from segment_export.mapping import Rejection, RowMapper
+    from segment_export.spec import MappingSpec
+
+    path = tmp_path / "latin1.csv"
+    path.write_bytes(b"email,first_name\r\nok@example.com,Ana\r\nbad@example.com,Jos\xe9\r\n\xff@example.com,X\r\n")
+    source = source_for(SourceSpec(path=str(path)))
+    rows = all_rows(source, ["email", "first_name"])
+    mapper = RowMapper(MappingSpec(email="email", first_name="first_name"), ["email", "first_name"])
+    results = [mapper.map(r) for r in rows]
+    assert results[0].first_name == "Ana"
+    assert results[1] == Rejection("a mapped field is not valid UTF-8")
+    assert results[2] == Rejection("email is not valid UTF-8")

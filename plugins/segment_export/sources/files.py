@@ -90,12 +90,19 @@ def _numeric_if_text_numbers(values: list[Any]) -> list[Any]:
         return values
 
 
+_SURROGATE = r"[\udc80-\udcff]"  # lone surrogates: where surrogateescape put undecodable bytes
+
+
+def _original_bytes(text: str) -> bytes:
+    return text.encode("utf-8", "surrogateescape")
+
+
 class CsvSource(FileSource):
     def columns(self) -> list[str]:
         import pandas as pd
 
         try:
-            return [str(c) for c in pd.read_csv(self.path, nrows=0, encoding="utf-8-sig").columns]
+            return [str(c) for c in pd.read_csv(self.path, nrows=0, encoding="utf-8-sig", encoding_errors="surrogateescape").columns]
         except (ValueError, UnicodeDecodeError, OSError) as exc:
             raise SourceError(f"cannot read the header of {self.path}: {exc}") from exc
 
@@ -104,12 +111,20 @@ class CsvSource(FileSource):
 
         order = list(columns)
         try:
+            # Bytes that are not UTF-8 must cost their row, not the file: they are read as lone surrogates (in
+            # object columns: Arrow strings cannot hold them) and
+            # handed on as the original bytes, which the mapping rejects as "not valid UTF-8" for that row only.
             reader = pd.read_csv(
-                self.path, usecols=order, dtype=str, keep_default_na=False, encoding="utf-8-sig",
-                chunksize=self.chunk_size,
+                self.path, usecols=order, dtype=object, keep_default_na=False, encoding="utf-8-sig",
+                encoding_errors="surrogateescape", chunksize=self.chunk_size,
             )
             for frame in reader:
-                yield list(frame[order].itertuples(index=False, name=None))
+                frame = frame[order]
+                for column in order:
+                    bad = frame[column].str.contains(_SURROGATE, regex=True)
+                    if bad.any():
+                        frame.loc[bad, column] = frame.loc[bad, column].map(_original_bytes)
+                yield list(frame.itertuples(index=False, name=None))
         except (ValueError, UnicodeDecodeError) as exc:
             raise SourceError(f"cannot read {self.path}: {exc}") from exc
 
