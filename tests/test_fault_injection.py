@@ -130,3 +130,24 @@ def test_errors_that_cannot_succeed_fail_at_once(warehouse, sandbox, airflow_con
         with pytest.raises(DestinationError, match="HTTP 404"):
             export(spec({"type": "klaviyo", "list_id": "Gone01"}))
     assert "POST /api/profile-bulk-import-jobs" not in sandbox.state()["requests"]["by_endpoint"]
+
+
+@pytest.mark.parametrize("destination, endpoint", [
+    (KLAVIYO, "POST /api/profile-bulk-import-jobs"), (MAILCHIMP, "POST /3.0/lists/{list_id}"),
+])
+def test_an_unexpected_answer_fails_clearly_and_nothing_is_reported_as_sent(warehouse, sandbox, destination, endpoint):
+    sandbox.set_faults([{"endpoint": endpoint, "kind": "garbage", "times": 1000}])
+    with pytest.raises(ExportError, match="not JSON|unexpected answer") as info:
+        export(spec(destination))
+    assert info.value.summary.accepted == 0 and info.value.summary.sent == 0
+
+
+def test_an_empty_segment_sends_nothing_and_succeeds(warehouse, sandbox):
+    s = ExportSpec.model_validate({
+        "id": "empty", "privacy_acknowledged": True,
+        "source": {"conn_id": "warehouse", "table": "segment_members", "segment_column": "segment", "segments": ["nobody"]},
+        "destination": KLAVIYO, "mapping": {"email": "email"},
+    })
+    summary, _ = export(s)
+    assert (summary.read, summary.sent, summary.accepted) == (0, 0, 0)
+    assert "POST /api/profile-bulk-import-jobs" not in sandbox.state()["requests"]["by_endpoint"]

@@ -88,6 +88,8 @@ class ApiResponse:
     def encoded(self) -> bytes:
         if self.body is None:
             return b""
+        if isinstance(self.body, bytes):  # a raw body (e.g. an injected HTML error page)
+            return self.body
         return json.dumps(self.body, separators=(",", ":")).encode()
 
 

@@ -7,6 +7,7 @@ and fires on each of its next ``times`` matches:
 - ``500``/``502``/``503``: a server error in the API's shape — not applied;
 - ``slow``: the answer comes ``seconds`` late (past a client's timeout) — the request *is* applied, as a slow
   real server would;
+- ``garbage``: a 200 whose body is an HTML page instead of JSON (a proxy or maintenance page) — not applied;
 - ``drop``: the connection is closed without an answer; ``phase: before`` (default) drops it unapplied,
   ``phase: after`` applies the request and then loses the answer (the case only idempotent writes survive).
 
@@ -20,7 +21,7 @@ import threading
 from dataclasses import asdict, dataclass, field
 from typing import Any, Optional
 
-KINDS = ("429", "500", "502", "503", "slow", "drop")
+KINDS = ("429", "500", "502", "503", "slow", "drop", "garbage")
 
 
 @dataclass

@@ -206,6 +206,8 @@ class Sandbox:
                 return response
             if fault.kind == "drop":
                 return DROP
+            if fault.kind == "garbage":
+                return ApiResponse(200, b"<html><body>Service temporarily unavailable</body></html>", "text/html")
             if fault.kind == "slow":
                 time.sleep(fault.seconds)
         response = self._handle(svc, route, req)

@@ -228,6 +228,15 @@ class DestinationHook(HttpHook):
                 f"{self.hook_name} {method} {endpoint}: the answer is not JSON ({response.text[:200]!r})"
             ) from exc
 
+    def request_data(self, method: str, endpoint: str, key: str = "data", **kwargs: Any) -> Any:
+        """``request_json(...)[key]``, failing with a clear message when the answer has another shape."""
+        body = self.request_json(method, endpoint, **kwargs)
+        if not isinstance(body, dict) or key not in body:
+            raise DestinationError(
+                f"{self.hook_name} {method} {endpoint}: unexpected answer (no {key!r}): {str(body)[:200]!r}"
+            )
+        return body[key]
+
     def test_connection(self) -> tuple[bool, str]:
         raise NotImplementedError
 

@@ -69,16 +69,14 @@ class KlaviyoHook(DestinationHook):
 
     def get_list(self, list_id: str) -> dict[str, Any]:
         """The list resource; a missing list fails with Klaviyo's 404 message."""
-        return self.request_json("GET", f"/api/lists/{list_id}", limit_key="lists")["data"]
+        return self.request_data("GET", f"/api/lists/{list_id}", limit_key="lists")
 
     def submit_bulk_import(self, body: bytes) -> dict[str, Any]:
         """POST a pre-serialized bulk import job body; return the job resource (status ``queued``)."""
-        return self.request_json("POST", "/api/profile-bulk-import-jobs", data=body, limit_key="bulk-import")["data"]
+        return self.request_data("POST", "/api/profile-bulk-import-jobs", data=body, limit_key="bulk-import")
 
     def get_bulk_import_job(self, job_id: str) -> dict[str, Any]:
-        return self.request_json(
-            "GET", f"/api/profile-bulk-import-jobs/{job_id}", limit_key="bulk-import-read"
-        )["data"]
+        return self.request_data("GET", f"/api/profile-bulk-import-jobs/{job_id}", limit_key="bulk-import-read")
 
     def iter_import_errors(self, job_id: str) -> Iterator[dict[str, Any]]:
         """Every import error of a job, following the cursor pagination (100 per page)."""
