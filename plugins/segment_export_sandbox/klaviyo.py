@@ -54,6 +54,26 @@ Modelled behaviour (and where it comes from)
   (its docs point to the Subscribe Profiles endpoint for consent, and say removing
   from a list does not affect consent).  Such a profile stays
   ``can_receive_email_marketing: false``; state shows ``suppressed: true``.
+* ``GET /api/profiles``: ``equals(email,...)``/``any(email,[...])`` filters, sparse fieldsets, and
+  ``additional-fields[profile]=subscriptions`` rendering ``subscriptions.email.marketing``: ``consent``
+  (``NEVER_SUBSCRIBED``/``SUBSCRIBED``/``UNSUBSCRIBED``), ``consent_timestamp``, ``custom_method_detail``,
+  ``suppression`` (``USER_SUPPRESSED`` for seeded suppressions) and ``list_suppressions`` (always empty: the
+  sandbox has no per-list suppression). ``can_receive_email_marketing`` is "True if profile does not have any
+  global suppressions" (the spec's words: implicit consent), so it does not require ``SUBSCRIBED``.
+* ``POST /api/profile-subscription-bulk-create-jobs`` (Bulk Subscribe Profiles) -> 202 with no body (the spec's
+  response has no content and no job id).  Request checked against the spec's schema (email channel only:
+  another channel -> 400, *sandbox limit*); <= 1,000 profiles (the spec's "Maximum number of profiles can be
+  submitted for subscription: 1000"; more -> 400, *guess* for the code); each profile needs ``email`` (the email
+  channel's address; a missing or invalid one -> 400 pointing at it: *guess*, the real API may report per
+  profile later); ``consented_at`` only with ``historical_import: true``, and then required and in the past
+  (spec: "if the historical_import flag is not included, providing any value for this field will raise an
+  error") -> 400; an unknown ``relationships.list`` -> 400 (*guess*, as for import jobs).  Applied at once
+  (*guess*: Klaviyo runs it as a job it does not expose): a profile is found by id then email, or created; its
+  email consent becomes ``SUBSCRIBED`` with ``custom_source`` as ``custom_method_detail``; per the spec ("This
+  API will remove any UNSUBSCRIBE, SPAM_REPORT or USER_SUPPRESSED suppressions") a suppressed profile is
+  **unsuppressed** and subscribed (the sandbox's suppressions are all ``USER_SUPPRESSED``); it is added to the
+  given list.  Lists are single opt-in (double opt-in, where Klaviyo would send a confirmation first, is not
+  modelled).
 * ``POST /api/profile-import``: one profile, 201 created / 200 updated; 100 KB cap
   (-> 413); invalid email/phone or no identifier -> 400 (not an import error).
 * ``GET/POST/DELETE /api/lists/{id}/relationships/profiles``: <= 1,000 ids per
@@ -111,7 +131,9 @@ RATE_LIMITS: dict[str, tuple[int, int]] = {
     "bulk_import": (10, 150),
     "profile_import": (75, 750),
     "profiles_read": (75, 750),
+    "subscribe": (75, 750),
 }
+MAX_SUBSCRIBE_PROFILES = 1_000
 
 PROFILE_ATTRIBUTE_FIELDS = (
     "email",
@@ -213,6 +235,96 @@ BULK_IMPORT_SCHEMA: dict[str, Any] = {
                                         "required": ["type", "id"],
                                         "properties": {"type": {"type": "string", "enum": ["list"]}, "id": {"type": "string"}},
                                     },
+                                }
+                            },
+                        }
+                    },
+                },
+            },
+        }
+    },
+}
+_SUBSCRIPTION_PARAMETERS: dict[str, Any] = {
+    "type": "object",
+    "required": ["consent"],
+    "additionalProperties": False,
+    "properties": {
+        "consent": {"type": "string", "enum": ["SUBSCRIBED"]},
+        "consented_at": {"type": "string", "nullable": True},
+    },
+}
+SUBSCRIBE_JOB_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "required": ["data"],
+    "properties": {
+        "data": {
+            "type": "object",
+            "required": ["type", "attributes"],
+            "properties": {
+                "type": {"type": "string", "enum": ["profile-subscription-bulk-create-job"]},
+                "attributes": {
+                    "type": "object",
+                    "required": ["profiles"],
+                    "additionalProperties": False,
+                    "properties": {
+                        "custom_source": _NSTR,
+                        "historical_import": {"type": "boolean", "nullable": True},
+                        "profiles": {
+                            "type": "object",
+                            "required": ["data"],
+                            "properties": {
+                                "data": {
+                                    "type": "array",
+                                    "minItems": 1,
+                                    "items": {
+                                        "type": "object",
+                                        "required": ["type", "attributes"],
+                                        "properties": {
+                                            "type": {"type": "string", "enum": ["profile"]},
+                                            "id": _NSTR,
+                                            "attributes": {
+                                                "type": "object",
+                                                "required": ["subscriptions"],
+                                                "additionalProperties": False,
+                                                "properties": {
+                                                    "email": _NSTR,
+                                                    "phone_number": _NSTR,
+                                                    "age_gated_date_of_birth": _NSTR,
+                                                    "subscriptions": {
+                                                        "type": "object",
+                                                        "additionalProperties": False,
+                                                        "properties": {
+                                                            "email": {
+                                                                "type": "object",
+                                                                "nullable": True,
+                                                                "additionalProperties": False,
+                                                                "properties": {
+                                                                    "marketing": {**_SUBSCRIPTION_PARAMETERS, "nullable": True},
+                                                                },
+                                                            },
+                                                        },
+                                                    },
+                                                },
+                                            },
+                                        },
+                                    },
+                                }
+                            },
+                        },
+                    },
+                },
+                "relationships": {
+                    "type": "object",
+                    "additionalProperties": False,
+                    "properties": {
+                        "list": {
+                            "type": "object",
+                            "required": ["data"],
+                            "properties": {
+                                "data": {
+                                    "type": "object",
+                                    "required": ["type", "id"],
+                                    "properties": {"type": {"type": "string", "enum": ["list"]}, "id": {"type": "string"}},
                                 }
                             },
                         }
@@ -329,6 +441,19 @@ def _phone_ok(value: Any) -> bool:
     return isinstance(value, str) and bool(_E164_RE.match(value))
 
 
+def _parse_time(value: Any) -> Optional[float]:
+    """An ISO 8601 date-time as epoch seconds (naive ones read as UTC), or None when it is not one."""
+    from datetime import datetime, timezone
+
+    if not isinstance(value, str):
+        return None
+    try:
+        parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return (parsed if parsed.tzinfo else parsed.replace(tzinfo=timezone.utc)).timestamp()
+
+
 def check_profile(attrs: dict[str, Any]) -> Optional[tuple[str, str]]:
     """Per-profile validation: (field, detail) of the first problem, or None."""
     if not any(attrs.get(k) for k in IDENTIFIERS):
@@ -414,6 +539,7 @@ class KlaviyoService:
             Route("GET", "/api/profile-bulk-import-jobs/{id}/relationships/lists", self.get_job_list_ids, "klaviyo_read", rl["bulk_import"]),
             Route("POST", "/api/profile-import", self.profile_import, "klaviyo_write", rl["profile_import"]),
             Route("GET", "/api/profiles", self.get_profiles, "klaviyo_read", rl["profiles_read"]),
+            Route("POST", "/api/profile-subscription-bulk-create-jobs", self.bulk_subscribe, "klaviyo_write", rl["subscribe"]),
         ]
 
     def authenticate(self, req: ApiRequest) -> Optional[ApiResponse]:
@@ -552,7 +678,8 @@ class KlaviyoService:
         if profile is None:
             pid = new_ulid()
             profile = {"id": pid, **_BLANK_PROFILE}
-            profile.update({"location": {}, "properties": {}, "created": now, "updated": now, "suppressed": False, "consent": "NEVER_SUBSCRIBED"})
+            profile.update({"location": {}, "properties": {}, "created": now, "updated": now, "suppressed": False,
+                            "consent": "NEVER_SUBSCRIBED", "consent_timestamp": None, "consent_source": None})
             acc.profiles[pid] = profile
         old_email, old_phone, old_external = profile.get("email"), profile.get("phone_number"), profile.get("external_id")
         for key in _STORED_FIELDS:
@@ -623,8 +750,10 @@ class KlaviyoService:
             attributes["subscriptions"] = {
                 "email": {
                     "marketing": {
-                        "can_receive_email_marketing": not profile["suppressed"] and profile["consent"] == "SUBSCRIBED",
+                        "can_receive_email_marketing": not profile["suppressed"],
                         "consent": profile["consent"],
+                        "consent_timestamp": profile.get("consent_timestamp"),
+                        "custom_method_detail": profile.get("consent_source"),
                         "suppression": [{"reason": "USER_SUPPRESSED", "timestamp": profile["updated"]}] if profile["suppressed"] else [],
                         "list_suppressions": [],
                     }
@@ -930,6 +1059,61 @@ class KlaviyoService:
     def get_job_list_ids(self, req: ApiRequest) -> ApiResponse:
         job = self._job_or_404(req.account, req.path_params["id"])
         return self._ok(200, {"data": [{"type": "list", "id": lid} for lid in job.list_ids], "links": {"self": req.url()}})
+
+    # --- handlers: consent ----------------------------------------------------------
+
+    def bulk_subscribe(self, req: ApiRequest) -> ApiResponse:
+        """Bulk Subscribe Profiles: email marketing consent (see the module docstring for what is a guess)."""
+        acc: KAccount = req.account
+        body = self._body(req)
+        data = body.get("data") if isinstance(body, dict) else None
+        profiles = ((data or {}).get("attributes") or {}).get("profiles") if isinstance(data, dict) else None
+        if isinstance(profiles, dict) and isinstance(profiles.get("data"), list) and len(profiles["data"]) > MAX_SUBSCRIBE_PROFILES:
+            raise invalid(
+                f"Too many profiles: {len(profiles['data'])}. At most {MAX_SUBSCRIBE_PROFILES} profiles can be subscribed per request.",
+                "/data/attributes/profiles/data",
+            )
+        for i, item in enumerate((profiles or {}).get("data") or [] if isinstance(profiles, dict) else []):
+            channels = ((item or {}).get("attributes") or {}).get("subscriptions") if isinstance(item, dict) else None
+            for channel in channels or {} if isinstance(channels, dict) else {}:
+                if channel != "email":
+                    raise invalid(f"The sandbox models the email channel only, not '{channel}'.",
+                                  f"/data/attributes/profiles/data/{i}/attributes/subscriptions/{channel}")
+        _schema_error(body, SUBSCRIBE_JOB_SCHEMA, "profile-subscription-bulk-create-job")
+        historical = data["attributes"].get("historical_import") is True
+        now = self.clock()
+        items = data["attributes"]["profiles"]["data"]
+        for i, item in enumerate(items):
+            attrs, pointer = item["attributes"], f"/data/attributes/profiles/data/{i}/attributes"
+            marketing = (attrs["subscriptions"].get("email") or {}).get("marketing")
+            if marketing is None:
+                raise invalid("'subscriptions.email.marketing' is required to subscribe to the email channel.", pointer + "/subscriptions")
+            if not isinstance(attrs.get("email"), str) or not is_valid_email(attrs["email"]):
+                raise invalid("An email subscription needs a valid 'email'.", pointer + "/email")
+            consented_at = marketing.get("consented_at")
+            at = pointer + "/subscriptions/email/marketing/consented_at"
+            if consented_at is not None and not historical:
+                raise invalid("'consented_at' can only be provided with 'historical_import' set to true.", at)
+            if historical:
+                when = _parse_time(consented_at)
+                if when is None or when >= now:
+                    raise invalid("With 'historical_import', 'consented_at' is required and must be in the past.", at)
+        list_rel = (data.get("relationships") or {}).get("list")
+        list_id = list_rel["data"]["id"] if list_rel else None
+        if list_id is not None and list_id not in acc.lists:
+            raise invalid(f"A list with id {list_id} does not exist.", "/data/relationships/list/data/id")
+        source = data["attributes"].get("custom_source")
+        for item in items:
+            attrs = item["attributes"]
+            profile, _ = self._upsert(acc, {"email": attrs["email"]}, item.get("id"), None)
+            consented_at = attrs["subscriptions"]["email"]["marketing"].get("consented_at")
+            profile["suppressed"] = False  # the spec: subscribing removes UNSUBSCRIBE/SPAM_REPORT/USER_SUPPRESSED
+            profile["consent"] = "SUBSCRIBED"
+            profile["consent_timestamp"] = consented_at or iso_now(now)
+            profile["consent_source"] = source
+            if list_id is not None:
+                acc.lists[list_id].profile_ids[profile["id"]] = None
+        return ApiResponse(202, None, CONTENT_TYPE)
 
     # --- handlers: single profile ----------------------------------------------------
 
