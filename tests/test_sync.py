@@ -218,7 +218,7 @@ def test_mailchimp_consent_column_chooses_a_new_members_status_only(tmp_path, sa
         "old@example.com": "unsubscribed",  # consent in the warehouse never re-subscribes through an export
     }
     assert "opted_in" not in str(members) and (summary.created, summary.updated) == (3, 1)
-    with pytest.raises(ValueError, match="Klaviyo subscriptions .* not supported yet"):
+    with pytest.raises(ValueError, match="set both 'destination.subscribe: true' and 'mapping.consent'"):
         make_spec(KLAVIYO, mapping={"email": "email", "consent": "opted_in"})
 
 

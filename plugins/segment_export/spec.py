@@ -125,6 +125,22 @@ class KlaviyoDestinationSpec(_DestinationBase):
     lists: dict[str, str] | None = Field(
         None, description="One list per segment instead: segment name → list id (profiles move with their segments)."
     )
+    subscribe: bool = Field(
+        False,
+        description=(
+            "Explicit opt-in: subscribe rows whose mapping.consent column is true to email marketing (Bulk Subscribe "
+            "Profiles), unless Klaviyo suppresses them or they unsubscribed. Without it, profiles only join the list, "
+            "which is not consent. Nobody is ever unsubscribed by an export."
+        ),
+    )
+    report_suppressed: bool = Field(
+        True,
+        description=(
+            "After each import job, look up the accepted profiles (one request per 100) and report the ones Klaviyo "
+            "suppresses as skipped with its reason. Required by subscribe; false saves the lookups, and suppressed "
+            "profiles are then counted as accepted."
+        ),
+    )
 
     @model_validator(mode="after")
     def _one_way(self) -> KlaviyoDestinationSpec:
@@ -132,6 +148,11 @@ class KlaviyoDestinationSpec(_DestinationBase):
             raise ValueError("give either 'list_id' (one list for the export) or 'lists' (one list per segment)")
         if self.lists is not None and not self.lists:
             raise ValueError("'lists' needs at least one segment: list id pair")
+        if self.subscribe and not self.report_suppressed:
+            raise ValueError(
+                "'subscribe' needs 'report_suppressed' (the lookup that keeps suppressed and unsubscribed profiles "
+                "from being subscribed again)"
+            )
         return self
 
     @property
@@ -177,7 +198,7 @@ class MappingSpec(_Strict):
     consent: str | None = Field(
         None,
         description="Column that is true where the person consented to marketing (Mailchimp: chooses a new "
-        "member's status). Never sent itself.",
+        "member's status; Klaviyo, with destination.subscribe: who is subscribed). Never sent itself.",
     )
 
     def columns(self) -> list[str]:
@@ -355,10 +376,11 @@ class ExportSpec(_Strict):
                     "destination.lists: every exported segment needs a list "
                     + (f"(no list for {missing})" if missing else "(and source.segment_column/segments must be set)")
                 )
-        if self.destination.type == "klaviyo" and self.mapping.consent:
+        if self.destination.type == "klaviyo" and bool(self.mapping.consent) != self.destination.subscribe:
             raise ValueError(
-                "mapping.consent: Klaviyo subscriptions (bulk subscription jobs) are not supported yet; a Klaviyo "
-                "export adds profiles to the list, which is not consent. Remove mapping.consent"
+                "mapping.consent: a Klaviyo export subscribes people only when asked twice: set both "
+                "'destination.subscribe: true' and 'mapping.consent' (the column that is true where the person "
+                "consented), or neither (profiles then only join the list, which is not consent)"
             )
         if self.destination.type == "klaviyo" and self.sync.on_leave == "unsubscribe":
             raise ValueError(

@@ -17,6 +17,7 @@ class BatchResult:
 
     ``accepted_keys`` are the profiles the destination confirmed one by one; only they advance the sync state.
     ``rejected_keys``/``skipped_keys`` map a profile to its reason where the destination named the profile.
+    ``subscribed``: profiles asked to subscribe (Klaviyo with ``destination.subscribe``; None elsewhere).
     """
 
     accepted: int
@@ -27,6 +28,7 @@ class BatchResult:
     accepted_keys: set[str] = field(default_factory=set)
     rejected_keys: dict[str, str] = field(default_factory=dict)
     skipped_keys: dict[str, str] = field(default_factory=dict)
+    subscribed: int | None = None
 
 
 @dataclass(slots=True)
@@ -48,6 +50,7 @@ class ExportSummary:
     removed: int = 0  # left the segment and removed from what the export manages
     tags_added: int = 0
     tags_removed: int = 0
+    subscribed: int | None = None  # Klaviyo with destination.subscribe: consenting profiles asked to subscribe
     resumed: int = 0  # profiles of jobs an interrupted run had submitted, awaited instead of sent again
     batches: int = 0
     seconds: float = 0.0
@@ -78,6 +81,8 @@ class ExportSummary:
             self.created = (self.created or 0) + result.created
         if result.updated is not None:
             self.updated = (self.updated or 0) + result.updated
+        if result.subscribed is not None:
+            self.subscribed = (self.subscribed or 0) + result.subscribed
 
     @property
     def consistent(self) -> bool:
@@ -101,6 +106,7 @@ class ExportSummary:
             "skipped": self.skipped,
             "unchanged": self.unchanged,
             "removed": self.removed,
+            "subscribed": self.subscribed,
             "tags_added": self.tags_added,
             "tags_removed": self.tags_removed,
             "resumed": self.resumed,
@@ -129,6 +135,7 @@ class ExportSummary:
             ("skipped by destination", self.skipped),
             ("unchanged (not sent)", self.unchanged),
             ("removed (left segment)", self.removed),
+            ("subscribed (consent)", "n/a" if self.subscribed is None else self.subscribed),
             ("tags added / removed", f"{self.tags_added} / {self.tags_removed}"),
             ("batches", self.batches),
             ("seconds", f"{self.seconds:.1f}"),

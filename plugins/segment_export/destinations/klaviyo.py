@@ -1,15 +1,25 @@
-"""Klaviyo list destination: profiles go out as bulk profile import jobs with the list as relationship."""
+"""Klaviyo list destination: profiles go out as bulk profile import jobs with the list as relationship.
+
+After each job, the profiles Klaviyo accepted are looked up (``GET /api/profiles``, 100 addresses a request,
+with ``additional-fields[profile]=subscriptions``): suppressed ones (unsubscribed, bounced, spam complaint...)
+stay in Klaviyo and in the list but cannot receive email, so they are reported as ``skipped`` with Klaviyo's
+reason and remembered, not retried. With ``destination.subscribe`` the same answer decides who is subscribed
+(Bulk Subscribe Profiles, at most 1,000 a request): rows whose consent column is true, whose Klaviyo consent is
+``NEVER_SUBSCRIBED`` and who are not suppressed. Klaviyo's subscribe call lifts ``UNSUBSCRIBE``/``SPAM_REPORT``/
+``USER_SUPPRESSED`` suppressions, so sending a suppressed or unsubscribed profile would re-subscribe someone
+who opted out: that is never done. Nobody is ever unsubscribed by an export.
+"""
 
 from __future__ import annotations
 
 import time
 from collections import Counter
-from typing import Any
+from typing import Any, Iterable
 
 from segment_export.batching import Batch
 from segment_export.destinations.base import Destination, dump_bytes, redact_emails
 from segment_export.hooks.base import DestinationError
-from segment_export.hooks.klaviyo import KlaviyoHook
+from segment_export.hooks.klaviyo import MAX_FILTER_EMAILS, MAX_SUBSCRIBE_PROFILES, KlaviyoHook
 from segment_export.mapping import Profile
 from segment_export.spec import ExportSpec
 from segment_export.summary import BatchResult
@@ -18,6 +28,11 @@ MAX_JOB_PROFILES = 10_000
 MAX_JOB_BYTES = 5_000_000  # "5 MB" per job; decimal megabytes, to stay clear of the cap either way
 MAX_PROFILE_BYTES = 100_000  # "100 KB" per profile
 FINAL_STATUSES = ("complete", "cancelled")
+# With destination.subscribe, a fragment ends with whether the row consents. The marker is part of the fingerprint
+# (a consent that flips from false to true makes the row "changed", so the next run acts on it) and of the dry
+# run's example, and is cut off before the profile goes into a job body (see :func:`without_consent`).
+_CONSENT_KEY = b',"subscribe":'
+_CONSENTS = _CONSENT_KEY + b"true}"
 
 
 def profile_fragment(profile: Profile) -> bytes:
@@ -30,6 +45,43 @@ def profile_fragment(profile: Profile) -> bytes:
     if profile.attributes:
         attributes["properties"] = profile.attributes
     return dump_bytes({"type": "profile", "attributes": attributes})
+
+
+def with_consent(fragment: bytes, consents: bool) -> bytes:
+    """A profile fragment carrying the row's consent (``mapping.consent``) for a subscribing export."""
+    return fragment[:-1] + _CONSENT_KEY + (b"true}" if consents else b"false}")
+
+
+def without_consent(fragment: bytes) -> bytes:
+    """The profile as the bulk import job takes it: the consent marker of :func:`with_consent` cut off."""
+    return fragment[: fragment.rindex(_CONSENT_KEY)] + b"}"
+
+
+def subscription_body(emails: Iterable[str], list_id: str | None, source: str) -> dict[str, Any]:
+    """A Bulk Subscribe Profiles request: email marketing consent, now (not a historical import, so no
+    ``consented_at``: Klaviyo refuses it without ``historical_import``), recorded with ``custom_source``."""
+    profiles = [
+        {"type": "profile", "attributes": {"email": email, "subscriptions": {"email": {"marketing": {"consent": "SUBSCRIBED"}}}}}
+        for email in emails
+    ]
+    data: dict[str, Any] = {
+        "type": "profile-subscription-bulk-create-job",
+        "attributes": {"custom_source": source, "profiles": {"data": profiles}},
+    }
+    if list_id is not None:
+        data["relationships"] = {"list": {"data": {"type": "list", "id": list_id}}}
+    return {"data": data}
+
+
+def suppression_reason(marketing: dict[str, Any], list_ids: Iterable[str]) -> str | None:
+    """Why Klaviyo will not email this profile (a global suppression, or one from the export's lists), or None."""
+    for suppression in marketing.get("suppression") or []:
+        return f"suppressed in Klaviyo: {suppression.get('reason') or 'unknown reason'}"
+    lists = set(list_ids)
+    for suppression in marketing.get("list_suppressions") or []:
+        if suppression.get("list_id") in lists:
+            return f"suppressed from the list in Klaviyo: {suppression.get('reason') or 'unknown reason'}"
+    return None
 
 
 def job_envelope(list_id: str | None) -> tuple[bytes, bytes]:
@@ -47,10 +99,20 @@ class KlaviyoDestination(Destination):
     max_profile_bytes = MAX_PROFILE_BYTES
 
     def __init__(self, hook: KlaviyoHook, list_id: str | None, *, lists: dict[str, str] | None = None,
+                 subscribe: bool = False, report_suppressed: bool = True, source: str = "segment-export",
                  concurrency: int = 10, poll_interval: float = 0.5, poll_max_interval: float = 5.0):
-        """One ``list_id`` for every profile, or ``lists`` (segment → list) where profiles follow their segments."""
+        """One ``list_id`` for every profile, or ``lists`` (segment → list) where profiles follow their segments.
+
+        ``subscribe``: rows whose consent is true are subscribed to email marketing after their import (with the
+        list as the subscription's list; with ``lists``, the account's default opt-in process applies).
+        ``report_suppressed``: look up the accepted profiles after each job to report suppressed ones as skipped
+        (one GET per 100 profiles); subscribing needs it. ``source`` is recorded on Klaviyo's consent records."""
+        if subscribe and not report_suppressed:
+            raise ValueError("subscribing needs the suppression check (report_suppressed): it never subscribes a suppressed profile")
         self.hook = hook
         self.lists = lists
+        self.list_id = list_id
+        self.subscribe, self.report_suppressed, self.source = subscribe, report_suppressed, source
         self.manages_segments = lists is not None
         self.target_id = list_id or "+".join(sorted(set((lists or {}).values())))
         self.concurrency = concurrency
@@ -61,17 +123,23 @@ class KlaviyoDestination(Destination):
     @classmethod
     def from_spec(cls, spec: ExportSpec) -> KlaviyoDestination:
         dest = spec.destination
-        return cls(KlaviyoHook(dest.connection_id, max_concurrency=10), dest.list_id, lists=dest.lists)  # type: ignore[union-attr]
+        return cls(
+            KlaviyoHook(dest.connection_id, max_concurrency=10), dest.list_id, lists=dest.lists,  # type: ignore[union-attr]
+            subscribe=dest.subscribe, report_suppressed=dest.report_suppressed,  # type: ignore[union-attr]
+            source=f"segment-export {spec.id}",
+        )
 
     def preflight(self) -> None:
         for list_id in sorted(set(self.lists.values())) if self.lists else [self.target_id]:
             self.hook.get_list(list_id)
 
     def serialize(self, profile: Profile) -> bytes:
-        return profile_fragment(profile)
+        fragment = profile_fragment(profile)
+        return with_consent(fragment, profile.consent is True) if self.subscribe else fragment
 
     def job_body(self, batch: Batch) -> bytes:
-        return self._head + b",".join(batch.fragments) + self._tail
+        fragments = [without_consent(f) for f in batch.fragments] if self.subscribe else batch.fragments
+        return self._head + b",".join(fragments) + self._tail
 
     asynchronous = True
 
@@ -79,17 +147,61 @@ class KlaviyoDestination(Destination):
         job = self.hook.submit_bulk_import(self.job_body(batch))
         if self.on_submitted is not None:
             self.on_submitted(batch, job["id"])
-        return self._outcome(self._await(job), batch.keys)
+        result = self._outcome(self._await(job), batch.keys)
+        consenting = {k for k, f in zip(batch.keys, batch.fragments) if f.endswith(_CONSENTS)} if self.subscribe else set()
+        return self._settle(result, consenting)
 
     def resume(self, job_id: str, keys: list[str]) -> BatchResult | None:
-        """Await a job an interrupted run submitted, instead of importing its profiles again."""
+        """Await a job an interrupted run submitted, instead of importing its profiles again.
+
+        A subscribing export does not know the job's rows' consent any more (only keys are kept in flight): it
+        awaits the job, then answers None so that the profiles are sent again, and subscribed, by this run."""
         try:
             job = self.hook.get_bulk_import_job(job_id)
         except DestinationError as exc:
             if exc.status == 404:
                 return None
             raise
-        return self._outcome(self._await(job), keys)
+        result = self._outcome(self._await(job), keys)
+        return None if self.subscribe else self._settle(result, set())
+
+    def _settle(self, result: BatchResult, consenting: set[str]) -> BatchResult:
+        """Move the accepted profiles Klaviyo suppresses to ``skipped``; subscribe the consenting ones it may.
+
+        Only profiles this run sent are looked up (only changed profiles are sent), 100 per request."""
+        if not self.report_suppressed or not result.accepted_keys:
+            return result
+        keys = sorted(result.accepted_keys)
+        # A list suppression counts for the export's one list; with one list per segment, only global ones do.
+        list_ids = [self.list_id] if self.list_id else []
+        to_subscribe: list[str] = []
+        unknown = 0
+        for start in range(0, len(keys), MAX_FILTER_EMAILS):
+            part = keys[start : start + MAX_FILTER_EMAILS]
+            found = self.hook.find_email_marketing(part)
+            for key in part:
+                if key not in found:
+                    unknown += 1  # imported, yet not found: not remembered, so the next run sends it again
+                    result.accepted_keys.discard(key)
+                    continue
+                email, marketing = found[key]
+                reason = suppression_reason(marketing, list_ids)
+                if reason is None and key in consenting and marketing.get("consent") == "UNSUBSCRIBED":
+                    reason = "unsubscribed in Klaviyo: not subscribed again"
+                if reason is not None:
+                    result.skipped[reason] += 1
+                    result.skipped_keys[key] = reason
+                elif key in consenting and marketing.get("consent") != "SUBSCRIBED":
+                    to_subscribe.append(email)
+        if unknown:
+            self.hook.log.warning("%d imported profiles were not found by email afterwards; they are sent again next run", unknown)
+        result.accepted_keys -= result.skipped_keys.keys()
+        result.accepted -= len(result.skipped_keys)
+        subscription_list = self.list_id  # one list per segment: consent is per profile; the account's opt-in applies
+        for start in range(0, len(to_subscribe), MAX_SUBSCRIBE_PROFILES):
+            self.hook.bulk_subscribe(subscription_body(to_subscribe[start : start + MAX_SUBSCRIBE_PROFILES], subscription_list, self.source))
+        result.subscribed = len(to_subscribe) if self.subscribe else None
+        return result
 
     def _outcome(self, job: dict[str, Any], keys: list[str]) -> BatchResult:
         """A finished job's counts and import errors, profile by profile where Klaviyo names them."""
@@ -171,4 +283,7 @@ def _payload_email(payload: object) -> str | None:
     return email.strip().lower() if isinstance(email, str) else None
 
 
-__all__ = ["KlaviyoDestination", "profile_fragment", "job_envelope", "DestinationError"]
+__all__ = [
+    "KlaviyoDestination", "profile_fragment", "job_envelope", "with_consent", "without_consent", "subscription_body",
+    "suppression_reason", "DestinationError",
+]

@@ -1,8 +1,9 @@
-"""Klaviyo hook: API-key auth, the pinned revision, JSON:API errors, bulk profile import jobs."""
+"""Klaviyo hook: API-key auth, the pinned revision, JSON:API errors, bulk profile import and subscription jobs."""
 
 from __future__ import annotations
 
-from typing import Any, Iterator
+import json
+from typing import Any, Iterator, Sequence
 
 import requests
 
@@ -10,6 +11,8 @@ from segment_export.hooks.base import DestinationError, DestinationHook
 
 KLAVIYO_REVISION = "2026-07-15"
 JSON_API = "application/vnd.api+json"
+MAX_FILTER_EMAILS = 100  # addresses per any(email,[...]) lookup: one page of GET /api/profiles (page[size] max 100)
+MAX_SUBSCRIBE_PROFILES = 1_000  # "Maximum number of profiles can be submitted for subscription: 1000"
 
 
 class KlaviyoHook(DestinationHook):
@@ -29,6 +32,7 @@ class KlaviyoHook(DestinationHook):
         "accounts": (1, 15),
         "lists-write": (10, 150),
         "profiles": (75, 750),
+        "subscriptions": (75, 750),  # POST /api/profile-subscription-bulk-create-jobs
     }
 
     def default_base_url(self, connection: Any) -> str:
@@ -79,33 +83,52 @@ class KlaviyoHook(DestinationHook):
         return self.request_data("GET", f"/api/profile-bulk-import-jobs/{job_id}", limit_key="bulk-import-read")
 
     def iter_import_errors(self, job_id: str) -> Iterator[dict[str, Any]]:
-        """Every import error of a job, following the cursor pagination (100 per page)."""
-        endpoint: str | None = f"/api/profile-bulk-import-jobs/{job_id}/import-errors"
-        params: dict[str, Any] | None = {"page[size]": 100}
-        while endpoint:
-            page = self.request_json("GET", endpoint, params=params, limit_key="bulk-import-read")
-            yield from page.get("data", [])
-            next_url = (page.get("links") or {}).get("next")
-            endpoint, params = (next_url, None) if next_url else (None, None)
+        """Every import error of a job (100 per page)."""
+        yield from self._pages(
+            f"/api/profile-bulk-import-jobs/{job_id}/import-errors", {"page[size]": 100}, "bulk-import-read"
+        )
 
-    def find_profile_ids(self, emails: list[str]) -> dict[str, str]:
-        """Profile id by lower-cased email for up to 100 addresses (``any(email,[...])``); unknown ones are absent."""
-        import json
+    def iter_profiles(self, emails: Sequence[str], *, fields: Sequence[str] = ("email",),
+                      additional: Sequence[str] = ()) -> Iterator[dict[str, Any]]:
+        """The profiles of up to 100 addresses, one ``any(email,[...])`` lookup (unknown addresses are absent).
 
-        found: dict[str, str] = {}
-        endpoint: str | None = "/api/profiles"
-        params: dict[str, Any] | None = {
-            "filter": f"any(email,{json.dumps(emails)})", "page[size]": 100, "fields[profile]": "email",
+        ``fields`` is the sparse fieldset (``fields[profile]``) and ``additional`` the ``additional-fields[profile]``
+        (``subscriptions``: consent and suppressions), so one request answers for 100 profiles."""
+        if len(emails) > MAX_FILTER_EMAILS:
+            raise ValueError(f"at most {MAX_FILTER_EMAILS} addresses per profile lookup, got {len(emails)}")
+        params: dict[str, Any] = {
+            "filter": f"any(email,{json.dumps(list(emails))})", "page[size]": 100, "fields[profile]": ",".join(fields),
         }
-        while endpoint:
-            page = self.request_json("GET", endpoint, params=params, limit_key="profiles")
-            for profile in page.get("data", []):
-                email = (profile.get("attributes") or {}).get("email")
-                if email:
-                    found[email.lower()] = profile["id"]
-            next_url = (page.get("links") or {}).get("next")
-            endpoint, params = (next_url, None) if next_url else (None, None)
-        return found
+        if additional:
+            params["additional-fields[profile]"] = ",".join(additional)
+        yield from self._pages("/api/profiles", params, "profiles")
+
+    def find_profile_ids(self, emails: Sequence[str]) -> dict[str, str]:
+        """Profile id by lower-cased email for up to 100 addresses; unknown ones are absent."""
+        return {key: profile["id"] for key, profile in _by_email(self.iter_profiles(emails))}
+
+    def find_email_marketing(self, emails: Sequence[str]) -> dict[str, tuple[str, dict[str, Any]]]:
+        """(stored email, ``subscriptions.email.marketing``) by lower-cased email for up to 100 addresses: consent,
+        global ``suppression`` and ``list_suppressions``; unknown addresses are absent."""
+        found = self.iter_profiles(emails, fields=("email", "subscriptions"), additional=("subscriptions",))
+        return {
+            key: (profile["attributes"]["email"],
+                  (((profile["attributes"].get("subscriptions") or {}).get("email") or {}).get("marketing") or {}))
+            for key, profile in _by_email(found)
+        }
+
+    def bulk_subscribe(self, body: dict[str, Any]) -> None:
+        """POST a Bulk Subscribe Profiles job (at most 1,000 profiles); Klaviyo answers 202 without a job id."""
+        self.request("POST", "/api/profile-subscription-bulk-create-jobs", json=body, limit_key="subscriptions")
+
+    def _pages(self, endpoint: str, params: dict[str, Any], limit_key: str) -> Iterator[dict[str, Any]]:
+        """Every resource of a collection, following Klaviyo's cursor pagination (``links.next``)."""
+        next_endpoint: str | None = endpoint
+        next_params: dict[str, Any] | None = params
+        while next_endpoint:
+            page = self.request_json("GET", next_endpoint, params=next_params, limit_key=limit_key)
+            yield from page.get("data", [])
+            next_endpoint, next_params = (page.get("links") or {}).get("next"), None
 
     def add_to_list(self, list_id: str, profile_ids: list[str]) -> None:
         """Add up to 1,000 existing profiles to a list (membership, not consent)."""
@@ -122,3 +145,11 @@ class KlaviyoHook(DestinationHook):
         if endpoint and "://" in endpoint:
             return endpoint
         return super().url_from_endpoint(endpoint)
+
+
+def _by_email(profiles: Iterator[dict[str, Any]]) -> Iterator[tuple[str, dict[str, Any]]]:
+    """(lower-cased email, profile) for each profile that has an address."""
+    for profile in profiles:
+        email = (profile.get("attributes") or {}).get("email")
+        if email:
+            yield email.lower(), profile
