@@ -42,7 +42,8 @@ by account id, never by API key::
               "email", "phone_number", "external_id", "first_name", "last_name",
               "organization", "locale", "title", "image",
               "location": {...}, "properties": {...}, "created", "updated",
-              "suppressed": bool, "consent": "NEVER_SUBSCRIBED" | "UNSUBSCRIBED"}},
+              "suppressed": bool, "consent": "NEVER_SUBSCRIBED" | "SUBSCRIBED" | "UNSUBSCRIBED",
+              "consent_timestamp", "consent_source"}},
           "jobs": {<job id>: {
               "status": "queued" | "processing" | "complete",
               "total_count", "completed_count", "failed_count",
