@@ -312,10 +312,13 @@ class _Run:
             self.summary.tags_added += len(change.segments_added)
             self.summary.tags_removed += len(change.segments_removed)
 
-    def _queue_tags(self, change: Change) -> None:
-        if self.destination.manages_segments and (change.segments_added or change.segments_removed):
-            self.staging.queue_tags(change.key, change.fingerprint or "", change.segments,
-                                    change.segments_added, change.segments_removed)
+    def _queue_tags(self, *changes: Change) -> None:
+        if not self.destination.manages_segments:
+            return
+        work = [(c.key, c.fingerprint or "", c.segments, c.segments_added, c.segments_removed)
+                for c in changes if c.segments_added or c.segments_removed]
+        if work:
+            self.staging.queue_tags(work)
 
     def _batch_submitting(self, batch: Batch) -> None:
         if self.track:
@@ -340,7 +343,7 @@ class _Run:
 
     def _save_outcome(self, keys: list[str], changes: dict[str, Change], result: BatchResult) -> None:
         """Remember what the destination confirmed; queue its tag changes; one outcome row per profile."""
-        accepted, outcomes = [], []
+        accepted, outcomes, tagged = [], [], []
         for key in keys:
             change = changes[key]
             if key in result.accepted_keys:
@@ -348,15 +351,17 @@ class _Run:
                 remembered = change.previous_segments if self.destination.manages_segments else change.segments
                 accepted.append((key, change.fingerprint, remembered))
                 outcomes.append((key, "created" if change.kind == "create" else "updated", None))
-                self._queue_tags(change)
+                tagged.append(change)
             elif key in result.skipped_keys:
                 # A lasting refusal: remembered, so it is not retried until the row changes.
                 accepted.append((key, change.fingerprint, change.previous_segments))
                 outcomes.append((key, "skipped", result.skipped_keys[key]))
             elif key in result.rejected_keys:
                 outcomes.append((key, "rejected", result.rejected_keys[key]))
+        self._queue_tags(*tagged)
         if self.state is not None:
-            self.state.save(accepted)
+            new = {k for k in keys if changes[k].kind == "create"}  # not in the state yet: nothing to replace
+            self.state.save(accepted, new=new)
             self.state.record_outcomes(self.options.run_id, outcomes)
 
     def _apply_segments(self) -> None:

@@ -87,10 +87,14 @@ class Staging:
                 yield Previous(key, fingerprint, tuple(segments.split(SEP)) if segments else ())
 
     # -- work queues (written and read after seal(), each statement its own transaction) ---------------------
-    def queue_tags(self, key: str, fingerprint: str, segments: tuple[str, ...], added: tuple[str, ...], removed: tuple[str, ...]) -> None:
-        self.conn.executemany("INSERT INTO tag_ops VALUES (?, ?, ?)", [(s, "+", key) for s in added] + [(s, "-", key) for s in removed])
-        if fingerprint:
-            self.conn.execute("INSERT OR REPLACE INTO pending VALUES (?, ?, ?)", (key, fingerprint, SEP.join(segments)))
+    def queue_tags(self, changes: list[tuple[str, str, tuple[str, ...], tuple[str, ...], tuple[str, ...]]]) -> None:
+        """Queue segment (tag) changes: (key, fingerprint, segments now, segments added, segments removed)."""
+        ops = [(seg, op, key) for key, _, _, added, removed in changes for op, segs in (("+", added), ("-", removed)) for seg in segs]
+        self.conn.executemany("INSERT INTO tag_ops VALUES (?, ?, ?)", ops)
+        self.conn.executemany(
+            "INSERT OR REPLACE INTO pending VALUES (?, ?, ?)",
+            [(key, fp, SEP.join(segments)) for key, fp, segments, _, _ in changes if fp],
+        )
 
     def queue_leaver(self, key: str, segments: tuple[str, ...]) -> None:
         self.conn.execute("INSERT OR REPLACE INTO leavers VALUES (?, ?)", (key, SEP.join(segments)))

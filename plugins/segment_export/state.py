@@ -42,6 +42,7 @@ _DDL = (
     " segments TEXT NOT NULL, kind VARCHAR(16) NOT NULL)",
 )
 _CHUNK = 500
+_MAX_PARAMS = 3000  # bound parameters per statement: far under SQLite's 32,766 and PostgreSQL's 65,535
 
 
 def default_state_db() -> Path:
@@ -105,10 +106,26 @@ class StateStore:
         finally:
             cursor.close()
 
-    def save(self, accepted: list[tuple[str, str, tuple[str, ...]]], forgotten: list[str] = ()) -> None:
-        """Remember accepted profiles (key, fingerprint, segments) and forget removed ones, in one transaction."""
-        keys = [a[0] for a in accepted] + list(forgotten)
-        now = _now()
+    def _insert(self, table: str, rows: list[tuple[Any, ...]]) -> None:
+        """Multi-row INSERTs (``VALUES (…), (…), …``): one round trip per few hundred rows instead of one per row,
+        in SQL that SQLite, PostgreSQL and MySQL all accept."""
+        if not rows:
+            return
+        width = len(rows[0])
+        per_statement = max(1, _MAX_PARAMS // width)
+        one = "(" + ", ".join([self.ph] * width) + ")"
+        cursor = self.conn.cursor()
+        for start in range(0, len(rows), per_statement):
+            part = rows[start : start + per_statement]
+            cursor.execute(f"INSERT INTO {table} VALUES " + ", ".join([one] * len(part)), [v for row in part for v in row])
+        cursor.close()
+
+    def save(self, accepted: list[tuple[str, str, tuple[str, ...]]], forgotten: Iterable[str] = (),
+             new: set[str] | frozenset[str] = frozenset()) -> None:
+        """Remember accepted profiles (key, fingerprint, segments) and forget removed ones, in one transaction.
+
+        ``new`` names accepted profiles the state cannot hold yet (first seen this run): no row to replace."""
+        keys = [a[0] for a in accepted if a[0] not in new] + list(forgotten)
         for start in range(0, len(keys), _CHUNK):
             part = keys[start : start + _CHUNK]
             marks = ", ".join(["?"] * len(part))
@@ -116,29 +133,16 @@ class StateStore:
                 f"DELETE FROM {STATE_TABLE} WHERE export_id = ? AND target_id = ? AND profile_key IN ({marks})",
                 [self.export_id, self.target_id, *part],
             ).close()
-        if accepted:
-            cursor = self.conn.cursor()
-            cursor.executemany(
-                f"INSERT INTO {STATE_TABLE} VALUES (?, ?, ?, ?, ?, ?)".replace("?", self.ph),
-                [(self.export_id, self.target_id, k, fp, json.dumps(list(segs)), now) for k, fp, segs in accepted],
-            )
-            cursor.close()
+        now = _now()
+        self._insert(STATE_TABLE, [(self.export_id, self.target_id, k, fp, json.dumps(list(segs)), now) for k, fp, segs in accepted])
         self.conn.commit()
 
     def record_outcomes(self, run_id: str, outcomes: list[tuple[str, str, str | None]]) -> None:
         """One row per profile acted on: (key, action, reason)."""
-        if not outcomes:
-            return
         now = _now()
-        cursor = self.conn.cursor()
-        cursor.executemany(
-            f"INSERT INTO {OUTCOMES_TABLE} VALUES (?, ?, ?, ?, ?, ?)".replace("?", self.ph),
-            [(self.export_id, run_id, key, action, reason, now) for key, action, reason in outcomes],
-        )
-        cursor.close()
+        self._insert(OUTCOMES_TABLE, [(self.export_id, run_id, key, action, reason, now) for key, action, reason in outcomes])
         self.conn.commit()
 
-    # -- in-flight batches (asynchronous destinations) ----------------------------------------------------
     def begin_batch(self, batch_id: str, rows: list[tuple[str, str, tuple[str, ...], str]]) -> None:
         """Record a batch's profiles (key, fingerprint, segments, kind) before it is handed over."""
         cursor = self.conn.cursor()
