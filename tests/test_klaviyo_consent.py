@@ -31,7 +31,7 @@ def test_suppressed_profiles_are_skipped_with_klaviyos_reason_and_not_retried(se
     quiet = [rows[0][1], rows[5][1]]
     for email in quiet:
         sandbox.suppress_klaviyo_email(email.upper())  # identity is case-insensitive
-    spec = make_spec(KLAVIYO)
+    spec = make_spec({**KLAVIYO, "report_suppressed": True})
     first = run(spec)
     assert (first.sent, first.accepted, first.skipped, first.rejected) == (len(rows), len(rows) - 2, 2, 0)
     assert first.skipped_reasons == {"suppressed in Klaviyo: USER_SUPPRESSED": 2}
@@ -51,11 +51,13 @@ def test_suppressed_profiles_are_skipped_with_klaviyos_reason_and_not_retried(se
     assert writes(sandbox) == before
 
 
-def test_the_suppression_lookup_can_be_turned_off(segment_db, sandbox):
+def test_the_suppression_lookup_is_off_by_default_without_subscribe(segment_db, sandbox):
     sandbox.suppress_klaviyo_email(vip()[0][1])
-    summary = run(make_spec({**KLAVIYO, "report_suppressed": False}))
-    assert (summary.accepted, summary.skipped) == (len(vip()), 0)
-    assert requests_to(sandbox, LOOKUP) == 0
+    for destination in (KLAVIYO, {**KLAVIYO, "report_suppressed": False}):
+        sandbox.reset()
+        summary = run(make_spec(destination, id=f"off_{len(destination)}"))
+        assert (summary.accepted, summary.skipped) == (len(vip()), 0)
+        assert requests_to(sandbox, LOOKUP) == 0
 
 
 def consent_db(tmp_path, airflow_conn, rows):

@@ -125,7 +125,7 @@ class KlaviyoDestination(Destination):
         dest = spec.destination
         return cls(
             KlaviyoHook(dest.connection_id, max_concurrency=10), dest.list_id, lists=dest.lists,  # type: ignore[union-attr]
-            subscribe=dest.subscribe, report_suppressed=dest.report_suppressed,  # type: ignore[union-attr]
+            subscribe=dest.subscribe, report_suppressed=dest.checks_suppression,  # type: ignore[union-attr]
             source=f"segment-export {spec.id}",
         )
 
