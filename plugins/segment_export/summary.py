@@ -65,10 +65,6 @@ class ExportSummary:
         self.invalid += 1
         self.invalid_reasons[reason] += 1
 
-    def add_planned(self, size: int) -> None:
-        self.batches += 1
-        self.planned += size
-
     def add_batch(self, size: int, result: BatchResult) -> None:
         self.batches += 1
         self.sent += size

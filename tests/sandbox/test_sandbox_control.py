@@ -18,7 +18,6 @@ from segment_export_sandbox import (
     MAILCHIMP_ACCOUNT_ID,
     MAILCHIMP_API_KEY,
     MAILCHIMP_AUDIENCE_ID,
-    Sandbox,
     SandboxConfig,
     subscriber_hash,
 )
