@@ -260,7 +260,9 @@ class _Run:
                 if change.kind == "leave":
                     if on_leave != "keep":
                         leavers += 1
-                        if not dry:
+                        if dry:
+                            self._count_tags(change)
+                        else:
                             self.staging.queue_leaver(change.key, change.previous_segments)
                             self._queue_tags(change)
                     continue
