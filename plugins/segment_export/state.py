@@ -41,7 +41,6 @@ _DDL = (
     " job_id VARCHAR(100), profile_key VARCHAR(320) NOT NULL, fingerprint VARCHAR(64) NOT NULL,"
     " segments TEXT NOT NULL, kind VARCHAR(16) NOT NULL)",
 )
-_CHUNK = 500
 
 
 def default_state_db() -> Path:
@@ -121,13 +120,16 @@ class StateStore:
 
         ``new`` names accepted profiles the state cannot hold yet (first seen this run): no row to replace."""
         keys = [a[0] for a in accepted if a[0] not in new] + list(forgotten)
-        for start in range(0, len(keys), _CHUNK):
-            part = keys[start : start + _CHUNK]
-            marks = ", ".join(["?"] * len(part))
-            self._run(
-                f"DELETE FROM {STATE_TABLE} WHERE export_id = ? AND target_id = ? AND profile_key IN ({marks})",
-                [self.export_id, self.target_id, *part],
-            ).close()
+        if keys:
+            # One equality per key (executemany, pipelined by psycopg): always an index lookup. A long
+            # "IN (…)" list of bound parameters was planned as a sequential scan by PostgreSQL (9 s a statement
+            # on a 2,200,000-row state table in the benchmark).
+            cursor = self.conn.cursor()
+            cursor.executemany(
+                f"DELETE FROM {STATE_TABLE} WHERE export_id = ? AND target_id = ? AND profile_key = ?".replace("?", self.ph),
+                [(self.export_id, self.target_id, key) for key in keys],
+            )
+            cursor.close()
         now = _now()
         self._insert(STATE_TABLE, [(self.export_id, self.target_id, k, fp, json.dumps(list(segs)), now) for k, fp, segs in accepted])
         self.conn.commit()
