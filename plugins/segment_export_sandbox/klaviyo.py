@@ -199,51 +199,52 @@ PROFILE_RESOURCE_SCHEMA: dict[str, Any] = {
         "meta": _PROFILE_META_SCHEMA,
     },
 }
-BULK_IMPORT_SCHEMA: dict[str, Any] = {
-    "type": "object",
-    "required": ["data"],
-    "properties": {
-        "data": {
-            "type": "object",
-            "required": ["type", "attributes"],
-            "properties": {
-                "type": {"type": "string", "enum": ["profile-bulk-import-job"]},
-                "attributes": {
-                    "type": "object",
-                    "required": ["profiles"],
-                    "additionalProperties": False,
-                    "properties": {
-                        "profiles": {
-                            "type": "object",
-                            "required": ["data"],
-                            "properties": {"data": {"type": "array", "minItems": 1, "items": PROFILE_RESOURCE_SCHEMA}},
-                        }
+def _list_relationship(many: bool) -> dict[str, Any]:
+    """A JSON:API relationship to one list (``data: {…}``) or several (``data: [{…}]``)."""
+    identifier = {
+        "type": "object",
+        "required": ["type", "id"],
+        "properties": {"type": {"type": "string", "enum": ["list"]}, "id": {"type": "string"}},
+    }
+    return {
+        "type": "object",
+        "required": ["data"],
+        "properties": {"data": {"type": "array", "items": identifier} if many else identifier},
+    }
+
+
+def _job_schema(job_type: str, attributes: dict[str, Any], relationships: dict[str, Any]) -> dict[str, Any]:
+    """The JSON:API envelope of a job-creating request: ``data.type``, ``data.attributes`` (a ``profiles`` list
+    plus the job's own attributes) and ``data.relationships``, unknown keys refused."""
+    return {
+        "type": "object",
+        "required": ["data"],
+        "properties": {
+            "data": {
+                "type": "object",
+                "required": ["type", "attributes"],
+                "properties": {
+                    "type": {"type": "string", "enum": [job_type]},
+                    "attributes": {
+                        "type": "object",
+                        "required": ["profiles"],
+                        "additionalProperties": False,
+                        "properties": attributes,
                     },
+                    "relationships": {"type": "object", "additionalProperties": False, "properties": relationships},
                 },
-                "relationships": {
-                    "type": "object",
-                    "additionalProperties": False,
-                    "properties": {
-                        "lists": {
-                            "type": "object",
-                            "required": ["data"],
-                            "properties": {
-                                "data": {
-                                    "type": "array",
-                                    "items": {
-                                        "type": "object",
-                                        "required": ["type", "id"],
-                                        "properties": {"type": {"type": "string", "enum": ["list"]}, "id": {"type": "string"}},
-                                    },
-                                }
-                            },
-                        }
-                    },
-                },
-            },
-        }
-    },
-}
+            }
+        },
+    }
+
+
+def _profiles(items: dict[str, Any]) -> dict[str, Any]:
+    return {"type": "object", "required": ["data"], "properties": {"data": {"type": "array", "minItems": 1, "items": items}}}
+
+
+BULK_IMPORT_SCHEMA: dict[str, Any] = _job_schema(
+    "profile-bulk-import-job", {"profiles": _profiles(PROFILE_RESOURCE_SCHEMA)}, {"lists": _list_relationship(many=True)}
+)
 _SUBSCRIPTION_PARAMETERS: dict[str, Any] = {
     "type": "object",
     "required": ["consent"],
@@ -253,87 +254,47 @@ _SUBSCRIPTION_PARAMETERS: dict[str, Any] = {
         "consented_at": {"type": "string", "nullable": True},
     },
 }
-SUBSCRIBE_JOB_SCHEMA: dict[str, Any] = {
+_SUBSCRIBE_PROFILE_SCHEMA: dict[str, Any] = {
     "type": "object",
-    "required": ["data"],
+    "required": ["type", "attributes"],
     "properties": {
-        "data": {
+        "type": {"type": "string", "enum": ["profile"]},
+        "id": _NSTR,
+        "attributes": {
             "type": "object",
-            "required": ["type", "attributes"],
+            "required": ["subscriptions"],
+            "additionalProperties": False,
             "properties": {
-                "type": {"type": "string", "enum": ["profile-subscription-bulk-create-job"]},
-                "attributes": {
+                "email": _NSTR,
+                "phone_number": _NSTR,
+                "age_gated_date_of_birth": _NSTR,
+                "subscriptions": {
                     "type": "object",
-                    "required": ["profiles"],
                     "additionalProperties": False,
                     "properties": {
-                        "custom_source": _NSTR,
-                        "historical_import": {"type": "boolean", "nullable": True},
-                        "profiles": {
+                        "email": {
                             "type": "object",
-                            "required": ["data"],
+                            "nullable": True,
+                            "additionalProperties": False,
                             "properties": {
-                                "data": {
-                                    "type": "array",
-                                    "minItems": 1,
-                                    "items": {
-                                        "type": "object",
-                                        "required": ["type", "attributes"],
-                                        "properties": {
-                                            "type": {"type": "string", "enum": ["profile"]},
-                                            "id": _NSTR,
-                                            "attributes": {
-                                                "type": "object",
-                                                "required": ["subscriptions"],
-                                                "additionalProperties": False,
-                                                "properties": {
-                                                    "email": _NSTR,
-                                                    "phone_number": _NSTR,
-                                                    "age_gated_date_of_birth": _NSTR,
-                                                    "subscriptions": {
-                                                        "type": "object",
-                                                        "additionalProperties": False,
-                                                        "properties": {
-                                                            "email": {
-                                                                "type": "object",
-                                                                "nullable": True,
-                                                                "additionalProperties": False,
-                                                                "properties": {
-                                                                    "marketing": {**_SUBSCRIPTION_PARAMETERS, "nullable": True},
-                                                                },
-                                                            },
-                                                        },
-                                                    },
-                                                },
-                                            },
-                                        },
-                                    },
-                                }
+                                "marketing": {**_SUBSCRIPTION_PARAMETERS, "nullable": True},
                             },
                         },
                     },
                 },
-                "relationships": {
-                    "type": "object",
-                    "additionalProperties": False,
-                    "properties": {
-                        "list": {
-                            "type": "object",
-                            "required": ["data"],
-                            "properties": {
-                                "data": {
-                                    "type": "object",
-                                    "required": ["type", "id"],
-                                    "properties": {"type": {"type": "string", "enum": ["list"]}, "id": {"type": "string"}},
-                                }
-                            },
-                        }
-                    },
-                },
             },
-        }
+        },
     },
 }
+SUBSCRIBE_JOB_SCHEMA: dict[str, Any] = _job_schema(
+    "profile-subscription-bulk-create-job",
+    {
+        "custom_source": _NSTR,
+        "historical_import": {"type": "boolean", "nullable": True},
+        "profiles": _profiles(_SUBSCRIBE_PROFILE_SCHEMA),
+    },
+    {"list": _list_relationship(many=False)},
+)
 PROFILE_IMPORT_SCHEMA: dict[str, Any] = {"type": "object", "required": ["data"], "properties": {"data": PROFILE_RESOURCE_SCHEMA}}
 RELATIONSHIP_PROFILES_SCHEMA: dict[str, Any] = {
     "type": "object",
