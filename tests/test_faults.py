@@ -86,7 +86,7 @@ def test_klaviyo_jobs_of_a_killed_task_are_awaited_not_resubmitted(fault_home, s
         assert any(j["status"] != "complete" for j in jobs().values()), "killed too late to test anything"
         kill(proc)
         with sqlite3.connect(fault_home[2]) as conn:
-            inflight = conn.execute("SELECT count(DISTINCT job_id) FROM segment_export_inflight").fetchone()[0]
+            inflight = conn.execute("SELECT count(DISTINCT job_id) FROM segment_export_inflight_batches").fetchone()[0]
         assert inflight >= 1
 
         rerun = start(fault_home, sandbox, "kill_klaviyo")

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 from datetime import datetime, timezone
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
@@ -23,7 +24,7 @@ from segment_export.diff import Previous
 
 STATE_TABLE = "segment_export_state"
 OUTCOMES_TABLE = "segment_export_outcomes"
-INFLIGHT_TABLE = "segment_export_inflight"
+INFLIGHT_TABLE = "segment_export_inflight_batches"
 DEFAULT_STATE_DB_ENV = "SEGMENT_EXPORT_STATE_DB"
 
 _DDL = (
@@ -34,12 +35,13 @@ _DDL = (
     f"CREATE TABLE IF NOT EXISTS {OUTCOMES_TABLE} ("
     " export_id VARCHAR(200) NOT NULL, run_id VARCHAR(250) NOT NULL, profile_key VARCHAR(320) NOT NULL,"
     " action VARCHAR(16) NOT NULL, reason TEXT, recorded_at VARCHAR(40) NOT NULL)",
-    # Batches handed to an asynchronous destination (Klaviyo jobs): written before the job is submitted, the
-    # job id added right after, deleted once the outcome is saved. What a killed task leaves here is resumed.
+    # Batches handed to an asynchronous destination (Klaviyo jobs), one row each: written before the job is
+    # submitted, the job id added right after, deleted once the outcome is saved. What a killed task leaves here
+    # is resumed. The batch's profiles are one JSON array ([key, fingerprint, segments, kind] each) rather than a
+    # row per profile: one insert and one indexed delete per 10,000 profiles instead of 10,000 of each.
     f"CREATE TABLE IF NOT EXISTS {INFLIGHT_TABLE} ("
-    " export_id VARCHAR(200) NOT NULL, target_id VARCHAR(200) NOT NULL, batch_id VARCHAR(300) NOT NULL,"
-    " job_id VARCHAR(100), profile_key VARCHAR(320) NOT NULL, fingerprint VARCHAR(64) NOT NULL,"
-    " segments TEXT NOT NULL, kind VARCHAR(16) NOT NULL)",
+    " export_id VARCHAR(200) NOT NULL, target_id VARCHAR(200) NOT NULL, batch_id VARCHAR(100) NOT NULL,"
+    " job_id VARCHAR(100), profiles TEXT NOT NULL, PRIMARY KEY (batch_id))",
 )
 
 
@@ -50,6 +52,17 @@ def default_state_db() -> Path:
         return Path(env)
     home = os.environ.get("AIRFLOW_HOME") or str(Path.home() / "airflow")
     return Path(home) / "segment_export_state.db"
+
+
+@lru_cache(maxsize=4096)
+def segments_json(segments: tuple[str, ...]) -> str:
+    """A profile's segments as stored: a JSON array. Cached: a segment holds few distinct combinations."""
+    return json.dumps(list(segments))
+
+
+@lru_cache(maxsize=4096)
+def _segments_tuple(stored: str) -> tuple[str, ...]:
+    return tuple(json.loads(stored))
 
 
 def _now() -> str:
@@ -100,7 +113,7 @@ class StateStore:
         try:
             while rows := cursor.fetchmany(5000):
                 for key, fingerprint, segments in rows:
-                    yield Previous(key, fingerprint, tuple(json.loads(segments)))
+                    yield Previous(key, fingerprint, _segments_tuple(segments))
         finally:
             cursor.close()
 
@@ -131,7 +144,7 @@ class StateStore:
             )
             cursor.close()
         now = _now()
-        self._insert(STATE_TABLE, [(self.export_id, self.target_id, k, fp, json.dumps(list(segs)), now) for k, fp, segs in accepted])
+        self._insert(STATE_TABLE, [(self.export_id, self.target_id, k, fp, segments_json(segs), now) for k, fp, segs in accepted])
         self.conn.commit()
 
     def record_outcomes(self, run_id: str, outcomes: list[tuple[str, str, str | None]]) -> None:
@@ -142,12 +155,10 @@ class StateStore:
 
     def begin_batch(self, batch_id: str, rows: list[tuple[str, str, tuple[str, ...], str]]) -> None:
         """Record a batch's profiles (key, fingerprint, segments, kind) before it is handed over."""
-        cursor = self.conn.cursor()
-        cursor.executemany(
-            f"INSERT INTO {INFLIGHT_TABLE} VALUES (?, ?, ?, NULL, ?, ?, ?, ?)".replace("?", self.ph),
-            [(self.export_id, self.target_id, batch_id, k, fp, json.dumps(list(s)), kind) for k, fp, s, kind in rows],
-        )
-        cursor.close()
+        self._run(
+            f"INSERT INTO {INFLIGHT_TABLE} VALUES (?, ?, ?, NULL, ?)",
+            (self.export_id, self.target_id, batch_id, json.dumps(rows, separators=(",", ":"))),
+        ).close()
         self.conn.commit()
 
     def batch_submitted(self, batch_id: str, job_id: str) -> None:
@@ -161,14 +172,13 @@ class StateStore:
     def inflight(self) -> dict[str, tuple[str | None, list[tuple[str, str, tuple[str, ...], str]]]]:
         """Batches a previous, interrupted run left behind: batch id → (job id or None, profiles)."""
         cursor = self._run(
-            f"SELECT batch_id, job_id, profile_key, fingerprint, segments, kind FROM {INFLIGHT_TABLE} "
-            "WHERE export_id = ? AND target_id = ?",
+            f"SELECT batch_id, job_id, profiles FROM {INFLIGHT_TABLE} WHERE export_id = ? AND target_id = ?",
             (self.export_id, self.target_id),
         )
-        found: dict[str, tuple[str | None, list[tuple[str, str, tuple[str, ...], str]]]] = {}
-        for batch_id, job_id, key, fp, segments, kind in cursor.fetchall():
-            entry = found.setdefault(batch_id, (job_id, []))
-            entry[1].append((key, fp, tuple(json.loads(segments)), kind))
+        found = {
+            batch_id: (job_id, [(key, fp, tuple(segments), kind) for key, fp, segments, kind in json.loads(profiles)])
+            for batch_id, job_id, profiles in cursor.fetchall()
+        }
         cursor.close()
         return found
 
