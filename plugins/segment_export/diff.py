@@ -6,14 +6,16 @@ whatever the size of the segment.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Iterable, Iterator, Literal
+from typing import Iterable, Iterator, Literal, NamedTuple
 
 Kind = Literal["create", "update", "unchanged", "leave"]
 
 
-@dataclass(frozen=True, slots=True)
-class Current:
+# Named tuples, not frozen dataclasses: one of each is built per profile per run, and a frozen dataclass's
+# __init__ (object.__setattr__ per field) costs several times a tuple's.
+
+
+class Current(NamedTuple):
     """A profile as the segment holds it now."""
 
     key: str
@@ -22,8 +24,7 @@ class Current:
     segments: tuple[str, ...]
 
 
-@dataclass(frozen=True, slots=True)
-class Previous:
+class Previous(NamedTuple):
     """A profile as the export's state remembers it: the fingerprint and segments last accepted."""
 
     key: str
@@ -31,8 +32,7 @@ class Previous:
     segments: tuple[str, ...]
 
 
-@dataclass(frozen=True, slots=True)
-class Change:
+class Change(NamedTuple):
     key: str
     kind: Kind
     fingerprint: str | None  # the current fingerprint (None for a profile that left)

@@ -120,7 +120,9 @@ class _Sender:
 
     def submit(self, batch: Batch) -> None:
         self.on_tick()
-        while len(self.pending) >= 2 * self.destination.concurrency and self.failure is None:
+        # One batch ready beyond those in flight keeps every connection busy; more would only hold memory
+        # (a Klaviyo batch is 10,000 profiles).
+        while len(self.pending) > self.destination.concurrency and self.failure is None:
             self._collect(self._wait(FIRST_COMPLETED))
         if self.failure is not None:
             raise self.failure
@@ -227,8 +229,7 @@ class _Run:
             limit=decision.read_limit,
         ):
             summary.read += len(rows)
-            profiles: list[tuple[str, str, bytes]] = []
-            memberships: list[tuple[str, str]] = []
+            profiles: list[tuple[str, str, bytes, str]] = []
             for row in rows:
                 profile = mapper.map(row)
                 if isinstance(profile, Rejection):
@@ -238,11 +239,9 @@ class _Run:
                 if isinstance(fragment, Rejection):
                     summary.add_invalid(fragment.reason)
                     continue
-                profiles.append((profile.key, fingerprint(fragment), fragment))
-                segment = row[seg_index] if seg_index is not None else default_segment
-                memberships.append((profile.key, str(segment)))
-            self.staging.add(profiles, memberships)
-        summary.duplicates = self.staging.duplicates
+                segment = str(row[seg_index]) if seg_index is not None else default_segment
+                profiles.append((profile.key, fingerprint(fragment), fragment, segment))
+            self.staging.add(profiles)
         if self.state is not None:
             self.staging.load_previous(self.state.previous())
         self.staging.seal()
@@ -291,6 +290,8 @@ class _Run:
             if exc is not sender.failure:
                 sender.drain()
                 raise
+        finally:
+            summary.duplicates = self.staging.duplicates  # counted as the diff read the staged segment
         sender.drain()
         if sender.failure is not None:
             raise ExportError(

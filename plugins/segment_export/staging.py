@@ -4,6 +4,11 @@ Why a file and not memory: a profile can appear in several rows (one per segment
 the diff needs the whole segment; keeping it on disk keeps the exporter's memory flat at any size. Why copy the
 previous state here: both sides of the diff must be sorted by the same collation, and the state may live in
 another database (PostgreSQL sorts text by locale).
+
+Why append and sort rather than upsert: rows arrive in no particular key order, and inserting them into a table
+keyed by profile (an upsert per row) splits B-tree pages all over a file larger than SQLite's cache. Measured on
+1.1 million rows: 23 s of CPU to upsert, against 3.7 s to append and 3.3 s to read back sorted (SQLite's external
+merge sort, in C, on disk). Duplicate keys are folded while the sorted rows stream out.
 """
 
 from __future__ import annotations
@@ -28,9 +33,9 @@ class Staging:
         self.conn.executescript(
             """
             PRAGMA journal_mode = OFF; PRAGMA synchronous = OFF; PRAGMA temp_store = FILE;
-            CREATE TABLE profiles (key TEXT PRIMARY KEY, fingerprint TEXT NOT NULL, fragment BLOB NOT NULL) WITHOUT ROWID;
-            CREATE TABLE memberships (key TEXT NOT NULL, segment TEXT NOT NULL, PRIMARY KEY (key, segment)) WITHOUT ROWID;
-            CREATE TABLE previous (key TEXT PRIMARY KEY, fingerprint TEXT NOT NULL, segments TEXT NOT NULL) WITHOUT ROWID;
+            -- one row per source row, in arrival order; read back sorted by key (see the module's docstring)
+            CREATE TABLE profiles (key TEXT NOT NULL, fingerprint TEXT NOT NULL, fragment BLOB NOT NULL, segment TEXT NOT NULL);
+            CREATE TABLE previous (key TEXT NOT NULL, fingerprint TEXT NOT NULL, segments TEXT NOT NULL);
             -- work queued while the diff streams: tag changes, profiles waiting on them, profiles that left
             CREATE TABLE tag_ops (segment TEXT NOT NULL, op TEXT NOT NULL, key TEXT NOT NULL);
             CREATE TABLE pending (key TEXT PRIMARY KEY, fingerprint TEXT NOT NULL, segments TEXT NOT NULL) WITHOUT ROWID;
@@ -39,46 +44,46 @@ class Staging:
         )
         self.conn.execute("BEGIN")
         self.rows = 0
+        self.duplicates = 0  # rows that repeated a key already staged, counted by current()
 
-    def add(self, profiles: list[tuple[str, str, bytes]], memberships: list[tuple[str, str]]) -> None:
-        """Stage one chunk. The same key twice is one profile; when the rows' payloads differ, the one with the
-        smallest fingerprint wins, so the outcome does not depend on the order the source returns rows in."""
+    def add(self, profiles: list[tuple[str, str, bytes, str]]) -> None:
+        """Stage one chunk of (key, fingerprint, fragment, segment): rows as read, duplicates included."""
         self.rows += len(profiles)
-        self.conn.executemany(
-            "INSERT INTO profiles VALUES (?, ?, ?) ON CONFLICT (key) DO UPDATE SET "
-            "fingerprint = excluded.fingerprint, fragment = excluded.fragment "
-            "WHERE excluded.fingerprint < profiles.fingerprint",
-            profiles,
-        )
-        self.conn.executemany("INSERT OR IGNORE INTO memberships VALUES (?, ?)", memberships)
-
-    @property
-    def duplicates(self) -> int:
-        """Rows staged that repeated a key already staged."""
-        return self.rows - self.conn.execute("SELECT count(*) FROM profiles").fetchone()[0]
+        self.conn.executemany("INSERT INTO profiles VALUES (?, ?, ?, ?)", profiles)
 
     def load_previous(self, rows: Iterable[Previous]) -> None:
+        """Copy the state's profiles (one row per key: the state's primary key)."""
         batch: list[tuple[str, str, str]] = []
         for row in rows:
             batch.append((row.key, row.fingerprint, SEP.join(row.segments)))
             if len(batch) >= 10_000:
-                self.conn.executemany("INSERT OR REPLACE INTO previous VALUES (?, ?, ?)", batch)
+                self.conn.executemany("INSERT INTO previous VALUES (?, ?, ?)", batch)
                 batch = []
-        self.conn.executemany("INSERT OR REPLACE INTO previous VALUES (?, ?, ?)", batch)
+        self.conn.executemany("INSERT INTO previous VALUES (?, ?, ?)", batch)
 
     def seal(self) -> None:
         """End staging: everything written is committed and readable by the diff's cursors."""
         self.conn.execute("COMMIT")
 
     def current(self) -> Iterator[Current]:
-        cursor = self.conn.execute(
-            "SELECT p.key, p.fingerprint, p.fragment, "
-            "(SELECT group_concat(segment, char(31)) FROM memberships m WHERE m.key = p.key) "
-            "FROM profiles p ORDER BY p.key"
-        )
+        """The staged segment, one profile per key, in key order. A key staged from several rows is one profile
+        in all their segments; when the rows' payloads differ, the smallest fingerprint wins, so the outcome does
+        not depend on the order the source returned rows in. ``duplicates`` counts the folded rows."""
+        self.duplicates = 0
+        cursor = self.conn.execute("SELECT key, fingerprint, fragment, segment FROM profiles ORDER BY key, fingerprint")
+        held: list = []  # [key, fingerprint, fragment, segments] of the profile being folded
         while rows := cursor.fetchmany(5000):
-            for key, fingerprint, fragment, segments in rows:
-                yield Current(key, fingerprint, fragment, tuple(sorted(segments.split(SEP))) if segments else ())
+            for key, fingerprint, fragment, segment in rows:
+                if held and held[0] == key:
+                    self.duplicates += 1
+                    if segment not in held[3]:
+                        held[3] = tuple(sorted((*held[3], segment)))
+                    continue
+                if held:
+                    yield Current(*held)
+                held = [key, fingerprint, fragment, (segment,)]
+        if held:
+            yield Current(*held)
 
     def previous(self) -> Iterator[Previous]:
         cursor = self.conn.cursor().execute("SELECT key, fingerprint, segments FROM previous ORDER BY key")
