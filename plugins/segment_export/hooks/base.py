@@ -20,12 +20,15 @@ from collections import deque
 from functools import cached_property
 from typing import Any, ClassVar
 
+import msgspec
 import requests
 from requests.adapters import HTTPAdapter
 
 from airflow.providers.http.hooks.http import HttpHook, _process_extra_options_from_connection
 
 from airflow.sdk.log import mask_secret
+
+_decode = msgspec.json.decode
 
 RETRYABLE_STATUS = frozenset({429, 500, 502, 503, 504})
 
@@ -222,7 +225,7 @@ class DestinationHook(HttpHook):
         if not response.content:
             return None
         try:
-            return response.json()
+            return _decode(response.content)  # msgspec: a 500-member Mailchimp answer decodes several times faster
         except ValueError as exc:
             raise DestinationError(
                 f"{self.hook_name} {method} {endpoint}: the answer is not JSON ({response.text[:200]!r})"
