@@ -12,8 +12,8 @@ What it does:
 2. Starts the API sandbox as its own process with the destinations' documented rate limits and the latency
    given (default 0.5 s per Klaviyo job submission, 1.0 s per Mailchimp batch, Klaviyo processing each job
    at ``--klaviyo-profiles-per-second``).
-3. For each destination x source, resets the sandbox and runs ``SegmentExportOperator.execute`` (the code a
-   DAG runs) in a child process (``run_case.py``), which reports the export's wall and CPU time and its peak
+3. For each destination x source, resets the sandbox, empties the export's sync state (a first export: every
+   profile new) and runs ``SegmentExportOperator.execute`` (the code a DAG runs) in a child process (``run_case.py``), which reports the export's wall and CPU time and its peak
    RSS. Requests sent and answered 429/5xx come from the sandbox's request log.
 4. Computes each case's floor: the least time the destination's limits and the latency allow (formula
    printed), the ratio wall/floor and the CPU microseconds per exported profile.
@@ -343,7 +343,7 @@ def main(argv: list[str] | None = None) -> int:
             for source in sources:
                 name = f"{destination}-{source}"
                 print(f"running {name} ({n:,} profiles)...", flush=True)
-                case = {"mode": "export", "spec": export_spec(destination, source, n, paths), "params": {"full_resync": True}}
+                case = {"mode": "export", "spec": export_spec(destination, source, n, paths), "params": {}, "fresh_state": True}
                 result, sent, retried, sandbox_cpu = measure(sandbox, lambda: run_child(case, env, workdir, name, args.py_spy))
                 if destination == "klaviyo":
                     floor, formula = klaviyo_floor(n, args.latency_klaviyo_job, args.klaviyo_profiles_per_second)
@@ -405,7 +405,7 @@ def rerun(destination: str, n: int, paths: dict[str, Any], env: dict[str, str], 
     out = []
     print(f"running {name}: full run, then 1% of rows changed...", flush=True)
     sandbox.call("POST", "/_sandbox/reset")
-    full = run_child({"mode": "export", "spec": spec, "params": {"full_resync": True}}, env, workdir, name + "-full", None)
+    full = run_child({"mode": "export", "spec": spec, "params": {}, "fresh_state": True}, env, workdir, name + "-full", None)
     db = sqlite3.connect(paths["sqlite"])
     try:
         with db:

@@ -2,8 +2,9 @@
 
     python benchmarks/run_case.py CASE.json
 
-``CASE.json`` holds ``{"mode": "export", "spec": {...}, "params": {...}}`` (the real SegmentExportOperator,
-connections from the AIRFLOW_CONN_* environment) or ``{"mode": "baseline", ...}`` (one profile per request,
+``CASE.json`` holds ``{"mode": "export", "spec": {...}, "params": {...}, "fresh_state": bool}`` (the real
+SegmentExportOperator, connections from the AIRFLOW_CONN_* environment; ``fresh_state`` empties the export's sync
+state first) or ``{"mode": "baseline", ...}`` (one profile per request,
 see ``baseline``). The last line printed is ``RESULT {json}``: wall and CPU seconds of the export itself,
 the process's peak RSS, the summary's counts and the hook's request counts. Nothing personal is printed.
 """
@@ -36,6 +37,16 @@ def export(case: dict[str, Any]) -> dict[str, Any]:
 
     operator_module.destination_for = tracked
     operator = SegmentExportOperator(task_id="bench", export=case["spec"])
+    if case.get("fresh_state"):
+        # A first export: whatever an earlier benchmark left in this export's sync state is forgotten (the
+        # sandbox is reset by the caller), so every source measures the same thing: all profiles new.
+        from segment_export.spec import ExportSpec
+        from segment_export.state import StateStore
+
+        spec = ExportSpec.model_validate(case["spec"])
+        store = StateStore.open(spec.state_conn_id, spec.id, build(spec).target_id)
+        store.clear()
+        store.close()
     cpu0, wall0 = _usage()
     summary = operator.execute({"params": case.get("params") or {}})
     cpu1, wall1 = _usage()

