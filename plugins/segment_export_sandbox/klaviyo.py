@@ -148,7 +148,11 @@ PROFILE_ATTRIBUTE_FIELDS = (
     "image",
 )
 _STORED_FIELDS = tuple(k for k in PROFILE_ATTRIBUTE_FIELDS if k != "_kx")  # _kx identifies, it is not stored
+_STORED_SET = frozenset(_STORED_FIELDS)
 _BLANK_PROFILE = dict.fromkeys(_STORED_FIELDS)
+# A new profile before its id, location, properties and timestamps are set: copied, not built, per profile.
+_NEW_PROFILE: dict[str, Any] = {"id": None, **_BLANK_PROFILE, "location": None, "properties": None, "created": None, "updated": None,
+                                "suppressed": False, "consent": "NEVER_SUBSCRIBED", "consent_timestamp": None, "consent_source": None}
 LOCATION_FIELDS = ("address1", "address2", "city", "country", "latitude", "longitude", "region", "zip", "timezone", "ip")
 IDENTIFIERS = ("email", "phone_number", "external_id", "_kx")
 
@@ -417,7 +421,7 @@ def _parse_time(value: Any) -> Optional[float]:
 
 def check_profile(attrs: dict[str, Any]) -> Optional[tuple[str, str]]:
     """Per-profile validation: (field, detail) of the first problem, or None."""
-    if not any(attrs.get(k) for k in IDENTIFIERS):
+    if not (attrs.get("email") or attrs.get("phone_number") or attrs.get("external_id") or attrs.get("_kx")):  # IDENTIFIERS
         return "", "A profile must have at least one identifier: email, phone_number, external_id or _kx."
     if attrs.get("email") is not None and not is_valid_email(attrs["email"]):
         return "email", f"Invalid email address: '{attrs['email']}'."
@@ -621,10 +625,15 @@ class KlaviyoService:
     def _find(self, acc: KAccount, attrs: dict[str, Any], profile_id: Optional[str]) -> Optional[dict[str, Any]]:
         if profile_id and profile_id in acc.profiles:
             return acc.profiles[profile_id]
-        for key, index in (("email", acc.by_email), ("phone_number", acc.by_phone), ("external_id", acc.by_external_id)):
+        value = attrs.get("email")
+        if isinstance(value, str):
+            pid = acc.by_email.get(value.lower())
+            if pid:
+                return acc.profiles[pid]
+        for key, index in (("phone_number", acc.by_phone), ("external_id", acc.by_external_id)):
             value = attrs.get(key)
             if isinstance(value, str):
-                pid = index.get(value.lower() if key == "email" else value)
+                pid = index.get(value)
                 if pid:
                     return acc.profiles[pid]
         return None
@@ -638,15 +647,13 @@ class KlaviyoService:
         created = profile is None
         if profile is None:
             pid = new_ulid()
-            profile = {"id": pid, **_BLANK_PROFILE}
-            profile.update({"location": {}, "properties": {}, "created": now, "updated": now, "suppressed": False,
-                            "consent": "NEVER_SUBSCRIBED", "consent_timestamp": None, "consent_source": None})
+            profile = _NEW_PROFILE.copy()  # every stored field present (None), in the stored order
+            profile["id"], profile["location"], profile["properties"], profile["created"] = pid, {}, {}, now
             acc.profiles[pid] = profile
-        old_email, old_phone, old_external = profile.get("email"), profile.get("phone_number"), profile.get("external_id")
-        for key in _STORED_FIELDS:
-            if key in attrs:
-                value = attrs[key]
-                if key == "email" and isinstance(value, str) and isinstance(profile.get("email"), str) and value.lower() == profile["email"].lower():
+        old_email, old_phone, old_external = profile["email"], profile["phone_number"], profile["external_id"]
+        for key, value in attrs.items():
+            if key in _STORED_SET:
+                if key == "email" and isinstance(value, str) and isinstance(old_email, str) and value.lower() == old_email.lower():
                     continue  # same address in another case: keep the stored spelling
                 profile[key] = value
         if "location" in attrs:
@@ -664,17 +671,21 @@ class KlaviyoService:
             self._patch_properties(profile, patch)
         profile["updated"] = now
         pid = profile["id"]
-        new = profile.get("email")
+        new = profile["email"]
         if old_email != new and isinstance(old_email, str):
             acc.by_email.pop(old_email.lower(), None)
         if isinstance(new, str):
             acc.by_email[new.lower()] = pid
-        for old, key, index in ((old_phone, "phone_number", acc.by_phone), (old_external, "external_id", acc.by_external_id)):
-            new = profile.get(key)
-            if old != new and isinstance(old, str):
-                index.pop(old, None)
-            if isinstance(new, str):
-                index[new] = pid
+        new = profile["phone_number"]
+        if old_phone != new and isinstance(old_phone, str):
+            acc.by_phone.pop(old_phone, None)
+        if isinstance(new, str):
+            acc.by_phone[new] = pid
+        new = profile["external_id"]
+        if old_external != new and isinstance(old_external, str):
+            acc.by_external_id.pop(old_external, None)
+        if isinstance(new, str):
+            acc.by_external_id[new] = pid
         return profile, created
 
     @staticmethod
