@@ -144,6 +144,85 @@ def validate_enum(schema: dict[str, Any], pointer: str) -> list[Any]:
     return node.get("enum", [])
 
 
+# --- partial responses: fields / exclude_fields ----------------------------------------------
+
+
+FieldTree = dict[str, Any]  # name -> subtree; an empty subtree means "this whole value"
+
+
+def field_tree(text: Optional[str]) -> Optional[FieldTree]:
+    """``a,b.c`` (Mailchimp's comma-separated, dot-notation field list) as a tree; None when absent or empty."""
+    if not text:
+        return None
+    tree: FieldTree = {}
+    for path in text.split(","):
+        parts = [p for p in path.strip().split(".") if p]
+        if not parts:
+            continue
+        node: Optional[FieldTree] = tree
+        for part in parts[:-1]:
+            if part in node and not node[part]:
+                node = None  # an ancestor is already wanted whole
+                break
+            node = node.setdefault(part, {})
+        if node is not None:
+            node[parts[-1]] = {}
+    return tree or None
+
+
+def keep_fields(value: Any, tree: FieldTree) -> Any:
+    """Only the fields named in ``tree``; a path into an array applies to each of its items."""
+    if isinstance(value, list):
+        return [keep_fields(item, tree) for item in value]
+    if not isinstance(value, dict):
+        return value
+    out = {}
+    for key, sub in value.items():
+        wanted = tree.get(key)
+        if wanted is None:
+            continue
+        out[key] = keep_fields(sub, wanted) if wanted else sub
+    return out
+
+
+def drop_fields(value: Any, tree: FieldTree) -> Any:
+    """Without the fields named in ``tree``; a path into an array applies to each of its items."""
+    if isinstance(value, list):
+        return [drop_fields(item, tree) for item in value]
+    if not isinstance(value, dict):
+        return value
+    out = {}
+    for key, sub in value.items():
+        unwanted = tree.get(key)
+        if unwanted is None:
+            out[key] = sub
+        elif unwanted:
+            out[key] = drop_fields(sub, unwanted)
+    return out
+
+
+def partial_response(req: ApiRequest, body: dict[str, Any]) -> dict[str, Any]:
+    """Honour ``fields`` then ``exclude_fields`` (both may be given)."""
+    keep, drop = field_tree(req.arg("fields")), field_tree(req.arg("exclude_fields"))
+    if keep is not None:
+        body = keep_fields(body, keep)
+    if drop is not None:
+        body = drop_fields(body, drop)
+    return body
+
+
+def member_keys(req: ApiRequest, collection: str) -> Optional[frozenset[str]]:
+    """The member keys a partial response can show for the members in ``collection`` (None: all of them), so
+    that a batch answer asked for e.g. ``new_members.email_address`` does not render whole members first."""
+    keep = field_tree(req.arg("fields"))
+    if keep is None:
+        return None
+    sub = keep.get(collection)
+    if sub is None:
+        return frozenset()
+    return frozenset(sub) if sub else None
+
+
 _MEMBER_SCHEMA: dict[str, Any] = {
     "type": "object",
     "properties": {
@@ -219,7 +298,12 @@ class Member:
 
     @property
     def id(self) -> str:
-        return subscriber_hash(self.email_address)
+        """The subscriber hash, computed once (``email_address`` keeps its first spelling: it never changes)."""
+        cached = self.__dict__.get("_id")
+        if cached is None or cached[0] != self.email_address:
+            cached = (self.email_address, subscriber_hash(self.email_address))
+            self.__dict__["_id"] = cached
+        return cached[1]
 
 
 @dataclass
@@ -459,11 +543,15 @@ class MailchimpService:
         au.segments[seg.id] = seg
         return seg
 
-    def _member_json(self, req: ApiRequest, au: Audience, m: Member) -> dict[str, Any]:
+    def _member_json(self, req: ApiRequest, au: Audience, m: Member, keys: Optional[frozenset[str]] = None) -> dict[str, Any]:
+        """A member as the API shows it; with ``keys``, only those of its fields (the rest not even computed)."""
+        if keys is not None:
+            return {key: value(self, req, au, m) for key, value in _MEMBER_FIELDS if key in keys}
         merge = {mf.tag: m.merge_fields.get(mf.tag, "") for mf in au.merge_fields}
-        tags = [{"id": s.id, "name": s.name} for s in au.segments.values() if m.id in s.member_ids]
+        mid = m.id
+        tags = [{"id": s.id, "name": s.name} for s in au.segments.values() if mid in s.member_ids]
         return {
-            "id": m.id,
+            "id": mid,
             "email_address": m.email_address,
             "unique_email_id": m.unique_email_id,
             "contact_id": m.contact_id,
@@ -488,7 +576,7 @@ class MailchimpService:
             "tags_count": len(tags),
             "tags": tags,
             "list_id": au.id,
-            "_links": self._links(req, f"/3.0/lists/{au.id}/members/{m.id}"),
+            "_links": self._links(req, f"/3.0/lists/{au.id}/members/{mid}"),
         }
 
     def _segment_json(self, req: ApiRequest, au: Audience, seg: Segment) -> dict[str, Any]:
@@ -617,6 +705,7 @@ class MailchimpService:
         updated: list[dict[str, Any]] = []
         errors: list[dict[str, str]] = []
         seen: set[str] = set()
+        new_keys, updated_keys = member_keys(req, "new_members"), member_keys(req, "updated_members")
 
         def fail(email: str, message: str, code: str = "ERROR_GENERIC", fld: str = "", field_message: str = "") -> None:
             errors.append({"email_address": email, "error": message, "error_code": code, "field": fld, "field_message": field_message})
@@ -685,11 +774,11 @@ class MailchimpService:
                             seg.member_ids.pop(member.id, None)
                 for name in wanted:
                     self._segment_by_name(au, name, create=True).member_ids[member.id] = None
-            (updated if existing else new_members).append(self._member_json(req, au, member))
+            (updated if existing else new_members).append(self._member_json(req, au, member, updated_keys if existing else new_keys))
 
         return ApiResponse(
             200,
-            {
+            partial_response(req, {
                 "new_members": new_members,
                 "updated_members": updated,
                 "errors": errors,
@@ -697,7 +786,7 @@ class MailchimpService:
                 "total_updated": len(updated),
                 "error_count": len(errors),
                 "_links": self._links(req, f"/3.0/lists/{au.id}", ("GET", "POST")),
-            },
+            }),
         )
 
     def post_member_tags(self, req: ApiRequest) -> ApiResponse:
@@ -836,3 +925,39 @@ class MailchimpService:
                     }
                 accounts[acc.account_id] = {"audiences": audiences}
             return {"accounts": accounts}
+
+
+def _whole(key: str) -> Callable[[MailchimpService, ApiRequest, Audience, Member], Any]:
+    """A member field read from the whole rendering (fields needing the audience: merge fields, tags, links)."""
+    return lambda svc, req, au, m: svc._member_json(req, au, m)[key]
+
+
+# Member fields in the order _member_json renders them, each computable on its own for partial responses.
+_MEMBER_FIELDS: list[tuple[str, Callable[[MailchimpService, ApiRequest, Audience, Member], Any]]] = [
+    ("id", lambda svc, req, au, m: m.id),
+    ("email_address", lambda svc, req, au, m: m.email_address),
+    ("unique_email_id", lambda svc, req, au, m: m.unique_email_id),
+    ("contact_id", lambda svc, req, au, m: m.contact_id),
+    ("full_name", _whole("full_name")),
+    ("web_id", lambda svc, req, au, m: m.web_id),
+    ("email_type", lambda svc, req, au, m: m.email_type),
+    ("status", lambda svc, req, au, m: m.status),
+    ("consents_to_one_to_one_messaging", _whole("consents_to_one_to_one_messaging")),
+    ("merge_fields", _whole("merge_fields")),
+    ("stats", _whole("stats")),
+    ("ip_signup", _whole("ip_signup")),
+    ("timestamp_signup", _whole("timestamp_signup")),
+    ("ip_opt", _whole("ip_opt")),
+    ("timestamp_opt", lambda svc, req, au, m: iso_now(m.created)),
+    ("member_rating", _whole("member_rating")),
+    ("last_changed", lambda svc, req, au, m: iso_now(m.last_changed)),
+    ("language", lambda svc, req, au, m: m.language),
+    ("vip", lambda svc, req, au, m: m.vip),
+    ("email_client", _whole("email_client")),
+    ("location", _whole("location")),
+    ("source", _whole("source")),
+    ("tags_count", _whole("tags_count")),
+    ("tags", _whole("tags")),
+    ("list_id", lambda svc, req, au, m: au.id),
+    ("_links", _whole("_links")),
+]

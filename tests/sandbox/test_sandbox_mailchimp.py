@@ -263,3 +263,62 @@ def test_eleventh_simultaneous_request_gets_429():
         assert state["max_in_flight"]["mailchimp"] >= 10
         # slots are given back: a later request goes through
         assert mc(sb, "GET", "/ping").status_code == 200
+
+
+# --- partial responses on batch subscribe ------------------------------------------------------
+
+
+def test_batch_fields_keep_only_the_dotted_paths(sb):
+    sb.seed_mailchimp_member(AUD, "old@example.com", "subscribed")
+    people = [{"email_address": "new@example.com", "status": "subscribed", "merge_fields": {"FNAME": "Ada"}},
+              {"email_address": "old@example.com", "status": "subscribed"}, {"email_address": "not-an-email", "status": "subscribed"}]
+    fields = "new_members.email_address,new_members.status,errors.email_address,errors.error_code,total_created,error_count"
+    r = mc(sb, "POST", f"/lists/{AUD}", json={"members": people}, params={"fields": fields})
+    assert r.status_code == 200
+    assert r.json() == {
+        "new_members": [{"email_address": "new@example.com", "status": "subscribed"}],
+        "errors": [{"email_address": "old@example.com", "error_code": "ERROR_CONTACT_EXISTS"},
+                   {"email_address": "not-an-email", "error_code": "ERROR_GENERIC"}],
+        "total_created": 1,
+        "error_count": 2,
+    }
+    assert members(sb)["new@example.com"]["merge_fields"]["FNAME"] == "Ada"  # the work is done in full
+
+
+def test_batch_fields_whole_objects_and_exclude_fields(sb):
+    sb.seed_mailchimp_member(AUD, "old@example.com", "unsubscribed")
+    people = [{"email_address": "old@example.com", "merge_fields": {"LNAME": "Lovelace"}}]
+    full = batch(sb, people, update_existing=True)
+    r = mc(sb, "POST", f"/lists/{AUD}", json={"members": people, "update_existing": True},
+           params={"fields": "updated_members,total_updated"})
+    assert list(r.json()) == ["updated_members", "total_updated"]
+    assert list(r.json()["updated_members"][0]) == list(full["updated_members"][0])  # wanted whole: every field
+    r = mc(sb, "POST", f"/lists/{AUD}", json={"members": people, "update_existing": True},
+           params={"exclude_fields": "_links,updated_members._links,updated_members.merge_fields,updated_members.tags,errors"})
+    body = r.json()
+    assert "_links" not in body and "errors" not in body and body["total_updated"] == 1
+    member = body["updated_members"][0]
+    assert set(full["updated_members"][0]) - set(member) == {"_links", "merge_fields", "tags"}
+    assert member["status"] == "unsubscribed" and member["tags_count"] == 0
+    r = mc(sb, "POST", f"/lists/{AUD}", json={"members": people, "update_existing": True},
+           params={"fields": "updated_members.email_address,updated_members.status,total_updated", "exclude_fields": "updated_members.status"})
+    assert r.json() == {"updated_members": [{"email_address": "old@example.com"}], "total_updated": 1}
+
+
+def test_batch_fields_unknown_names_and_errors_are_unchanged(sb):
+    r = mc(sb, "POST", f"/lists/{AUD}", json={"members": [{"email_address": "a@example.com", "status": "subscribed"}]},
+           params={"fields": "nope,new_members.nope"})
+    assert r.status_code == 200 and r.json() == {"new_members": [{}]}
+    r = mc(sb, "POST", f"/lists/{AUD}", json={"members": [{"status": "subscribed"}]}, params={"fields": "total_created"})
+    assert r.status_code == 400 and r.json()["title"] == "Invalid Resource"  # errors are problem documents, whole
+
+
+def test_field_trees():
+    from segment_export_sandbox.mailchimp import drop_fields, field_tree, keep_fields
+
+    assert field_tree(None) is None and field_tree(" , ") is None
+    assert field_tree("a.b, a.c ,d") == {"a": {"b": {}, "c": {}}, "d": {}}
+    assert field_tree("a,a.b") == field_tree("a.b,a") == {"a": {}}
+    value = {"a": [{"b": 1, "c": {"d": 2, "e": 3}}, {"b": 4}], "f": 5}
+    assert keep_fields(value, field_tree("a.c.e,f")) == {"a": [{"c": {"e": 3}}, {}], "f": 5}
+    assert drop_fields(value, field_tree("a.c.e,a.b")) == {"a": [{"c": {"d": 2}}, {}], "f": 5}
