@@ -111,3 +111,17 @@ def test_api_key_is_masked_in_airflow_logs(airflow_conn):
     airflow_conn("k_mask", conn_type="klaviyo", host="http://127.0.0.1:9", password="pk_masked_0123456789")
     KlaviyoHook("k_mask").get_conn()
     assert "pk_masked_0123456789" not in str(redact("key is pk_masked_0123456789 here"))
+
+
+def test_mailchimp_batch_subscribe_asks_for_fields(sandbox):
+    from segment_export_sandbox import MAILCHIMP_AUDIENCE_ID
+
+    from segment_export.destinations.mailchimp import BATCH_ANSWER_FIELDS, batch_body
+
+    body = batch_body([b'{"email_address":"f@example.com","status":"subscribed"}', b'{"email_address":"bad","status":"subscribed"}'], False)
+    answer = MailchimpHook().batch_subscribe(MAILCHIMP_AUDIENCE_ID, body, fields=BATCH_ANSWER_FIELDS)
+    assert answer["new_members"] == [{"email_address": "f@example.com"}] and answer["total_created"] == 1
+    assert [set(e) for e in answer["errors"]] == [{"email_address", "error", "error_code"}]
+    assert "_links" not in answer and "updated_members" in answer and answer["total_updated"] == 0
+    whole = MailchimpHook().batch_subscribe(MAILCHIMP_AUDIENCE_ID, body.replace(b"f@", b"g@"))
+    assert "unique_email_id" in whole["new_members"][0]  # without fields: whole members

@@ -25,6 +25,12 @@ MAX_BATCH_MEMBERS = 500
 MAX_BODY_BYTES = 10_000_000  # no documented cap per call; keeps one request well-sized
 CONTACT_EXISTS = "ERROR_CONTACT_EXISTS"
 MAX_MERGE_TEXT = 255  # characters in a text merge field
+# What send() and remove() read of a batch answer (see _key, _reason, _is_lasting): asked for by name, the
+# answer carries no whole member objects (each ~1 KB).
+BATCH_ANSWER_FIELDS = ",".join([
+    "new_members.email_address", "updated_members.email_address", "total_created", "total_updated",
+    "errors.email_address", "errors.error", "errors.error_code",
+])
 # Profile fields with a standard merge tag in every new Mailchimp audience.
 STANDARD_MERGE_TAGS = {"first_name": "FNAME", "last_name": "LNAME", "phone_number": "PHONE"}
 
@@ -119,7 +125,7 @@ class MailchimpDestination(Destination):
     def send(self, batch: Batch) -> BatchResult:
         by_key = {key: i for i, key in enumerate(batch.keys)}
         first = self.hook.batch_subscribe(
-            self.target_id, batch_body(batch.fragments, update_existing=False)
+            self.target_id, batch_body(batch.fragments, update_existing=False), fields=BATCH_ANSWER_FIELDS
         )
         result = BatchResult(accepted=0, created=0, updated=0)
         existing: list[int] = []
@@ -133,7 +139,8 @@ class MailchimpDestination(Destination):
         result.accepted_keys.update(_key(m) for m in first.get("new_members") or [])
         if existing:
             second = self.hook.batch_subscribe(
-                self.target_id, batch_body([without_status(batch.fragments[i]) for i in existing], update_existing=True)
+                self.target_id, batch_body([without_status(batch.fragments[i]) for i in existing], update_existing=True),
+                fields=BATCH_ANSWER_FIELDS,
             )
             result.updated = int(second.get("total_updated") or 0)
             result.accepted_keys.update(_key(m) for m in second.get("updated_members") or [])
@@ -176,7 +183,9 @@ class MailchimpDestination(Destination):
         members = [dump_bytes({"email_address": key, "status": "unsubscribed"}) for key in keys]
         failed: set[str] = set()
         for start in range(0, len(members), MAX_BATCH_MEMBERS):
-            answer = self.hook.batch_subscribe(self.target_id, batch_body(members[start : start + MAX_BATCH_MEMBERS], True))
+            answer = self.hook.batch_subscribe(
+                self.target_id, batch_body(members[start : start + MAX_BATCH_MEMBERS], True), fields=BATCH_ANSWER_FIELDS
+            )
             failed.update(_key(e) for e in answer.get("errors") or [] if not _is_lasting(e))
         return failed
 

@@ -102,8 +102,13 @@ class MailchimpHook(DestinationHook):
         body = {"members_to_add": add, "members_to_remove": remove}
         return self.request_json("POST", f"/lists/{audience_id}/segments/{segment_id}", json=body)
 
-    def batch_subscribe(self, audience_id: str, body: bytes) -> dict[str, Any]:
-        """POST /lists/{id}: at most 500 members; per-member errors come back in a 200 answer."""
+    def batch_subscribe(self, audience_id: str, body: bytes, fields: str | None = None) -> dict[str, Any]:
+        """POST /lists/{id}: at most 500 members; per-member errors come back in a 200 answer.
+
+        :param fields: Mailchimp's partial-response list (``a,b.c``, dot notation into objects and arrays) of what
+            the caller reads: the answer otherwise carries every created or updated member whole.
+        """
         return self.request_json(
-            "POST", f"/lists/{audience_id}", data=body, headers={"Content-Type": "application/json"}
+            "POST", f"/lists/{audience_id}", data=body, headers={"Content-Type": "application/json"},
+            params={"fields": fields} if fields else None,
         )
