@@ -18,9 +18,10 @@ import logging
 import queue
 import re
 import time
+from contextlib import contextmanager
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from segment_export.batching import Batch, Batcher
 from segment_export.destinations.base import Destination
@@ -31,7 +32,7 @@ from segment_export.sources.base import Source
 from segment_export.spec import ExportSpec
 from segment_export.staging import Staging
 from segment_export.state import StateStore
-from segment_export.summary import BatchResult, ExportSummary
+from segment_export.summary import PHASES, BatchResult, ExportSummary
 
 log = logging.getLogger(__name__)
 PROGRESS_EVERY_S = 5.0
@@ -94,6 +95,32 @@ def redacted_example(fragment: bytes) -> dict[str, Any]:
     import json
 
     return json.loads(_EMAIL_LOCAL.sub(lambda m: m.group(0)[: m.group(0).index(b":") + 2] + b"***@", fragment))
+
+
+class PhaseClock:
+    """CPU seconds of the calling thread per phase (``summary.PHASES``); time in a phase entered inside another
+    counts for the inner one only. Switched per chunk or batch, never per row."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self.current: str | None = None
+        self.since = time.thread_time()
+
+    def switch(self, phase: str | None) -> str | None:
+        """Start counting ``phase`` (None: stop counting); return the phase that was counted until now."""
+        now = time.thread_time()
+        if self.current is not None:
+            self.seconds[self.current] = self.seconds.get(self.current, 0.0) + now - self.since
+        previous, self.current, self.since = self.current, phase, now
+        return previous
+
+    @contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        previous = self.switch(name)
+        try:
+            yield
+        finally:
+            self.switch(previous)
 
 
 class _Sender:
@@ -170,6 +197,7 @@ class _Run:
         self.options, self.log = options, logger
         self.summary = ExportSummary(spec.id, destination.type, destination.target_id, dry_run=options.dry_run)
         self.staging = Staging()
+        self.clock = PhaseClock()
         self.batch_changes: dict[int, dict[str, Change]] = {}
         # Asynchronous destinations: each batch is recorded before it is handed over (see state.INFLIGHT_TABLE).
         self.track = state is not None and destination.asynchronous and not options.dry_run
@@ -223,11 +251,18 @@ class _Run:
         self.summary.skipped_by_limit = decision.skipped
         self.destination.preflight()  # read-only requests: a dry run checks the target too
 
-        summary, encode = self.summary, self.destination.encode
-        for rows in self.source.chunks(
+        summary, encode, clock = self.summary, self.destination.encode, self.clock
+        chunks = iter(self.source.chunks(
             columns, order_by=order_by if decision.truncated else None, tie_breaker=spec.mapping.email,
             limit=decision.read_limit,
-        ):
+        ))
+        while True:
+            previous_phase = clock.switch("read")
+            rows = next(chunks, None)
+            clock.switch("map")
+            if rows is None:
+                clock.switch(previous_phase)
+                break
             summary.read += len(rows)
             profiles: list[tuple[str, str, bytes, str]] = []
             for row in rows:
@@ -241,10 +276,13 @@ class _Run:
                     continue
                 segment = str(row[seg_index]) if seg_index is not None else default_segment
                 profiles.append((profile.key, fingerprint(fragment), fragment, segment))
+            clock.switch("stage")
             self.staging.add(profiles)
-        if self.state is not None:
-            self.staging.load_previous(self.state.previous())
-        self.staging.seal()
+            clock.switch(previous_phase)
+        with clock.phase("stage"):
+            if self.state is not None:
+                self.staging.load_previous(self.state.previous())
+            self.staging.seal()
         return decision.read_limit or total
 
     # -- 3 + 4: diff and send --------------------------------------------------------------------------------
@@ -254,6 +292,7 @@ class _Run:
         batcher = Batcher(destination.max_batch_profiles, destination.max_batch_bytes)
         sender = _Sender(destination, summary, self.log, expected, self._batch_done, self._batch_submitting, self._record_jobs)
         leavers = 0
+        diff_phase = self.clock.switch("diff")
         try:
             for change in diff(self.staging.current(), self.staging.previous(), full_resync=self.options.full_resync):
                 if change.kind == "leave":
@@ -293,6 +332,7 @@ class _Run:
         finally:
             summary.duplicates = self.staging.duplicates  # counted as the diff read the staged segment
         sender.drain()
+        self.clock.switch(diff_phase)
         if sender.failure is not None:
             raise ExportError(
                 f"export {self.spec.id} stopped: {sender.failure}. Before it stopped, {summary.accepted} profiles were "
@@ -308,7 +348,11 @@ class _Run:
         self._apply_leavers(on_leave)
 
     def _remember(self, batch_number: int, change: Change) -> None:
-        self.batch_changes.setdefault(batch_number, {})[change.key] = change
+        """Keep what the batch's outcome needs, without the payload (the batch holds it until it is sent): a
+        Klaviyo batch in flight is 10,000 profiles, and eleven of them may be."""
+        self.batch_changes.setdefault(batch_number, {})[change.key] = Change(
+            change.key, change.kind, change.fingerprint, None, change.segments, change.previous_segments
+        )
 
     def _count_tags(self, change: Change) -> None:
         if self.destination.manages_segments:
@@ -329,20 +373,23 @@ class _Run:
 
             batch_id = self.batch_ids[batch.number] = uuid.uuid4().hex
             changes = self.batch_changes[batch.number]
-            self.state.begin_batch(batch_id, [(k, changes[k].fingerprint, changes[k].segments, changes[k].kind) for k in batch.keys])
+            with self.clock.phase("state"):
+                self.state.begin_batch(batch_id, [(k, changes[k].fingerprint, changes[k].segments, changes[k].kind) for k in batch.keys])
 
     def _record_jobs(self) -> None:
         """Persist the job ids the sending threads reported (a killed run's jobs are then awaited, not resent)."""
         while not self.submitted.empty():
             number, job_id = self.submitted.get()
             if number in self.batch_ids:
-                self.state.batch_submitted(self.batch_ids[number], job_id)
+                with self.clock.phase("state"):
+                    self.state.batch_submitted(self.batch_ids[number], job_id)
 
     def _batch_done(self, batch: Batch, result: BatchResult) -> None:
         self._record_jobs()
         self._save_outcome(batch.keys, self.batch_changes.pop(batch.number, {}), result)
         if self.track:
-            self.state.end_batch(self.batch_ids.pop(batch.number))
+            with self.clock.phase("state"):
+                self.state.end_batch(self.batch_ids.pop(batch.number))
 
     def _save_outcome(self, keys: list[str], changes: dict[str, Change], result: BatchResult) -> None:
         """Remember what the destination confirmed; queue its tag changes; one outcome row per profile."""
@@ -364,8 +411,9 @@ class _Run:
         self._queue_tags(*tagged)
         if self.state is not None:
             new = {k for k in keys if changes[k].kind == "create"}  # not in the state yet: nothing to replace
-            self.state.save(accepted, new=new)
-            self.state.record_outcomes(self.options.run_id, outcomes)
+            with self.clock.phase("state"):
+                self.state.save(accepted, new=new)
+                self.state.record_outcomes(self.options.run_id, outcomes)
 
     def _apply_segments(self) -> None:
         if not self.destination.manages_segments:
@@ -422,6 +470,7 @@ def run_export(
     logger = logger or log
     options = options or RunOptions()
     started = clock()
+    main_cpu, process_cpu = time.thread_time(), time.process_time()
     run = _Run(spec, source, destination, state, options, logger)
     try:
         run.resume()
@@ -430,6 +479,11 @@ def run_export(
     finally:
         run.summary.seconds = clock() - started
         run.close()
+        main_cpu, process_cpu = time.thread_time() - main_cpu, time.process_time() - process_cpu
+        phases = run.clock.seconds
+        phases["other"] = max(main_cpu - sum(phases.values()), 0.0)
+        phases["sending"] = max(process_cpu - main_cpu, 0.0)
+        run.summary.cpu_seconds = {p: phases[p] for p in PHASES if p in phases}
     summary = run.summary
     if not summary.dry_run:
         check_rejected_share(spec, summary)

@@ -31,6 +31,19 @@ class BatchResult:
     subscribed: int | None = None
 
 
+#: The phases an export's CPU time is counted in (``ExportSummary.cpu_seconds``). All but the last are the
+#: task's main thread; ``sending`` is every other thread (HTTP, request bodies, polling, answers).
+PHASES = {
+    "read": "fetching rows from the source",
+    "map": "mapping, validating and serializing rows",
+    "stage": "writing rows to the local staging file",
+    "diff": "sorting the staged segment, diffing it against the state, forming batches",
+    "state": "writing sync state, outcomes and in-flight batches",
+    "other": "the rest of the main thread (segment changes, leavers, waiting loop)",
+    "sending": "the sending threads",
+}
+
+
 @dataclass(slots=True)
 class ExportSummary:
     export_id: str
@@ -60,6 +73,8 @@ class ExportSummary:
     rejected_reasons: Counter[str] = field(default_factory=Counter)
     skipped_reasons: Counter[str] = field(default_factory=Counter)
     examples: list[dict[str, Any]] = field(default_factory=list)  # dry run: a few payloads, emails redacted
+    # CPU seconds by phase (see PHASES): where an export's time goes, for tuning chunk sizes or the state database
+    cpu_seconds: dict[str, float] = field(default_factory=dict)
 
     def add_invalid(self, reason: str) -> None:
         self.invalid += 1
@@ -114,6 +129,7 @@ class ExportSummary:
             "rejected_reasons": dict(self.rejected_reasons.most_common()),
             "skipped_reasons": dict(self.skipped_reasons.most_common()),
             "examples": self.examples,
+            "cpu_seconds": {phase: round(seconds, 3) for phase, seconds in self.cpu_seconds.items()},
         }
 
     def table(self) -> str:
@@ -140,6 +156,8 @@ class ExportSummary:
             rows.insert(4, ("would send (dry run)", self.planned))
         lines = [f"export {self.export_id} -> {self.destination} {self.target_id}" + (" (DRY RUN: nothing sent)" if self.dry_run else "")]
         lines += [f"  {label:<24} {value:>10}" for label, value in rows]
+        if self.cpu_seconds:
+            lines.append("  CPU s: " + ", ".join(f"{phase} {seconds:.1f}" for phase, seconds in self.cpu_seconds.items()))
         for title, reasons in (("invalid", self.invalid_reasons), ("rejected", self.rejected_reasons), ("skipped", self.skipped_reasons)):
             for reason, count in reasons.most_common(5):
                 lines.append(f"  {title}: {count} x {reason}")
