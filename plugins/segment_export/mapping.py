@@ -150,7 +150,8 @@ class RowMapper:
         for n, (name, i) in enumerate(self._text):
             lines += [
                 f"        value = row[{i}]",
-                f"        t{n} = (value.strip() or None) if type(value) is str else to_text(value)",
+                "        kind = type(value)",
+                f"        t{n} = (value.strip() or None) if kind is str else str(value) if kind is int else to_text(value)",
             ]
         lines.append("        attributes = {}")
         for name, i in self._attrs:

@@ -38,10 +38,15 @@ _CONSENTS = _CONSENT_KEY + b"true}"
 def profile_fragment(profile: Profile) -> bytes:
     """A profile as a JSON:API resource of a bulk import job; unmapped or blank fields are left out."""
     attributes: dict[str, Any] = {"email": profile.email}
-    for name in ("first_name", "last_name", "phone_number", "external_id"):
-        value = getattr(profile, name)
-        if value is not None:
-            attributes[name] = value
+    # Spelled out, not a loop over getattr: this runs once per row.
+    if profile.first_name is not None:
+        attributes["first_name"] = profile.first_name
+    if profile.last_name is not None:
+        attributes["last_name"] = profile.last_name
+    if profile.phone_number is not None:
+        attributes["phone_number"] = profile.phone_number
+    if profile.external_id is not None:
+        attributes["external_id"] = profile.external_id
     if profile.attributes:
         attributes["properties"] = profile.attributes
     return dump_bytes({"type": "profile", "attributes": attributes})
