@@ -12,7 +12,8 @@ Kind = Literal["create", "update", "unchanged", "leave"]
 
 
 # Named tuples, not frozen dataclasses: one of each is built per profile per run, and a frozen dataclass's
-# __init__ (object.__setattr__ per field) costs several times a tuple's.
+# __init__ (object.__setattr__ per field) costs several times a tuple's. Hot paths build them with
+# tuple.__new__(Cls, values), which skips the generated __new__; fields are then read by position.
 
 
 class Current(NamedTuple):
@@ -55,17 +56,18 @@ class Change(NamedTuple):
 
 def diff(current: Iterable[Current], previous: Iterable[Previous], *, full_resync: bool = False) -> Iterator[Change]:
     """Merge two key-sorted streams into changes. ``full_resync`` turns every unchanged profile into an update."""
+    make = tuple.__new__  # Change(...) through its generated __new__ costs a Python call per profile
     cur_iter, prev_iter = iter(current), iter(previous)
     cur, prev = next(cur_iter, None), next(prev_iter, None)
     while cur is not None or prev is not None:
-        if prev is None or (cur is not None and cur.key < prev.key):
-            yield Change(cur.key, "create", cur.fingerprint, cur.fragment, cur.segments, ())
+        if prev is None or (cur is not None and cur[0] < prev[0]):
+            yield make(Change, (cur[0], "create", cur[1], cur[2], cur[3], ()))
             cur = next(cur_iter, None)
-        elif cur is None or prev.key < cur.key:
-            yield Change(prev.key, "leave", None, None, (), prev.segments)
+        elif cur is None or prev[0] < cur[0]:
+            yield make(Change, (prev[0], "leave", None, None, (), prev[2]))
             prev = next(prev_iter, None)
         else:
-            same = cur.fingerprint == prev.fingerprint and not full_resync
+            same = cur[1] == prev[1] and not full_resync
             kind: Kind = "unchanged" if same else "update"
-            yield Change(cur.key, kind, cur.fingerprint, cur.fragment, cur.segments, prev.segments)
+            yield make(Change, (cur[0], kind, cur[1], cur[2], cur[3], prev[2]))
             cur, prev = next(cur_iter, None), next(prev_iter, None)

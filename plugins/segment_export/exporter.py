@@ -350,8 +350,8 @@ class _Run:
     def _remember(self, batch_number: int, change: Change) -> None:
         """Keep what the batch's outcome needs, without the payload (the batch holds it until it is sent): a
         Klaviyo batch in flight is 10,000 profiles, and eleven of them may be."""
-        self.batch_changes.setdefault(batch_number, {})[change.key] = Change(
-            change.key, change.kind, change.fingerprint, None, change.segments, change.previous_segments
+        self.batch_changes.setdefault(batch_number, {})[change[0]] = tuple.__new__(
+            Change, (change[0], change[1], change[2], None, change[4], change[5])
         )
 
     def _count_tags(self, change: Change) -> None:
@@ -374,7 +374,7 @@ class _Run:
             batch_id = self.batch_ids[batch.number] = uuid.uuid4().hex
             changes = self.batch_changes[batch.number]
             with self.clock.phase("state"):
-                self.state.begin_batch(batch_id, [(k, changes[k].fingerprint, changes[k].segments, changes[k].kind) for k in batch.keys])
+                self.state.begin_batch(batch_id, [(c.key, c.fingerprint, c.segments, c.kind) for c in changes.values()])
 
     def _record_jobs(self) -> None:
         """Persist the job ids the sending threads reported (a killed run's jobs are then awaited, not resent)."""
@@ -386,12 +386,13 @@ class _Run:
 
     def _batch_done(self, batch: Batch, result: BatchResult) -> None:
         self._record_jobs()
-        self._save_outcome(batch.keys, self.batch_changes.pop(batch.number, {}), result)
+        # The batch's state, outcomes and the end of its in-flight record: one transaction.
+        self._save_outcome(batch.keys, self.batch_changes.pop(batch.number, {}), result, commit=not self.track)
         if self.track:
             with self.clock.phase("state"):
                 self.state.end_batch(self.batch_ids.pop(batch.number))
 
-    def _save_outcome(self, keys: list[str], changes: dict[str, Change], result: BatchResult) -> None:
+    def _save_outcome(self, keys: list[str], changes: dict[str, Change], result: BatchResult, commit: bool = True) -> None:
         """Remember what the destination confirmed; queue its tag changes; one outcome row per profile."""
         accepted, outcomes, tagged = [], [], []
         for key in keys:
@@ -412,8 +413,8 @@ class _Run:
         if self.state is not None:
             new = {k for k in keys if changes[k].kind == "create"}  # not in the state yet: nothing to replace
             with self.clock.phase("state"):
-                self.state.save(accepted, new=new)
-                self.state.record_outcomes(self.options.run_id, outcomes)
+                self.state.save(accepted, new=new, commit=False)
+                self.state.record_outcomes(self.options.run_id, outcomes, commit=commit)
 
     def _apply_segments(self) -> None:
         if not self.destination.manages_segments:

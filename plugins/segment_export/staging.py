@@ -33,6 +33,8 @@ class Staging:
         self.conn.executescript(
             """
             PRAGMA journal_mode = OFF; PRAGMA synchronous = OFF; PRAGMA temp_store = FILE;
+            -- the sort that orders the staged segment may use a helper thread (in C, outside Python's lock)
+            PRAGMA threads = 1;
             -- one row per source row, in arrival order; read back sorted by key (see the module's docstring)
             CREATE TABLE profiles (key TEXT NOT NULL, fingerprint TEXT NOT NULL, fragment BLOB NOT NULL, segment TEXT NOT NULL);
             CREATE TABLE previous (key TEXT NOT NULL, fingerprint TEXT NOT NULL, segments TEXT NOT NULL);
@@ -70,20 +72,22 @@ class Staging:
         in all their segments; when the rows' payloads differ, the smallest fingerprint wins, so the outcome does
         not depend on the order the source returned rows in. ``duplicates`` counts the folded rows."""
         self.duplicates = 0
+        make = tuple.__new__
         cursor = self.conn.execute("SELECT key, fingerprint, fragment, segment FROM profiles ORDER BY key, fingerprint")
         held: list = []  # [key, fingerprint, fragment, segments] of the profile being folded
         while rows := cursor.fetchmany(5000):
-            for key, fingerprint, fragment, segment in rows:
+            for row in rows:
+                key = row[0]
                 if held and held[0] == key:
                     self.duplicates += 1
-                    if segment not in held[3]:
-                        held[3] = tuple(sorted((*held[3], segment)))
+                    if row[3] not in held[3]:
+                        held[3] = tuple(sorted((*held[3], row[3])))
                     continue
                 if held:
-                    yield Current(*held)
-                held = [key, fingerprint, fragment, (segment,)]
+                    yield make(Current, held)
+                held = [key, row[1], row[2], (row[3],)]
         if held:
-            yield Current(*held)
+            yield make(Current, held)
 
     def previous(self) -> Iterator[Previous]:
         cursor = self.conn.cursor().execute("SELECT key, fingerprint, segments FROM previous ORDER BY key")

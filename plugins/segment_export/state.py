@@ -99,7 +99,13 @@ class StateStore:
 
             path = default_state_db()
             path.parent.mkdir(parents=True, exist_ok=True)
-            store = cls(sqlite3.connect(path, check_same_thread=False), "?", export_id, target_id, f"SQLite file {path}")
+            conn = sqlite3.connect(path, check_same_thread=False)
+            # Our own file: write-ahead logging, synced at checkpoints rather than at every commit (a batch
+            # commits twice or three times). A crash may lose the last commits, never corrupt the file; what is
+            # lost is sent again.
+            conn.execute("PRAGMA journal_mode = WAL")
+            conn.execute("PRAGMA synchronous = NORMAL")
+            store = cls(conn, "?", export_id, target_id, f"SQLite file {path}")
         else:
             from airflow.sdk import BaseHook
 
@@ -164,10 +170,11 @@ class StateStore:
         self._run(sql, (*head, *tail, _json_text(rows))).close()
 
     def save(self, accepted: list[tuple[str, str, tuple[str, ...]]], forgotten: Iterable[str] = (),
-             new: set[str] | frozenset[str] = frozenset()) -> None:
+             new: set[str] | frozenset[str] = frozenset(), *, commit: bool = True) -> None:
         """Remember accepted profiles (key, fingerprint, segments) and forget removed ones, in one transaction.
 
-        ``new`` names accepted profiles the state cannot hold yet (first seen this run): no row to replace."""
+        ``new`` names accepted profiles the state cannot hold yet (first seen this run): no row to replace.
+        ``commit=False`` leaves the transaction open for what belongs with it (a batch's outcomes, its end)."""
         json_rows = self.dialect != "generic"
         # SQLite and PostgreSQL replace rows with an upsert; elsewhere a profile's old row is deleted first.
         keys = list(forgotten) if json_rows else [a[0] for a in accepted if a[0] not in new] + list(forgotten)
@@ -187,7 +194,8 @@ class StateStore:
             upsert="ON CONFLICT (export_id, target_id, profile_key) DO UPDATE SET fingerprint = excluded.fingerprint, "
                    "segments = excluded.segments, updated_at = excluded.updated_at",
         )
-        self.conn.commit()
+        if commit:
+            self.conn.commit()
 
     def clear(self) -> int:
         """Forget everything this export's target accepted (its outcomes stay): the next run sends every profile
@@ -199,16 +207,17 @@ class StateStore:
         self.conn.commit()
         return forgotten
 
-    def record_outcomes(self, run_id: str, outcomes: list[tuple[str, str, str | None]]) -> None:
+    def record_outcomes(self, run_id: str, outcomes: list[tuple[str, str, str | None]], *, commit: bool = True) -> None:
         """One row per profile acted on: (key, action, reason)."""
         self._insert(OUTCOMES_TABLE, (self.export_id, run_id), outcomes, (_now(),))
-        self.conn.commit()
+        if commit:
+            self.conn.commit()
 
     def begin_batch(self, batch_id: str, rows: list[tuple[str, str, tuple[str, ...], str]]) -> None:
         """Record a batch's profiles (key, fingerprint, segments, kind) before it is handed over."""
         self._run(
             f"INSERT INTO {INFLIGHT_TABLE} VALUES (?, ?, ?, NULL, ?)",
-            (self.export_id, self.target_id, batch_id, json.dumps(rows, separators=(",", ":"))),
+            (self.export_id, self.target_id, batch_id, _json_text(rows)),
         ).close()
         self.conn.commit()
 
