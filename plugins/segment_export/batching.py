@@ -19,7 +19,7 @@ class Batch:
     size: int = 0
 
     def __len__(self) -> int:
-        return len(self.fragments)
+        return len(self.keys)  # a sent batch may have let go of its fragments (see KlaviyoDestination.send)
 
 
 class Batcher:

@@ -149,11 +149,15 @@ class KlaviyoDestination(Destination):
     asynchronous = True
 
     def send(self, batch: Batch) -> BatchResult:
-        job = self.hook.submit_bulk_import(self.job_body(batch))
+        body = self.job_body(batch)
+        consenting = {k for k, f in zip(batch.keys, batch.fragments) if f.endswith(_CONSENTS)} if self.subscribe else set()
+        # The body holds the payloads now; a job in flight (up to a minute) keeps only its keys.
+        batch.fragments = []
+        job = self.hook.submit_bulk_import(body)
+        del body
         if self.on_submitted is not None:
             self.on_submitted(batch, job["id"])
         result = self._outcome(self._await(job), batch.keys)
-        consenting = {k for k, f in zip(batch.keys, batch.fragments) if f.endswith(_CONSENTS)} if self.subscribe else set()
         return self._settle(result, consenting)
 
     def resume(self, job_id: str, keys: list[str]) -> BatchResult | None:
