@@ -121,6 +121,10 @@ class StateStore:
 
     def ensure_tables(self) -> None:
         for ddl in _DDL:
+            if ddl is _DDL[0] and self.dialect == "sqlite":
+                # Clustered by its key: one B-tree per write instead of a table and its key's index (a table
+                # created before keeps its layout; both work).
+                ddl += " WITHOUT ROWID"
             self._run(ddl).close()
         self.conn.commit()
 
