@@ -54,3 +54,26 @@ def test_numbers_in_text_fields_become_text_and_blanks_are_dropped():
     mapper = RowMapper(MappingSpec(email="e", first_name="f", attributes={"A": "a", "B": "b"}), ["e", "f", "a", "b"])
     profile = mapper.map(("a@example.com", 12.0, "", 7))
     assert profile.first_name == "12" and profile.attributes == {"B": 7}
+
+
+@pytest.mark.parametrize("value", [float("inf"), float("-inf"), Decimal("Infinity")])
+def test_an_infinite_number_rejects_the_row_instead_of_sending_null(value):
+    mapper = RowMapper(MappingSpec(email="e", attributes={"A": "a"}), ["e", "a"])
+    assert mapper.map(("a@example.com", value)) == Rejection("a mapped number is infinite")
+    assert mapper.map(("a@example.com", Decimal("NaN"))).attributes == {}  # NaN is a blank
+
+
+def test_numpy_scalars_and_str_subclasses_are_sent_as_plain_json():
+    import json
+
+    import numpy as np
+
+    from segment_export.destinations.klaviyo import profile_fragment
+
+    class Code(str):
+        pass
+
+    mapper = RowMapper(MappingSpec(email="e", attributes={"f": "f", "i": "i", "s": "s", "c": "c"}), ["e", "f", "i", "s", "c"])
+    profile = mapper.map(("a@example.com", np.float64(1.5), np.int64(3), np.str_("gold"), Code("x")))
+    sent = json.loads(profile_fragment(profile))
+    assert sent["attributes"]["properties"] == {"f": 1.5, "i": 3, "s": "gold", "c": "x"}

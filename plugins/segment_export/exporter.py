@@ -386,11 +386,17 @@ class _Run:
 
     def _batch_done(self, batch: Batch, result: BatchResult) -> None:
         self._record_jobs()
-        # The batch's state, outcomes and the end of its in-flight record: one transaction.
-        self._save_outcome(batch.keys, self.batch_changes.pop(batch.number, {}), result, commit=not self.track)
-        if self.track:
-            with self.clock.phase("state"):
-                self.state.end_batch(self.batch_ids.pop(batch.number))
+        # The batch's state, outcomes and the end of its in-flight record: one transaction, undone if any part
+        # fails (the batch is then resumed or sent again by the next run, never half-remembered).
+        try:
+            self._save_outcome(batch.keys, self.batch_changes.pop(batch.number, {}), result, commit=not self.track)
+            if self.track:
+                with self.clock.phase("state"):
+                    self.state.end_batch(self.batch_ids.pop(batch.number))
+        except BaseException:
+            if self.state is not None:
+                self.state.rollback()
+            raise
 
     def _save_outcome(self, keys: list[str], changes: dict[str, Change], result: BatchResult, commit: bool = True) -> None:
         """Remember what the destination confirmed; queue its tag changes; one outcome row per profile."""
@@ -480,6 +486,7 @@ def run_export(
     finally:
         run.summary.seconds = clock() - started
         run.close()
+        run.clock.switch(None)  # a phase an exception left open ends here
         main_cpu, process_cpu = time.thread_time() - main_cpu, time.process_time() - process_cpu
         phases = run.clock.seconds
         phases["other"] = max(main_cpu - sum(phases.values()), 0.0)

@@ -67,6 +67,10 @@ def to_text(value: Any) -> str | None:
     return str(value).strip()
 
 
+class NotFinite(ValueError):
+    """An infinite number: JSON cannot carry it, and sending null instead would clear the destination's value."""
+
+
 def to_json_value(value: Any) -> Any:
     """An attribute's value as JSON can carry it (Decimal, dates and numpy scalars included)."""
     if is_blank(value):
@@ -74,8 +78,14 @@ def to_json_value(value: Any) -> Any:
     if isinstance(value, (str, bool, int)):
         return value
     if isinstance(value, float):
+        if math.isinf(value):
+            raise NotFinite(value)
         return value
     if isinstance(value, Decimal):
+        if value.is_nan():
+            return None
+        if value.is_infinite():
+            raise NotFinite(value)
         return int(value) if value == value.to_integral_value() else float(value)
     if isinstance(value, (datetime, date, time)):
         return value.isoformat()
@@ -161,7 +171,7 @@ class RowMapper:
                 "        if kind is str:",
                 "            if value.strip():",
                 f"                attributes[{name!r}] = value",
-                "        elif kind is int or (kind is float and value == value):  # NaN != NaN: a blank",
+                "        elif kind is int or (kind is float and -INF < value < INF):  # NaN and infinities: below",
                 f"            attributes[{name!r}] = value",
                 "        else:",
                 "            value = to_json_value(value)",
@@ -171,6 +181,8 @@ class RowMapper:
         lines += [
             "    except UnicodeDecodeError:",
             "        return Rejection('a mapped field is not valid UTF-8')",
+            "    except NotFinite:",
+            "        return Rejection('a mapped number is infinite')",
         ]
         consent = f"to_consent(row[{self._consent}])" if self._consent is not None else "None"
         texts = {name: f"t{n}" for n, (name, _) in enumerate(self._text)}  # positional: cheaper than keywords
@@ -181,7 +193,7 @@ class RowMapper:
         scope = {
             "Rejection": Rejection, "Profile": Profile, "normalise_email": normalise_email, "to_text": to_text,
             "to_json_value": to_json_value, "to_consent": to_consent, "MAX_EMAIL_LENGTH": MAX_EMAIL_LENGTH, "email_match": _EMAIL_RE.match,
-            "UnicodeDecodeError": UnicodeDecodeError,
+            "UnicodeDecodeError": UnicodeDecodeError, "NotFinite": NotFinite, "INF": math.inf,
         }
         exec("\n".join(lines), scope)  # noqa: S102 - our own code over column indexes and validated field names
         return scope["map_row"]

@@ -28,6 +28,7 @@ STATE_TABLE = "segment_export_state"
 OUTCOMES_TABLE = "segment_export_outcomes"
 INFLIGHT_TABLE = "segment_export_inflight_batches"
 DEFAULT_STATE_DB_ENV = "SEGMENT_EXPORT_STATE_DB"
+INFLIGHT_PART_PROFILES = 100  # profiles per in-flight row on databases whose TEXT may be 64 KB
 
 _DDL = (
     f"CREATE TABLE IF NOT EXISTS {STATE_TABLE} ("
@@ -37,13 +38,15 @@ _DDL = (
     f"CREATE TABLE IF NOT EXISTS {OUTCOMES_TABLE} ("
     " export_id VARCHAR(200) NOT NULL, run_id VARCHAR(250) NOT NULL, profile_key VARCHAR(320) NOT NULL,"
     " action VARCHAR(16) NOT NULL, reason TEXT, recorded_at VARCHAR(40) NOT NULL)",
-    # Batches handed to an asynchronous destination (Klaviyo jobs), one row each: written before the job is
-    # submitted, the job id added right after, deleted once the outcome is saved. What a killed task leaves here
-    # is resumed. The batch's profiles are one JSON array ([key, fingerprint, segments, kind] each) rather than a
-    # row per profile: one insert and one indexed delete per 10,000 profiles instead of 10,000 of each.
+    # Batches handed to an asynchronous destination (Klaviyo jobs): written before the job is submitted, the job
+    # id added right after, deleted once the outcome is saved. What a killed task leaves here is resumed. The
+    # batch's profiles are JSON arrays ([key, fingerprint, segments, kind] each) rather than a row per profile:
+    # one insert and one indexed delete per 10,000 profiles instead of 10,000 of each. SQLite and PostgreSQL take
+    # a whole batch in one row (part 0); other databases get parts of INFLIGHT_PART_PROFILES, so that a part fits
+    # in a 64 KB TEXT (MySQL's).
     f"CREATE TABLE IF NOT EXISTS {INFLIGHT_TABLE} ("
     " export_id VARCHAR(200) NOT NULL, target_id VARCHAR(200) NOT NULL, batch_id VARCHAR(100) NOT NULL,"
-    " job_id VARCHAR(100), profiles TEXT NOT NULL, PRIMARY KEY (batch_id))",
+    " part INTEGER NOT NULL, job_id VARCHAR(100), profiles TEXT NOT NULL, PRIMARY KEY (batch_id, part))",
 )
 
 
@@ -100,11 +103,7 @@ class StateStore:
             path = default_state_db()
             path.parent.mkdir(parents=True, exist_ok=True)
             conn = sqlite3.connect(path, check_same_thread=False)
-            # Our own file: write-ahead logging, synced at checkpoints rather than at every commit (a batch
-            # commits twice or three times). A crash may lose the last commits, never corrupt the file; what is
-            # lost is sent again.
-            conn.execute("PRAGMA journal_mode = WAL")
-            conn.execute("PRAGMA synchronous = NORMAL")
+            # No WAL: $AIRFLOW_HOME may be on a network filesystem, where SQLite's WAL is not safe.
             store = cls(conn, "?", export_id, target_id, f"SQLite file {path}")
         else:
             from airflow.sdk import BaseHook
@@ -148,9 +147,13 @@ class StateStore:
         module = type(self.conn).__module__.split(".")[0]
         dialect = _JSON_DIALECTS.get(module, "generic")
         if dialect == "sqlite":
+            import sqlite3
+
             try:  # JSON functions are built into SQLite since 3.38; older builds may lack them
                 self.conn.execute("SELECT json_extract('[1]', '$[0]')").fetchone()
             except Exception:  # noqa: BLE001 - then the portable path
+                dialect = "generic"
+            if sqlite3.sqlite_version_info < (3, 24):  # no upsert before 3.24
                 dialect = "generic"
         return dialect
 
@@ -219,10 +222,12 @@ class StateStore:
 
     def begin_batch(self, batch_id: str, rows: list[tuple[str, str, tuple[str, ...], str]]) -> None:
         """Record a batch's profiles (key, fingerprint, segments, kind) before it is handed over."""
-        self._run(
-            f"INSERT INTO {INFLIGHT_TABLE} VALUES (?, ?, ?, NULL, ?)",
-            (self.export_id, self.target_id, batch_id, _json_text(rows)),
-        ).close()
+        size = (len(rows) or 1) if self.dialect != "generic" else INFLIGHT_PART_PROFILES
+        parts = [(self.export_id, self.target_id, batch_id, n, _json_text(rows[start:start + size]))
+                 for n, start in enumerate(range(0, max(len(rows), 1), size))]
+        cursor = self.conn.cursor()
+        cursor.executemany(f"INSERT INTO {INFLIGHT_TABLE} VALUES (?, ?, ?, ?, NULL, ?)".replace("?", self.ph), parts)
+        cursor.close()
         self.conn.commit()
 
     def batch_submitted(self, batch_id: str, job_id: str) -> None:
@@ -236,15 +241,23 @@ class StateStore:
     def inflight(self) -> dict[str, tuple[str | None, list[tuple[str, str, tuple[str, ...], str]]]]:
         """Batches a previous, interrupted run left behind: batch id → (job id or None, profiles)."""
         cursor = self._run(
-            f"SELECT batch_id, job_id, profiles FROM {INFLIGHT_TABLE} WHERE export_id = ? AND target_id = ?",
+            f"SELECT batch_id, job_id, profiles FROM {INFLIGHT_TABLE} WHERE export_id = ? AND target_id = ? "
+            "ORDER BY batch_id, part",
             (self.export_id, self.target_id),
         )
-        found = {
-            batch_id: (job_id, [(key, fp, tuple(segments), kind) for key, fp, segments, kind in json.loads(profiles)])
-            for batch_id, job_id, profiles in cursor.fetchall()
-        }
+        found: dict[str, tuple[str | None, list[tuple[str, str, tuple[str, ...], str]]]] = {}
+        for batch_id, job_id, profiles in cursor.fetchall():
+            entry = found.setdefault(batch_id, (job_id, []))
+            entry[1].extend((key, fp, tuple(segments), kind) for key, fp, segments, kind in json.loads(profiles))
         cursor.close()
         return found
+
+    def rollback(self) -> None:
+        """Undo what the open transaction wrote (a batch's state and outcomes whose writing failed part-way)."""
+        try:
+            self.conn.rollback()
+        except Exception:  # noqa: BLE001 - the original error is the one to report
+            pass
 
     def close(self) -> None:
         try:

@@ -32,7 +32,7 @@ class BatchResult:
 
 
 #: The phases an export's CPU time is counted in (``ExportSummary.cpu_seconds``). All but the last are the
-#: task's main thread; ``sending`` is every other thread (HTTP, request bodies, polling, answers).
+#: task's main thread; ``sending`` is every other thread (HTTP, request bodies, polling, answers, the sort helper).
 PHASES = {
     "read": "fetching rows from the source",
     "map": "mapping, validating and serializing rows",
@@ -40,7 +40,7 @@ PHASES = {
     "diff": "sorting the staged segment, diffing it against the state, forming batches",
     "state": "writing sync state, outcomes and in-flight batches",
     "other": "the rest of the main thread (segment changes, leavers, waiting loop)",
-    "sending": "the sending threads",
+    "sending": "the other threads: sending, and SQLite's helper while it sorts the staged segment",
 }
 
 

@@ -12,13 +12,24 @@ from segment_export.batching import Batch
 from segment_export.mapping import Profile, Rejection
 from segment_export.summary import BatchResult
 
+def _plain(value: Any) -> Any:
+    """What msgspec leaves to us: subclasses of str, int and float (numpy scalars, enums, a driver's own
+    string type) become the plain value; anything else is the mapping's bug, refused loudly."""
+    if hasattr(value, "item"):  # numpy scalars
+        return value.item()
+    for kind in (bool, int, float, str):
+        if isinstance(value, kind):
+            return kind(value)
+    raise TypeError(f"cannot send a value of type {type(value).__name__}")
+
+
 # msgspec (already an Airflow dependency): a profile's fragment in 0.8 µs against the json module's 7.7 µs, and
-# straight to UTF-8 bytes. Values reach it as JSON types only (mapping.to_json_value converts the rest).
-_encode = msgspec.json.Encoder().encode
+# straight to UTF-8 bytes. Values reach it as JSON types (mapping.to_json_value converts the rest).
+_encode = msgspec.json.Encoder(enc_hook=_plain).encode
 
 
 def dump_bytes(value: Any) -> bytes:
-    """Compact UTF-8 JSON, the form every payload fragment takes (NaN, never produced by the mapping, is null)."""
+    """Compact UTF-8 JSON, the form every payload fragment takes (the mapping never hands it NaN or infinity)."""
     return _encode(value)
 
 
