@@ -427,14 +427,27 @@ class _Run:
             return
         self.destination.prepare_segments(self.staging.tag_segments())
         failed: set[str] = set()
-        for segment, op, keys in self.staging.tag_chunks(self.destination.max_batch_profiles):
-            failed_here = self.destination.change_segment(segment, op, keys)
-            failed |= failed_here
-            done = len(keys) - len(failed_here)
+
+        def settle(future: Future[set[str]], op: str, keys: list[str]) -> None:
+            failed_here = future.result()
+            failed.update(failed_here)
             if op == "+":
-                self.summary.tags_added += done
+                self.summary.tags_added += len(keys) - len(failed_here)
             else:
-                self.summary.tags_removed += done
+                self.summary.tags_removed += len(keys) - len(failed_here)
+
+        # Concurrently, as the batches went: a first run tags every profile (a million profiles in four
+        # segments are over 2,000 calls of 500). At most two calls per connection wait, so keys stay few.
+        concurrency = self.destination.concurrency
+        with ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="segment-export-tags") as pool:
+            pending: dict[Future[set[str]], tuple[str, list[str]]] = {}
+            for segment, op, keys in self.staging.tag_chunks(self.destination.max_batch_profiles):
+                while len(pending) >= 2 * concurrency:
+                    for future in wait(pending, return_when=FIRST_COMPLETED).done:
+                        settle(future, *pending.pop(future))
+                pending[pool.submit(self.destination.change_segment, segment, op, keys)] = (op, keys)
+            for future in wait(pending).done:
+                settle(future, *pending[future])
         if self.state is not None:
             batch: list[tuple[str, str, tuple[str, ...]]] = []
             for key, fp, segments in self.staging.pending():
