@@ -430,6 +430,16 @@ def check_profile(attrs: dict[str, Any]) -> Optional[tuple[str, str]]:
     return None
 
 
+def _profiles_within(body: Any, cap: int, limit_text: str) -> Any:
+    """``data.attributes.profiles`` of a bulk request (None when absent or malformed, for the schema check to
+    name); more than ``cap`` profiles is refused before anything else is looked at."""
+    data = body.get("data") if isinstance(body, dict) else None
+    profiles = ((data or {}).get("attributes") or {}).get("profiles") if isinstance(data, dict) else None
+    if isinstance(profiles, dict) and isinstance(profiles.get("data"), list) and len(profiles["data"]) > cap:
+        raise invalid(f"Too many profiles: {len(profiles['data'])}. {limit_text.format(cap=cap)}", "/data/attributes/profiles/data")
+    return profiles
+
+
 class KlaviyoService:
     """The Klaviyo half of the sandbox: accounts, lists, profiles, import jobs."""
 
@@ -956,12 +966,7 @@ class KlaviyoService:
             )
         body = self._body(req)
         data = body.get("data") if isinstance(body, dict) else None
-        profiles = ((data or {}).get("attributes") or {}).get("profiles") if isinstance(data, dict) else None
-        if isinstance(profiles, dict) and isinstance(profiles.get("data"), list) and len(profiles["data"]) > MAX_JOB_PROFILES:
-            raise invalid(
-                f"Too many profiles: {len(profiles['data'])}. A bulk import job accepts at most {MAX_JOB_PROFILES} profiles.",
-                "/data/attributes/profiles/data",
-            )
+        _profiles_within(body, MAX_JOB_PROFILES, "A bulk import job accepts at most {cap} profiles.")
         _schema_error(body, BULK_IMPORT_SCHEMA, "profile-bulk-import-job")
         items = data["attributes"]["profiles"]["data"]
         for i, item in enumerate(items):
@@ -1039,12 +1044,7 @@ class KlaviyoService:
         acc: KAccount = req.account
         body = self._body(req)
         data = body.get("data") if isinstance(body, dict) else None
-        profiles = ((data or {}).get("attributes") or {}).get("profiles") if isinstance(data, dict) else None
-        if isinstance(profiles, dict) and isinstance(profiles.get("data"), list) and len(profiles["data"]) > MAX_SUBSCRIBE_PROFILES:
-            raise invalid(
-                f"Too many profiles: {len(profiles['data'])}. At most {MAX_SUBSCRIBE_PROFILES} profiles can be subscribed per request.",
-                "/data/attributes/profiles/data",
-            )
+        profiles = _profiles_within(body, MAX_SUBSCRIBE_PROFILES, "At most {cap} profiles can be subscribed per request.")
         for i, item in enumerate((profiles or {}).get("data") or [] if isinstance(profiles, dict) else []):
             channels = ((item or {}).get("attributes") or {}).get("subscriptions") if isinstance(item, dict) else None
             for channel in channels or {} if isinstance(channels, dict) else {}:
