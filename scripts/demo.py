@@ -8,6 +8,7 @@ any export failed. Task logs of each run are kept in .demo/logs/.
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import subprocess
 import sys
@@ -29,10 +30,18 @@ AIRFLOW = str(Path(sys.executable).parent / "airflow")
 
 @contextmanager
 def sandbox() -> Iterator[str]:
-    """Start the sandbox CLI on a free port; yield its URL; stop it."""
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "segment_export_sandbox", "--port", "0"], stdout=subprocess.PIPE, text=True
-    )
+    """Start the sandbox CLI on a free port; yield its URL; stop it.
+
+    ``SEGMENT_EXPORT_SANDBOX_CONFIG`` names a JSON file of sandbox config fields (e.g. ``{"behaviour":
+    {"klaviyo_identifier_conflict": "reject"}}``), so the whole demo can run under an alternative behaviour."""
+    command = [sys.executable, "-m", "segment_export_sandbox", "--port", "0"]
+    extra = os.environ.get("SEGMENT_EXPORT_SANDBOX_CONFIG")
+    if extra:
+        if not Path(extra).is_file():
+            raise SystemExit(f"SEGMENT_EXPORT_SANDBOX_CONFIG: no such file {extra}")
+        command += ["--config", extra]
+        print(f"sandbox config from {extra}: {Path(extra).read_text().strip()}")
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
     try:
         line = proc.stdout.readline().strip() if proc.stdout else ""
         if not line.startswith("SANDBOX_URL="):

@@ -72,9 +72,10 @@ def sandbox_server():
 def sandbox(sandbox_server, monkeypatch):
     """A clean sandbox, with the default Klaviyo and Mailchimp connections pointing at it (real rate limits)."""
     from segment_export_sandbox import KLAVIYO_API_KEY, MAILCHIMP_API_KEY
+    from segment_export_sandbox.config import default_behaviour
 
     sandbox_server.reset()
-    sandbox_server.configure(rate_limits=True, rate_limit_scale=1.0)
+    sandbox_server.configure(rate_limits=True, rate_limit_scale=1.0, behaviour=default_behaviour())
     set_connection(monkeypatch, "klaviyo_default", conn_type="klaviyo", host=sandbox_server.klaviyo_host, password=KLAVIYO_API_KEY)
     set_connection(monkeypatch, "mailchimp_default", conn_type="mailchimp", host=sandbox_server.mailchimp_host, password=MAILCHIMP_API_KEY)
     return sandbox_server

@@ -26,7 +26,8 @@ Control API (no auth)::
     GET  /_sandbox/config                  -> runtime knobs
     PUT  /_sandbox/config                  {"latency": {...}, "klaviyo_profiles_per_second": N,
                                             "klaviyo_job_queue_seconds": S, "rate_limits": bool,
-                                            "rate_limit_scale": F, "mailchimp_max_connections": N}
+                                            "rate_limit_scale": F, "mailchimp_max_connections": N,
+                                            "behaviour": {<key>: <value>, ...}}   (config.BEHAVIOURS)
     POST /_sandbox/mailchimp/audiences/{id}/members    {"email_address", "status", "merge_fields"?, "tags"?}
     POST /_sandbox/mailchimp/audiences/{id}/forgotten  {"email_address"}
     POST /_sandbox/klaviyo/lists                        {"id", "name", "account_id"?}

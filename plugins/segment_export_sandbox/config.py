@@ -119,8 +119,46 @@ def default_mailchimp_accounts() -> list[MailchimpAccountConfig]:
     ]
 
 
+# --- where the vendors' documents are silent ---------------------------------------------
+#
+# Each key is one undocumented behaviour, with every value the real API plausibly has. The first value is the
+# sandbox's default (its behaviour before the switch existed); the exporter's tests run under every value
+# (README, "Where the vendors' documents are silent"). The module that implements a switch cites the document.
+BEHAVIOURS: dict[str, tuple[Any, ...]] = {
+    # true: a batch-subscribe member without ``status`` fails the whole request (400 naming members.item:N.status)
+    "mailchimp_batch_update_requires_status": (False, True),
+    # true: a bulk import job's completed_count counts its failed profiles too
+    "klaviyo_completed_count_includes_failed": (False, True),
+    # reject: an imported profile whose phone or external id belongs to another profile is an import error
+    # (duplicate_profile) instead of being merged into that profile
+    "klaviyo_identifier_conflict": ("merge", "reject"),
+    # the status Mailchimp throttles with (too many simultaneous connections)
+    "mailchimp_throttle_status": (429, 403),
+    # double: Bulk Subscribe sends a confirmation; the profile is subscribed only once it confirms
+    "klaviyo_list_opt_in": ("single", "double"),
+}
+
+
+def default_behaviour() -> dict[str, Any]:
+    return {key: values[0] for key, values in BEHAVIOURS.items()}
+
+
+def check_behaviour(data: Any) -> dict[str, Any]:
+    """A ``behaviour`` object's keys and values, refused with the allowed ones when unknown."""
+    if not isinstance(data, dict):
+        raise ValueError("behaviour must be an object")
+    for key, value in data.items():
+        if key not in BEHAVIOURS:
+            raise ValueError(f"unknown behaviour {key!r}; known: {sorted(BEHAVIOURS)}")
+        allowed = BEHAVIOURS[key]
+        if value not in allowed or type(value) is not type(allowed[0]):
+            raise ValueError(f"behaviour {key} must be one of {list(allowed)}, not {value!r}")
+    return dict(data)
+
+
 # Fields that PUT /_sandbox/config may change on a running server.
 RUNTIME_FIELDS = (
+    "behaviour",
     "latency",
     "klaviyo_profiles_per_second",
     "klaviyo_job_queue_seconds",
@@ -149,6 +187,8 @@ class SandboxConfig:
     rate_limits: bool = True
     rate_limit_scale: float = 1.0
     mailchimp_max_connections: int = 10
+    #: one value per undocumented behaviour (``BEHAVIOURS``); missing keys take their default
+    behaviour: dict[str, Any] = field(default_factory=default_behaviour)
 
     def latency_for(self, kind: str) -> float:
         return float(self.latency.get(kind, 0.0))
@@ -211,6 +251,8 @@ class SandboxConfig:
                 if value < 0 or (key != "klaviyo_job_queue_seconds" and value == 0):
                     raise ValueError(f"{key} must be positive")
                 setattr(self, key, value)
+        if "behaviour" in data:
+            self.behaviour = {**self.behaviour, **check_behaviour(data["behaviour"])}
         if "rate_limits" in data:
             if not isinstance(data["rate_limits"], bool):
                 raise ValueError("rate_limits must be a boolean")

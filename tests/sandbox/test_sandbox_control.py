@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import requests
+import pytest
 
 from segment_export_sandbox import (
     KLAVIYO_ACCOUNT_ID,
@@ -198,3 +199,17 @@ def test_mailchimp_service_without_http():
     assert svc.authenticate(req) is None
     req.path_params = {"list_id": MAILCHIMP_AUDIENCE_ID}
     assert svc.batch_subscribe(req).body["total_created"] == 1
+
+
+def test_behaviour_switches_default_validate_and_apply_at_runtime():
+    from segment_export_sandbox.config import BEHAVIOURS, SandboxConfig
+
+    cfg = SandboxConfig.from_dict({"behaviour": {"klaviyo_identifier_conflict": "reject"}})
+    assert cfg.behaviour["klaviyo_identifier_conflict"] == "reject"
+    assert cfg.behaviour["mailchimp_throttle_status"] == 429  # the others keep their default
+    assert set(cfg.behaviour) == set(BEHAVIOURS)
+    for bad in ({"no_such_switch": True}, {"mailchimp_throttle_status": 500}, {"klaviyo_list_opt_in": True}):
+        with pytest.raises(ValueError, match="behaviour"):
+            SandboxConfig.from_dict({"behaviour": bad})
+    cfg.apply_runtime({"behaviour": {"klaviyo_list_opt_in": "double"}})
+    assert cfg.behaviour["klaviyo_list_opt_in"] == "double" and cfg.behaviour["klaviyo_identifier_conflict"] == "reject"
