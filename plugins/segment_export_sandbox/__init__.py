@@ -32,6 +32,7 @@ Control API (no auth)::
     POST /_sandbox/mailchimp/audiences/{id}/forgotten  {"email_address"}
     POST /_sandbox/klaviyo/lists                        {"id", "name", "account_id"?}
     POST /_sandbox/klaviyo/suppressed                   {"email", "account_id"?}
+    POST /_sandbox/klaviyo/confirm                      {"email", "account_id"?}  (double opt-in confirmation)
 
 State layout (``GET /_sandbox/state`` == ``Sandbox.state()``); accounts are keyed
 by account id, never by API key::
@@ -44,12 +45,13 @@ by account id, never by API key::
               "organization", "locale", "title", "image",
               "location": {...}, "properties": {...}, "created", "updated",
               "suppressed": bool, "consent": "NEVER_SUBSCRIBED" | "SUBSCRIBED" | "UNSUBSCRIBED",
-              "consent_timestamp", "consent_source"}},
+              "consent_timestamp", "consent_source",
+              "consent_pending": null | {"list_id", "source", "consented_at"}}},
           "jobs": {<job id>: {
               "status": "queued" | "processing" | "complete",
               "total_count", "completed_count", "failed_count",
               "list_ids": [...], "profile_ids": [...],
-              "errors": [{"detail", "pointer"}], "created_at"}}}}},
+              "errors": [{"code", "detail", "pointer"}], "created_at"}}}}},
       "mailchimp": {"accounts": {<account id>: {"audiences": {<audience id>: {
           "name": str,
           "members": {<subscriber hash>: {"email_address", "status", "merge_fields": {...}, "tags": [names]}},

@@ -35,14 +35,22 @@ Modelled behaviour (and where it comes from)
   processed (so reads mid-job see partial results).
   ``completed_count`` counts successful profiles and ``failed_count`` failed ones
   (*guess*: the spec's wording allows both readings; disjoint counts sum to
-  ``total_count`` at the end).
+  ``total_count`` at the end). Switch ``klaviyo_completed_count_includes_failed``
+  (config.BEHAVIOURS): true makes ``completed_count`` count the failed profiles
+  too (every processed profile), the other reading of the spec.
 * Per-profile problems do not fail the request: an invalid email or phone
   (E.164), or no identifier (email/phone_number/external_id/_kx) becomes an
   *import error* ``{code: "invalid", title: "Invalid input.", detail, source:
   {pointer: "/data/attributes/profiles/data/<i>/attributes/<field>"},
   original_payload: <that profile's attributes>}`` and counts in ``failed_count``.
 * Upsert: match by profile ``id``, then email (case-insensitive), phone number,
-  external id.  Given attributes overwrite, ``null`` clears (spec: "setting a field
+  external id. What a bulk import does with conflicting identifiers is not
+  documented (single-profile calls answer ``409 duplicate_profile``), so switch
+  ``klaviyo_identifier_conflict``: ``merge`` (default) matches by phone or external
+  id and rewrites the matched profile's email; ``reject`` makes a profile whose
+  phone number or external id belongs to another profile (one with a different
+  email, or the one its email does not match) an import error ``duplicate_profile``
+  with a detail naming the identifier, counted in ``failed_count``.  Given attributes overwrite, ``null`` clears (spec: "setting a field
   to null will clear out the field"), absent ones are kept; ``location`` and
   ``properties`` are merged key by key; ``meta.patch_properties`` append/unappend/
   unset are honoured.
@@ -72,8 +80,12 @@ Modelled behaviour (and where it comes from)
   email consent becomes ``SUBSCRIBED`` with ``custom_source`` as ``custom_method_detail``; per the spec ("This
   API will remove any UNSUBSCRIBE, SPAM_REPORT or USER_SUPPRESSED suppressions") a suppressed profile is
   **unsuppressed** and subscribed (the sandbox's suppressions are all ``USER_SUPPRESSED``); it is added to the
-  given list.  Lists are single opt-in (double opt-in, where Klaviyo would send a confirmation first, is not
-  modelled).
+  given list.  Switch ``klaviyo_list_opt_in``: ``single`` (default) as above; ``double`` makes every list's
+  ``opt_in_process`` ``double_opt_in`` and, per Klaviyo's docs ("on a double opt-in list the profile is sent a
+  confirmation and is not subscribed until it confirms"), a subscription that names a list leaves the profile's
+  consent as it was, records a pending confirmation (state: ``consent_pending``), and subscribes it (and adds it
+  to the list) only when the control call ``POST /_sandbox/klaviyo/confirm {"email"}`` confirms it.  A
+  subscription without a list is not a list's opt-in process: it subscribes at once.
 * ``POST /api/profile-import``: one profile, 201 created / 200 updated; 100 KB cap
   (-> 413); invalid email/phone or no identifier -> 400 (not an import error).
 * ``GET/POST/DELETE /api/lists/{id}/relationships/profiles``: <= 1,000 ids per
@@ -152,7 +164,8 @@ _STORED_SET = frozenset(_STORED_FIELDS)
 _BLANK_PROFILE = dict.fromkeys(_STORED_FIELDS)
 # A new profile before its id, location, properties and timestamps are set: copied, not built, per profile.
 _NEW_PROFILE: dict[str, Any] = {"id": None, **_BLANK_PROFILE, "location": None, "properties": None, "created": None, "updated": None,
-                                "suppressed": False, "consent": "NEVER_SUBSCRIBED", "consent_timestamp": None, "consent_source": None}
+                                "suppressed": False, "consent": "NEVER_SUBSCRIBED", "consent_timestamp": None, "consent_source": None,
+                                "consent_pending": None}
 LOCATION_FIELDS = ("address1", "address2", "city", "country", "latitude", "longitude", "region", "zip", "timezone", "ip")
 IDENTIFIERS = ("email", "phone_number", "external_id", "_kx")
 
@@ -608,14 +621,18 @@ class KlaviyoService:
         resource = job.profiles[index]
         attrs = resource.get("attributes") or {}
         problem = job.problems[index]
+        code, title = "invalid", "Invalid input."
+        if problem is None and self.config.behaviour["klaviyo_identifier_conflict"] == "reject":
+            problem = self._conflict(acc, attrs, resource.get("id"))
+            code, title = "duplicate_profile", "Conflict."
         if problem is not None:
             fld, detail = problem
             pointer = f"/data/attributes/profiles/data/{index}/attributes" + (f"/{fld}" if fld else "")
             job.errors.append(
                 {
                     "id": new_uuid(),
-                    "code": "invalid",
-                    "title": "Invalid input.",
+                    "code": code,
+                    "title": title,
                     "detail": detail,
                     "source": {"pointer": pointer},
                     "original_payload": attrs,
@@ -631,6 +648,25 @@ class KlaviyoService:
         job.completed_count += 1
 
     # --- profiles --------------------------------------------------------------------
+
+    @staticmethod
+    def _conflict(acc: KAccount, attrs: dict[str, Any], profile_id: Optional[str]) -> Optional[tuple[str, str]]:
+        """Under ``klaviyo_identifier_conflict = reject``: (field, detail) when the profile's phone number or
+        external id belongs to another profile than the one its id or email names, else None. A profile without
+        an email or id is matched by its other identifiers as usual (nothing to conflict with)."""
+        own = profile_id if profile_id in acc.profiles else None
+        email = attrs.get("email")
+        if own is None and isinstance(email, str):
+            own = acc.by_email.get(email.lower())
+        if own is None and not isinstance(email, str):
+            return None
+        for key, index, name in (("phone_number", acc.by_phone, "phone number"), ("external_id", acc.by_external_id, "external id")):
+            value = attrs.get(key)
+            other = index.get(value) if isinstance(value, str) else None
+            # Another profile that has an email of its own: merging would rewrite it (a phone-only one is the same person).
+            if other is not None and other != own and acc.profiles[other]["email"] is not None:
+                return key, f"A profile already exists with this {name}, under another email or id ({other})."
+        return None
 
     def _find(self, acc: KAccount, attrs: dict[str, Any], profile_id: Optional[str]) -> Optional[dict[str, Any]]:
         if profile_id and profile_id in acc.profiles:
@@ -754,7 +790,7 @@ class KlaviyoService:
 
     def _list_resource(self, req: ApiRequest, lst: KList, with_count: bool = False) -> dict[str, Any]:
         url = req.base_url + f"/api/lists/{lst.id}/"
-        attributes: dict[str, Any] = {"name": lst.name, "created": lst.created, "updated": lst.updated, "opt_in_process": "single_opt_in"}
+        attributes: dict[str, Any] = {"name": lst.name, "created": lst.created, "updated": lst.updated, "opt_in_process": "double_opt_in" if self._double_opt_in() else "single_opt_in"}
         if with_count:
             attributes["profile_count"] = len(lst.profile_ids)
         return {
@@ -773,7 +809,7 @@ class KlaviyoService:
             "status": job.status,
             "created_at": iso_now(job.created, micro=True),
             "total_count": job.total,
-            "completed_count": job.completed_count,
+            "completed_count": self._completed_count(job),
             "failed_count": job.failed_count,
             "completed_at": iso_now(job.completed, micro=True) if job.completed is not None else None,
             "expires_at": iso_now(job.created + JOB_TTL_SECONDS, micro=True),
@@ -794,6 +830,12 @@ class KlaviyoService:
             },
             "links": {"self": url},
         }
+
+    def _completed_count(self, job: ImportJob) -> int:
+        """The job's ``completed_count`` under ``klaviyo_completed_count_includes_failed`` (see the docstring)."""
+        if self.config.behaviour["klaviyo_completed_count_includes_failed"]:
+            return job.completed_count + job.failed_count
+        return job.completed_count
 
     @staticmethod
     def _sparse(req: ApiRequest, rtype: str, attributes: dict[str, Any]) -> dict[str, Any]:
@@ -1079,13 +1121,38 @@ class KlaviyoService:
             attrs = item["attributes"]
             profile, _ = self._upsert(acc, {"email": attrs["email"]}, item.get("id"), None)
             consented_at = attrs["subscriptions"]["email"]["marketing"].get("consented_at")
-            profile["suppressed"] = False  # the spec: subscribing removes UNSUBSCRIBE/SPAM_REPORT/USER_SUPPRESSED
-            profile["consent"] = "SUBSCRIBED"
-            profile["consent_timestamp"] = consented_at or iso_now(now)
-            profile["consent_source"] = source
-            if list_id is not None:
-                acc.lists[list_id].profile_ids[profile["id"]] = None
+            if list_id is not None and self._double_opt_in():
+                # A confirmation is sent; nothing changes until the profile confirms (POST /_sandbox/klaviyo/confirm).
+                profile["consent_pending"] = {"list_id": list_id, "source": source, "consented_at": consented_at}
+                continue
+            self._subscribe(acc, profile, list_id, source, consented_at or iso_now(now))
         return ApiResponse(202, None, CONTENT_TYPE)
+
+    def _double_opt_in(self) -> bool:
+        return self.config.behaviour["klaviyo_list_opt_in"] == "double"
+
+    @staticmethod
+    def _subscribe(acc: KAccount, profile: dict[str, Any], list_id: Optional[str], source: Any, when: str) -> None:
+        profile["consent_pending"] = None
+        profile["suppressed"] = False  # the spec: subscribing removes UNSUBSCRIBE/SPAM_REPORT/USER_SUPPRESSED
+        profile["consent"] = "SUBSCRIBED"
+        profile["consent_timestamp"] = when
+        profile["consent_source"] = source
+        if list_id is not None:
+            acc.lists[list_id].profile_ids[profile["id"]] = None
+
+    def confirm(self, email: str, account_id: Optional[str] = None) -> dict[str, Any]:
+        """The profile clicks the double opt-in confirmation: its pending subscription takes effect."""
+        with self.lock:
+            acc = self._account(account_id)
+            pid = acc.by_email.get(email.lower())
+            pending = acc.profiles[pid].get("consent_pending") if pid else None
+            if pending is None:
+                raise KeyError(f"unknown pending confirmation for {email!r}")
+            profile = acc.profiles[pid]
+            when = pending["consented_at"] or iso_now(self.clock())
+            self._subscribe(acc, profile, pending["list_id"] if pending["list_id"] in acc.lists else None, pending["source"], when)
+            return {"id": pid, "consent": profile["consent"]}
 
     # --- handlers: single profile ----------------------------------------------------
 
@@ -1121,11 +1188,11 @@ class KlaviyoService:
                         job.id: {
                             "status": job.status,
                             "total_count": job.total,
-                            "completed_count": job.completed_count,
+                            "completed_count": self._completed_count(job),
                             "failed_count": job.failed_count,
                             "list_ids": list(job.list_ids),
                             "profile_ids": list(job.profile_ids),
-                            "errors": [{"detail": e["detail"], "pointer": e["source"]["pointer"]} for e in job.errors],
+                            "errors": [{"code": e["code"], "detail": e["detail"], "pointer": e["source"]["pointer"]} for e in job.errors],
                             "created_at": iso_now(job.created, micro=True),
                         }
                         for job in acc.jobs.values()

@@ -169,6 +169,10 @@ class Sandbox:
     def suppress_klaviyo_email(self, email: str, account_id: Optional[str] = None) -> dict[str, Any]:
         return self.klaviyo.suppress(email, account_id)
 
+    def confirm_klaviyo_email(self, email: str, account_id: Optional[str] = None) -> dict[str, Any]:
+        """A double opt-in confirmation clicked (behaviour ``klaviyo_list_opt_in = double``)."""
+        return self.klaviyo.confirm(email, account_id)
+
     # --- the request pipeline --------------------------------------------------------
 
     def service_for(self, path: str) -> Optional[ApiService]:
@@ -287,6 +291,8 @@ class Sandbox:
                 return ApiResponse(201, self.add_klaviyo_list(payload["id"], payload["name"], payload.get("account_id")))
             if method == "POST" and parts == ["klaviyo", "suppressed"]:
                 return ApiResponse(201, self.suppress_klaviyo_email(payload["email"], payload.get("account_id")))
+            if method == "POST" and parts == ["klaviyo", "confirm"]:
+                return ApiResponse(200, self.confirm_klaviyo_email(payload["email"], payload.get("account_id")))
         except KeyError as exc:
             return ApiResponse(404 if "unknown" in str(exc) else 400, {"error": f"missing or unknown: {exc}"})
         except (ValueError, TypeError) as exc:
