@@ -108,3 +108,35 @@ def test_an_uncommitted_batch_is_undone_by_rollback(store):
     store.rollback()  # what the exporter does when writing a batch's outcome fails part-way
     assert list(store.previous()) == [("a@x.io", "f1", ())]
     assert _rows(store, f"SELECT count(*) FROM {OUTCOMES_TABLE}") == [(0,)]
+
+
+def test_profile_ids_are_remembered_and_kept_by_saves_without_them(store):
+    store.save([("a@x.io", "f1", ()), ("b@x.io", "f2", ())], new={"a@x.io", "b@x.io"}, profile_ids={"a@x.io": "01A"})
+    assert store.profile_ids(["a@x.io", "b@x.io", "zz@x.io"]) == {"a@x.io": "01A"}
+    store.save([("a@x.io", "f1", ("vip",)), ("b@x.io", "f3", ())], profile_ids={"b@x.io": "01B"})  # e.g. tags applied
+    assert store.profile_ids(["a@x.io", "b@x.io"]) == {"a@x.io": "01A", "b@x.io": "01B"}
+    store.save([("a@x.io", "f4", ())], profile_ids={"a@x.io": "01M"})  # merged into another profile: its id now
+    store.save([], forgotten=["b@x.io"])
+    assert store.profile_ids(["a@x.io", "b@x.io"]) == {"a@x.io": "01M"}
+    keys = [f"p{i}@x.io" for i in range(1_200)]  # more keys than one IN list of the portable path
+    store.save([(k, "f", ()) for k in keys], new=set(keys), profile_ids={k: k.upper() for k in keys})
+    assert store.profile_ids(keys) == {k: k.upper() for k in keys} and store.profile_ids([]) == {}
+
+
+def test_a_state_table_from_before_profile_ids_is_migrated(store):
+    cursor = store.conn.cursor()
+    cursor.execute(f"DROP TABLE {STATE_TABLE}")
+    cursor.execute(  # the table as earlier versions created it
+        f"CREATE TABLE {STATE_TABLE} (export_id VARCHAR(200) NOT NULL, target_id VARCHAR(200) NOT NULL,"
+        " profile_key VARCHAR(320) NOT NULL, fingerprint VARCHAR(64) NOT NULL, segments TEXT NOT NULL,"
+        " updated_at VARCHAR(40) NOT NULL, PRIMARY KEY (export_id, target_id, profile_key))"
+    )
+    cursor.execute(f"INSERT INTO {STATE_TABLE} VALUES ('exp', 'list1', 'old@x.io', 'f0', '[]', 'then')")
+    cursor.close()
+    store.conn.commit()
+    store.ensure_tables()
+    store.ensure_tables()  # once migrated, nothing more to do
+    assert list(store.previous()) == [("old@x.io", "f0", ())] and store.profile_ids(["old@x.io"]) == {}
+    store.save([("old@x.io", "f1", ()), ("new@x.io", "f2", ())], new={"new@x.io"}, profile_ids={"old@x.io": "01O", "new@x.io": "01N"})
+    assert store.profile_ids(["old@x.io", "new@x.io"]) == {"old@x.io": "01O", "new@x.io": "01N"}
+    assert sorted(store.previous()) == [("new@x.io", "f2", ()), ("old@x.io", "f1", ())]

@@ -1,7 +1,9 @@
 """The export's memory between runs, and its per-row outcomes, in two tables behind an Airflow SQL connection.
 
 ``segment_export_state`` holds, per export and destination target, one row per profile the destination
-accepted: the fingerprint of what was sent and the segments it was tagged with. A row is written only after
+accepted: the fingerprint of what was sent, the segments it was tagged with and, where the destination names it,
+the destination's own id for the profile (Klaviyo's profile id: removals and list moves go by it, not by email,
+which another identifier may have merged away). A row is written only after
 the destination confirmed it, so a failed or unconfirmed row is sent again by the next run.
 ``segment_export_outcomes`` holds one row per profile a run acted on (created, updated, removed, skipped,
 rejected) with the destination's reason. Both hold the profile key (the lower-cased email), which is already
@@ -34,7 +36,7 @@ _DDL = (
     f"CREATE TABLE IF NOT EXISTS {STATE_TABLE} ("
     " export_id VARCHAR(200) NOT NULL, target_id VARCHAR(200) NOT NULL, profile_key VARCHAR(320) NOT NULL,"
     " fingerprint VARCHAR(64) NOT NULL, segments TEXT NOT NULL, updated_at VARCHAR(40) NOT NULL,"
-    " PRIMARY KEY (export_id, target_id, profile_key))",
+    " profile_id VARCHAR(100), PRIMARY KEY (export_id, target_id, profile_key))",
     f"CREATE TABLE IF NOT EXISTS {OUTCOMES_TABLE} ("
     " export_id VARCHAR(200) NOT NULL, run_id VARCHAR(250) NOT NULL, profile_key VARCHAR(320) NOT NULL,"
     " action VARCHAR(16) NOT NULL, reason TEXT, recorded_at VARCHAR(40) NOT NULL)",
@@ -52,6 +54,14 @@ _DDL = (
 
 # Drivers whose databases unpack a JSON array of rows in one INSERT … SELECT: (row source, column i of a row).
 _JSON_DIALECTS = {"sqlite3": "sqlite", "psycopg": "postgres", "psycopg2": "postgres"}
+# The state's columns in the order rows are written (profile_id last in the table: tables from before it existed
+# get it appended by ensure_tables, so inserts name their columns).
+_STATE_COLUMNS = "(export_id, target_id, profile_key, fingerprint, segments, profile_id, updated_at)"
+# A list of keys as one bound JSON array (SQLite, PostgreSQL): an index lookup per key, whatever the number of keys.
+_JSON_KEYS = {
+    "sqlite": "SELECT value FROM json_each(?)",
+    "postgres": "SELECT json_array_elements_text(?::json)",
+}
 _JSON_ROWS = {
     "sqlite": ("json_each(?)", "json_extract(value, '$[{}]')"),
     "postgres": ("json_array_elements(?::json) AS rows(value)", "value->>{}"),
@@ -126,6 +136,34 @@ class StateStore:
                 ddl += " WITHOUT ROWID"
             self._run(ddl).close()
         self.conn.commit()
+        self._add_profile_id_column()
+
+    def _add_profile_id_column(self) -> None:
+        """Migrate a state table created before ``profile_id`` existed: the column is added (NULL for the rows it
+        holds; the next accepted send of each profile fills it in). Probed by selecting it, which any SQL database
+        answers; the probe's error is rolled back (PostgreSQL aborts the transaction on it)."""
+        try:
+            self._run(f"SELECT profile_id FROM {STATE_TABLE} WHERE 1 = 0").close()
+            return
+        except Exception:  # noqa: BLE001 - the driver's "no such column", whatever its class
+            self.conn.rollback()
+        self._run(f"ALTER TABLE {STATE_TABLE} ADD COLUMN profile_id VARCHAR(100)").close()
+        self.conn.commit()
+
+    def profile_ids(self, keys: list[str]) -> dict[str, str]:
+        """The destination's profile id of each key that has one in the state (keys without are absent)."""
+        found: dict[str, str] = {}
+        head = f"SELECT profile_key, profile_id FROM {STATE_TABLE} WHERE export_id = ? AND target_id = ? AND profile_id IS NOT NULL"
+        if self.dialect in _JSON_KEYS:
+            parts = [(f" AND profile_key IN ({_JSON_KEYS[self.dialect]})", [_json_text(keys)])] if keys else []  # type: ignore[arg-type]
+        else:
+            parts = [(f" AND profile_key IN ({', '.join('?' * len(chunk))})", chunk)
+                     for chunk in (keys[i:i + 500] for i in range(0, len(keys), 500))]
+        for clause, params in parts:
+            cursor = self._run(head + clause, (self.export_id, self.target_id, *params))
+            found.update((key, pid) for key, pid in cursor.fetchall())
+            cursor.close()
+        return found
 
     def previous(self) -> Iterator[Previous]:
         """Every profile this export's target accepted before (any order; the staging area sorts)."""
@@ -158,31 +196,38 @@ class StateStore:
         return dialect
 
     def _insert(self, table: str, head: tuple[Any, ...], rows: list[tuple[Any, ...]], tail: tuple[Any, ...],
-                upsert: str = "") -> None:
+                upsert: str = "", columns: str = "") -> None:
         """Insert ``head + row + tail`` for each row. On SQLite and PostgreSQL the rows travel as one JSON array that
         the database unpacks (``json_each`` / ``json_array_elements``): measured on 10,000-row batches, PostgreSQL
         took 0.55 µs of client CPU a row against psycopg's ``executemany`` 21 µs (and half the wall time), SQLite 4 µs
-        against 6. ``upsert``: an ``ON CONFLICT`` clause (SQLite and PostgreSQL spell it alike)."""
+        against 6. ``upsert``: an ``ON CONFLICT`` clause (SQLite and PostgreSQL spell it alike). ``columns``: the
+        table's columns in the order given, e.g. ``"(a, b)"`` (default: the table's own order)."""
         if not rows:
             return
         if self.dialect == "generic":
             values = "(" + ", ".join([self.ph] * (len(head) + len(rows[0]) + len(tail))) + ")"
             cursor = self.conn.cursor()
-            cursor.executemany(f"INSERT INTO {table} VALUES {values}", [head + row + tail for row in rows])
+            cursor.executemany(f"INSERT INTO {table} {columns} VALUES {values}", [head + row + tail for row in rows])
             cursor.close()
             return
         source, element = _JSON_ROWS[self.dialect]
-        columns = ", ".join(["?"] * len(head) + [element.format(i) for i in range(len(rows[0]))] + ["?"] * len(tail))
-        sql = f"INSERT INTO {table} SELECT {columns} FROM {source} WHERE true {upsert}"  # WHERE: SQLite's upsert parse
+        select = ", ".join(["?"] * len(head) + [element.format(i) for i in range(len(rows[0]))] + ["?"] * len(tail))
+        sql = f"INSERT INTO {table} {columns} SELECT {select} FROM {source} WHERE true {upsert}"  # WHERE: SQLite's upsert parse
         self._run(sql, (*head, *tail, _json_text(rows))).close()
 
     def save(self, accepted: list[tuple[str, str, tuple[str, ...]]], forgotten: Iterable[str] = (),
-             new: set[str] | frozenset[str] = frozenset(), *, commit: bool = True) -> None:
+             new: set[str] | frozenset[str] = frozenset(), *, commit: bool = True,
+             profile_ids: dict[str, str] | None = None) -> None:
         """Remember accepted profiles (key, fingerprint, segments) and forget removed ones, in one transaction.
 
         ``new`` names accepted profiles the state cannot hold yet (first seen this run): no row to replace.
+        ``profile_ids``: the destination's id of accepted profiles; a profile without one keeps the id it has.
         ``commit=False`` leaves the transaction open for what belongs with it (a batch's outcomes, its end)."""
         json_rows = self.dialect != "generic"
+        ids = dict(profile_ids or {})
+        if not json_rows:
+            # Rows are deleted and inserted again here: carry over the ids of those saved without one.
+            ids = {**self.profile_ids([a[0] for a in accepted if a[0] not in new and a[0] not in ids]), **ids}
         # SQLite and PostgreSQL replace rows with an upsert; elsewhere a profile's old row is deleted first.
         keys = list(forgotten) if json_rows else [a[0] for a in accepted if a[0] not in new] + list(forgotten)
         if keys:
@@ -197,9 +242,11 @@ class StateStore:
             cursor.close()
         self._insert(
             STATE_TABLE, (self.export_id, self.target_id),
-            [(k, fp, segments_json(segs)) for k, fp, segs in accepted], (_now(),),
+            [(k, fp, segments_json(segs), ids.get(k)) for k, fp, segs in accepted], (_now(),),
             upsert="ON CONFLICT (export_id, target_id, profile_key) DO UPDATE SET fingerprint = excluded.fingerprint, "
-                   "segments = excluded.segments, updated_at = excluded.updated_at",
+                   "segments = excluded.segments, updated_at = excluded.updated_at, "
+                   f"profile_id = COALESCE(excluded.profile_id, {STATE_TABLE}.profile_id)",
+            columns=_STATE_COLUMNS,
         )
         if commit:
             self.conn.commit()
