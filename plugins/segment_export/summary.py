@@ -29,6 +29,11 @@ class BatchResult:
     rejected_keys: dict[str, str] = field(default_factory=dict)
     skipped_keys: dict[str, str] = field(default_factory=dict)
     subscribed: int | None = None
+    #: Klaviyo's profile id of accepted (and skipped) profiles, where known: remembered in the state, so that
+    #: removals and list moves go by id
+    profile_ids: dict[str, str] = field(default_factory=dict)
+    #: consenting profiles asked to subscribe on a double opt-in list: sent a confirmation, not subscribed yet
+    pending: int | None = None
 
 
 #: The phases an export's CPU time is counted in (``ExportSummary.cpu_seconds``). All but the last are the
@@ -64,6 +69,7 @@ class ExportSummary:
     tags_added: int = 0
     tags_removed: int = 0
     subscribed: int | None = None  # Klaviyo with destination.subscribe: consenting profiles asked to subscribe
+    pending: int | None = None  # Klaviyo, double opt-in list: asked to subscribe, confirmation sent, not subscribed yet
     resumed: int = 0  # profiles of jobs an interrupted run had submitted, awaited instead of sent again
     batches: int = 0
     seconds: float = 0.0
@@ -94,6 +100,8 @@ class ExportSummary:
             self.updated = (self.updated or 0) + result.updated
         if result.subscribed is not None:
             self.subscribed = (self.subscribed or 0) + result.subscribed
+        if result.pending is not None:
+            self.pending = (self.pending or 0) + result.pending
 
     @property
     def consistent(self) -> bool:
@@ -118,6 +126,7 @@ class ExportSummary:
             "unchanged": self.unchanged,
             "removed": self.removed,
             "subscribed": self.subscribed,
+            "pending": self.pending,
             "tags_added": self.tags_added,
             "tags_removed": self.tags_removed,
             "resumed": self.resumed,
@@ -148,6 +157,7 @@ class ExportSummary:
             ("unchanged (not sent)", self.unchanged),
             ("removed (left segment)", self.removed),
             ("subscribed (consent)", "n/a" if self.subscribed is None else self.subscribed),
+            *([("pending (double opt-in)", self.pending)] if self.pending is not None else []),
             ("tags added / removed", f"{self.tags_added} / {self.tags_removed}"),
             ("batches", self.batches),
             ("seconds", f"{self.seconds:.1f}"),

@@ -87,6 +87,10 @@ class Destination(ABC):
     def prepare_segments(self, names: list[str]) -> None:
         """Make sure every segment the run will tag exists (Mailchimp creates missing tags)."""
 
+    #: True when segment changes and removals go by the destination's own profile ids (Klaviyo): the exporter then
+    #: passes ``profile_ids=`` (key → id remembered in the state, where known) to ``change_segment`` and ``remove``
+    wants_profile_ids: bool = False
+
     def change_segment(self, segment: str, op: str, keys: list[str]) -> set[str]:
         """Add (``+``) or remove (``-``) profiles to a segment's tag; return the keys that failed."""
         raise NotImplementedError(f"{self.type} does not manage segments")

@@ -1,5 +1,12 @@
 """Klaviyo list destination: profiles go out as bulk profile import jobs with the list as relationship.
 
+Each profile's outcome comes from the job's per-profile answers, never from its counts alone (whether
+``completed_count`` includes the failed profiles is not documented): an import error names its profile by its
+``original_payload`` and gives Klaviyo's ``detail`` as the reason; when every failure is named that way, the
+job's other profiles were imported, otherwise the job's ``profiles`` relationship says which were. Each accepted
+profile's Klaviyo id is remembered in the state, so that removals and list moves go by id, not by email (a
+profile merged by its phone number or external id has another email in Klaviyo than the row's).
+
 After each job, the profiles Klaviyo accepted are looked up (``GET /api/profiles``, 100 addresses a request,
 with ``additional-fields[profile]=subscriptions``): suppressed ones (unsubscribed, bounced, spam complaint...)
 stay in Klaviyo and in the list but cannot receive email, so they are reported as ``skipped`` with Klaviyo's
@@ -7,11 +14,14 @@ reason and remembered, not retried. With ``destination.subscribe`` the same answ
 (Bulk Subscribe Profiles, at most 1,000 a request): rows whose consent column is true, whose Klaviyo consent is
 ``NEVER_SUBSCRIBED`` and who are not suppressed. Klaviyo's subscribe call lifts ``UNSUBSCRIBE``/``SPAM_REPORT``/
 ``USER_SUPPRESSED`` suppressions, so sending a suppressed or unsubscribed profile would re-subscribe someone
-who opted out: that is never done. Nobody is ever unsubscribed by an export.
+who opted out: that is never done. Nobody is ever unsubscribed by an export. On a double opt-in list
+(``opt_in_process: double_opt_in``, read in preflight) Klaviyo sends a confirmation and subscribes only once the
+profile confirms: those profiles are counted as ``pending``, not subscribed.
 """
 
 from __future__ import annotations
 
+import re
 import time
 from collections import Counter
 from typing import Any, Iterable
@@ -33,6 +43,10 @@ FINAL_STATUSES = ("complete", "cancelled")
 # run's example, and is cut off before the profile goes into a job body (see :func:`without_consent`).
 _CONSENT_KEY = b',"subscribe":'
 _CONSENTS = _CONSENT_KEY + b"true}"
+# Klaviyo's details may quote the value they refuse; a phone number is personal data like an email address.
+_PHONE_IN_TEXT = re.compile(r"\+?\d[\d ().-]{5,}\d")
+NOT_FOUND_AFTER_IMPORT = ("imported, but no Klaviyo profile has this email afterwards (merged into another profile "
+                          "by its phone number or external id?): sent again next run")
 
 
 def profile_fragment(profile: Profile) -> bytes:
@@ -105,19 +119,24 @@ class KlaviyoDestination(Destination):
 
     def __init__(self, hook: KlaviyoHook, list_id: str | None, *, lists: dict[str, str] | None = None,
                  subscribe: bool = False, report_suppressed: bool = True, source: str = "segment-export",
-                 concurrency: int = 10, poll_interval: float = 0.5, poll_max_interval: float = 5.0):
+                 concurrency: int = 10, poll_interval: float = 0.5, poll_max_interval: float = 5.0,
+                 remember_ids: bool = True):
         """One ``list_id`` for every profile, or ``lists`` (segment → list) where profiles follow their segments.
 
         ``subscribe``: rows whose consent is true are subscribed to email marketing after their import (with the
         list as the subscription's list; with ``lists``, the account's default opt-in process applies).
         ``report_suppressed``: look up the accepted profiles after each job to report suppressed ones as skipped
-        (one GET per 100 profiles); subscribing needs it. ``source`` is recorded on Klaviyo's consent records."""
+        (one GET per 100 profiles); subscribing needs it. ``source`` is recorded on Klaviyo's consent records.
+        ``remember_ids``: learn each accepted profile's Klaviyo id (free with the suppression check, else one GET
+        per 100 profiles), for removals and list moves by id; exports that never remove nor move need not."""
         if subscribe and not report_suppressed:
             raise ValueError("subscribing needs the suppression check (report_suppressed): it never subscribes a suppressed profile")
         self.hook = hook
         self.lists = lists
         self.list_id = list_id
         self.subscribe, self.report_suppressed, self.source = subscribe, report_suppressed, source
+        self.remember_ids = remember_ids or lists is not None
+        self.double_opt_in = False  # the list's opt_in_process, read in preflight
         self.manages_segments = lists is not None
         self.target_id = list_id or "+".join(sorted(set((lists or {}).values())))
         self.concurrency = concurrency
@@ -131,12 +150,16 @@ class KlaviyoDestination(Destination):
         return cls(
             KlaviyoHook(dest.connection_id, max_concurrency=10), dest.list_id, lists=dest.lists,  # type: ignore[union-attr]
             subscribe=dest.subscribe, report_suppressed=dest.checks_suppression,  # type: ignore[union-attr]
-            source=f"segment-export {spec.id}",
+            source=f"segment-export {spec.id}", remember_ids=spec.on_leave == "remove",
         )
+
+    wants_profile_ids = True
 
     def preflight(self) -> None:
         for list_id in sorted(set(self.lists.values())) if self.lists else [self.target_id]:
-            self.hook.get_list(list_id)
+            found = self.hook.get_list(list_id)
+            if list_id == self.list_id:
+                self.double_opt_in = (found.get("attributes") or {}).get("opt_in_process") == "double_opt_in"
 
     def serialize(self, profile: Profile) -> bytes:
         fragment = profile_fragment(profile)
@@ -175,25 +198,33 @@ class KlaviyoDestination(Destination):
         return None if self.subscribe else self._settle(result, set())
 
     def _settle(self, result: BatchResult, consenting: set[str]) -> BatchResult:
-        """Move the accepted profiles Klaviyo suppresses to ``skipped``; subscribe the consenting ones it may.
+        """Learn the accepted profiles' ids; move those Klaviyo suppresses to ``skipped``; subscribe the consenting
+        ones it may.
 
-        Only profiles this run sent are looked up (only changed profiles are sent), 100 per request."""
-        if not self.report_suppressed or not result.accepted_keys:
+        Only profiles this run sent are looked up (only changed profiles are sent), 100 per request. A profile no
+        longer found by its email was merged into another one: rejected (not confirmed), so sent again."""
+        check = self.report_suppressed
+        keys = sorted(result.accepted_keys if check else result.accepted_keys - result.profile_ids.keys())
+        if not keys or not (check or self.remember_ids):
             return result
-        keys = sorted(result.accepted_keys)
         # A list suppression counts for the export's one list; with one list per segment, only global ones do.
         list_ids = [self.list_id] if self.list_id else []
         to_subscribe: list[str] = []
-        unknown = 0
+        missing: list[str] = []
         for start in range(0, len(keys), MAX_FILTER_EMAILS):
             part = keys[start : start + MAX_FILTER_EMAILS]
-            found = self.hook.find_email_marketing(part)
+            if check:
+                found = self.hook.find_email_marketing(part)
+            else:
+                found = {k: (pid, k, None) for k, pid in self.hook.find_profile_ids(part).items()}
             for key in part:
                 if key not in found:
-                    unknown += 1  # imported, yet not found: not remembered, so the next run sends it again
-                    result.accepted_keys.discard(key)
+                    missing.append(key)
                     continue
-                email, marketing = found[key]
+                profile_id, email, marketing = found[key]
+                result.profile_ids[key] = profile_id  # the profile that holds the email now
+                if marketing is None:
+                    continue
                 reason = suppression_reason(marketing, list_ids)
                 if reason is None and key in consenting and marketing.get("consent") == "UNSUBSCRIBED":
                     reason = "unsubscribed in Klaviyo: not subscribed again"
@@ -202,73 +233,98 @@ class KlaviyoDestination(Destination):
                     result.skipped_keys[key] = reason
                 elif key in consenting and marketing.get("consent") != "SUBSCRIBED":
                     to_subscribe.append(email)
-        if unknown:
-            self.hook.log.warning("%d imported profiles were not found by email afterwards; they are sent again next run", unknown)
+        if missing:
+            self.hook.log.warning("%d imported profiles were not found by email afterwards; they are sent again next run", len(missing))
+            for key in missing:
+                result.accepted_keys.discard(key)
+                result.profile_ids.pop(key, None)
+                result.rejected[NOT_FOUND_AFTER_IMPORT] += 1
+                result.rejected_keys[key] = NOT_FOUND_AFTER_IMPORT
         result.accepted_keys -= result.skipped_keys.keys()
-        result.accepted -= len(result.skipped_keys)
+        result.accepted = len(result.accepted_keys)
         subscription_list = self.list_id  # one list per segment: consent is per profile; the account's opt-in applies
         for start in range(0, len(to_subscribe), MAX_SUBSCRIBE_PROFILES):
             self.hook.bulk_subscribe(subscription_body(to_subscribe[start : start + MAX_SUBSCRIBE_PROFILES], subscription_list, self.source))
-        result.subscribed = len(to_subscribe) if self.subscribe else None
+        if self.subscribe:
+            # Double opt-in: Klaviyo sends a confirmation; the profile is subscribed once it confirms.
+            pending = self.double_opt_in and subscription_list is not None
+            result.subscribed = 0 if pending else len(to_subscribe)
+            result.pending = len(to_subscribe) if pending else None
         return result
 
     def _outcome(self, job: dict[str, Any], keys: list[str]) -> BatchResult:
-        """A finished job's counts and import errors, profile by profile where Klaviyo names them."""
+        """Each profile's outcome from the job's per-profile answers (see the module docstring); the counts only
+        say whether more answers must be fetched. ``sent == accepted + rejected`` for the batch, always."""
         attrs = job["attributes"]
-        accepted = int(attrs.get("completed_count") or 0)
         failed = int(attrs.get("failed_count") or 0)
-        rejected: Counter[str] = Counter()
+        batch = set(keys)
         rejected_keys: dict[str, str] = {}
+        unnamed: list[str] = []  # reasons of import errors whose profile Klaviyo did not name
         if failed:
             for error in self.hook.iter_import_errors(job["id"]):
-                a = error.get("attributes", {})
-                reason = redact_emails(f"{a.get('code') or 'import_error'}: {a.get('title') or 'import error'}")
-                rejected[reason] += 1
-                key = _payload_email(a.get("original_payload"))
-                if key:
+                reason = import_error_reason(error.get("attributes") or {})
+                key = _payload_email((error.get("attributes") or {}).get("original_payload"))
+                if key in batch:
                     rejected_keys[key] = reason
-            # Count what Klaviyo reported even if its error listing was shorter than failed_count.
-            missing = failed - sum(rejected.values())
-            if missing > 0:
-                rejected["import error without details"] += missing
-        unaccounted = len(keys) - accepted - sum(rejected.values())
-        if unaccounted > 0:
-            reason = "job cancelled by Klaviyo" if attrs["status"] == "cancelled" else "not confirmed by Klaviyo"
-            rejected[reason] += unaccounted
-        # Profile by profile, only when Klaviyo's counts and its named errors agree with the batch.
-        confident = unaccounted <= 0 and len(rejected_keys) == failed and accepted == len(keys) - failed
-        accepted_keys = set(keys) - set(rejected_keys) if confident else set()
-        return BatchResult(accepted=accepted, rejected=rejected, accepted_keys=accepted_keys, rejected_keys=rejected_keys)
+                else:
+                    unnamed.append(reason)
+        profile_ids: dict[str, str] = {}
+        if attrs["status"] == "complete" and not unnamed and len(rejected_keys) >= failed:
+            accepted_keys = batch - rejected_keys.keys()  # every failure is named: the others were imported
+        else:  # a cancelled job, or failures Klaviyo did not name: the job's own list of imported profiles
+            profile_ids = {k: pid for k, pid in self.hook.iter_job_profiles(job["id"]) if k in batch and k not in rejected_keys}
+            accepted_keys = set(profile_ids)
+        rejected: Counter[str] = Counter(rejected_keys.values())
+        fallback = "job cancelled by Klaviyo" if attrs["status"] == "cancelled" else "not confirmed by Klaviyo"
+        for key in keys:
+            if key not in accepted_keys and key not in rejected_keys:
+                reason = unnamed.pop() if unnamed else fallback
+                rejected[reason] += 1
+                rejected_keys[key] = reason
+        return BatchResult(accepted=len(accepted_keys), rejected=rejected, accepted_keys=accepted_keys,
+                           rejected_keys=rejected_keys, profile_ids=profile_ids)
 
-    def remove(self, keys: list[str], how: str) -> set[str]:
-        """Take profiles off the export's list (the list relationship only; consent is not touched).
+    def remove(self, keys: list[str], how: str, profile_ids: dict[str, str] | None = None) -> set[str]:
+        """Take profiles off the export's list (the list relationship only; consent is not touched), by the
+        Klaviyo ids the state remembers (by email for profiles remembered before ids were).
 
         With one list per segment, leavers already lost their segments' lists through the segment changes."""
         if how != "remove":
             raise NotImplementedError(f"Klaviyo exports cannot {how} profiles")
         if self.lists is None:
-            self._change_list(self.target_id, "-", keys)
+            self._change_list(self.target_id, "-", keys, profile_ids or {})
         return set()
 
-    def change_segment(self, segment: str, op: str, keys: list[str]) -> set[str]:
+    def change_segment(self, segment: str, op: str, keys: list[str], profile_ids: dict[str, str] | None = None) -> set[str]:
         """A profile joins or leaves its segment's list; profiles Klaviyo cannot find fail (retried next run)."""
         list_id = (self.lists or {}).get(segment)
         if list_id is None:
             return set()  # a segment without a list (no longer exported): nothing to change
-        return self._change_list(list_id, op, keys)
+        return self._change_list(list_id, op, keys, profile_ids or {})
 
-    def _change_list(self, list_id: str, op: str, keys: list[str]) -> set[str]:
-        ids: dict[str, str] = {}
-        for start in range(0, len(keys), 100):
-            ids.update(self.hook.find_profile_ids(keys[start : start + 100]))
-        found = list(ids.values())
+    def _change_list(self, list_id: str, op: str, keys: list[str], known: dict[str, str]) -> set[str]:
+        """Add or remove profiles by id: the remembered ones, else found by email. A call Klaviyo refuses (an id
+        it no longer has) is made once more with every id found again by email."""
+        ids = {k: known[k] for k in keys if k in known}
+        try:
+            self._by_ids(list_id, op, ids, [k for k in keys if k not in ids])
+        except DestinationError as exc:
+            if exc.status != 400 or not ids:
+                raise
+            ids = {}
+            self._by_ids(list_id, op, ids, keys)
+        # Removing a profile Klaviyo does not know is done already; adding one is not.
+        return {k for k in keys if k not in ids} if op == "+" else set()
+
+    def _by_ids(self, list_id: str, op: str, ids: dict[str, str], unknown: list[str]) -> None:
+        for start in range(0, len(unknown), MAX_FILTER_EMAILS):
+            ids.update(self.hook.find_profile_ids(unknown[start : start + MAX_FILTER_EMAILS]))
+        found = list(dict.fromkeys(ids.values()))
         for start in range(0, len(found), 1000):
             if op == "+":
                 self.hook.add_to_list(list_id, found[start : start + 1000])
             else:
                 self.hook.remove_from_list(list_id, found[start : start + 1000])
-        # Removing a profile Klaviyo does not know is done already; adding one is not.
-        return {k for k in keys if k not in ids} if op == "+" else set()
 
     def _await(self, job: dict[str, Any]) -> dict[str, Any]:
         """Poll a job until it is complete or cancelled, backing off between polls."""
@@ -284,6 +340,13 @@ class KlaviyoDestination(Destination):
         return {"requests": self.hook.requests, "retries": self.hook.retries}
 
 
+def import_error_reason(error: dict[str, Any]) -> str:
+    """An import error as a reason: Klaviyo's code and its ``detail`` (the title alone says "Invalid input." for
+    every error), with any email address or phone number it quotes hidden."""
+    text = f"{error.get('code') or 'import_error'}: {error.get('detail') or error.get('title') or 'import error'}"
+    return _PHONE_IN_TEXT.sub("<phone>", redact_emails(text))
+
+
 def _payload_email(payload: object) -> str | None:
     """The lower-cased email of an import error's original profile, wherever Klaviyo put it."""
     if not isinstance(payload, dict):
@@ -294,5 +357,5 @@ def _payload_email(payload: object) -> str | None:
 
 __all__ = [
     "KlaviyoDestination", "profile_fragment", "job_envelope", "with_consent", "without_consent", "subscription_body",
-    "suppression_reason", "DestinationError",
+    "suppression_reason", "import_error_reason", "DestinationError",
 ]

@@ -88,6 +88,14 @@ class KlaviyoHook(DestinationHook):
             f"/api/profile-bulk-import-jobs/{job_id}/import-errors", {"page[size]": 100}, "bulk-import-read"
         )
 
+    def iter_job_profiles(self, job_id: str) -> Iterator[tuple[str, str]]:
+        """(lower-cased email, profile id) of every profile a bulk import job imported (its ``profiles``
+        relationship, 100 per page, emails only); profiles without an email are left out."""
+        found = self._pages(f"/api/profile-bulk-import-jobs/{job_id}/profiles",
+                            {"page[size]": 100, "fields[profile]": "email"}, "bulk-import-read")
+        for key, profile in _by_email(found):
+            yield key, profile["id"]
+
     def iter_profiles(self, emails: Sequence[str], *, fields: Sequence[str] = ("email",),
                       additional: Sequence[str] = ()) -> Iterator[dict[str, Any]]:
         """The profiles of up to 100 addresses, one ``any(email,[...])`` lookup (unknown addresses are absent).
@@ -107,12 +115,12 @@ class KlaviyoHook(DestinationHook):
         """Profile id by lower-cased email for up to 100 addresses; unknown ones are absent."""
         return {key: profile["id"] for key, profile in _by_email(self.iter_profiles(emails))}
 
-    def find_email_marketing(self, emails: Sequence[str]) -> dict[str, tuple[str, dict[str, Any]]]:
-        """(stored email, ``subscriptions.email.marketing``) by lower-cased email for up to 100 addresses: consent,
-        global ``suppression`` and ``list_suppressions``; unknown addresses are absent."""
+    def find_email_marketing(self, emails: Sequence[str]) -> dict[str, tuple[str, str, dict[str, Any]]]:
+        """(profile id, stored email, ``subscriptions.email.marketing``) by lower-cased email for up to 100
+        addresses: consent, global ``suppression`` and ``list_suppressions``; unknown addresses are absent."""
         found = self.iter_profiles(emails, fields=("email", "subscriptions"), additional=("subscriptions",))
         return {
-            key: (profile["attributes"]["email"],
+            key: (profile["id"], profile["attributes"]["email"],
                   (((profile["attributes"].get("subscriptions") or {}).get("email") or {}).get("marketing") or {}))
             for key, profile in _by_email(found)
         }
