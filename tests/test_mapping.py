@@ -77,3 +77,67 @@ def test_numpy_scalars_and_str_subclasses_are_sent_as_plain_json():
     profile = mapper.map(("a@example.com", np.float64(1.5), np.int64(3), np.str_("gold"), Code("x")))
     sent = json.loads(profile_fragment(profile))
     assert sent["attributes"]["properties"] == {"f": 1.5, "i": 3, "s": "gold", "c": "x"}
+
+
+def with_region(mapping: MappingSpec, region: str | None) -> MappingSpec:
+    """``mapping.phone_region`` (the spec field comes with the spec's own change; set here without validation)."""
+    copy = mapping.model_copy()
+    object.__setattr__(copy, "phone_region", region)
+    return copy
+
+
+@pytest.mark.parametrize(
+    "region, written, sent",
+    [(None, "+14155550100", "+14155550100"), (None, "+1 (415) 555-0100", "+14155550100"),
+     (None, "+44 20 7946 0000", "+442079460000"), (None, 14155550100.0, None),
+     ("US", "(415) 555-0100", "+14155550100"), ("US", "+44 20 7946 0000", "+442079460000"),
+     ("GB", "020 7946 0000", "+442079460000"), ("US", 4155550100, "+14155550100")],
+)
+def test_phone_numbers_are_sent_in_e164_with_the_region_for_national_ones(region, written, sent):
+    mapper = RowMapper(with_region(MappingSpec(email="e", phone_number="p"), region), ["e", "p"])
+    result = mapper.map(("a@example.com", written))
+    if sent is None:  # 14155550100 without a "+": no country code, and no region to assume
+        assert result == Rejection("phone_number has no country code (+...) and mapping.phone_region is not set")
+    else:
+        assert result.phone_number == sent
+
+
+@pytest.mark.parametrize(
+    "region, written, reason",
+    [(None, "(415) 555-0100", "phone_number has no country code (+...) and mapping.phone_region is not set"),
+     (None, "+14150001234", "phone_number is not a valid number (libphonenumber)"),  # the old demo data's numbers
+     ("US", "12", "phone_number is not a valid number (libphonenumber)"),
+     ("US", "call me", "phone_number is not a phone number"),
+     (None, "+999 1234567", "phone_number has an unknown country code"),
+     ("US", "+999 1234567", "phone_number has an unknown country code")],
+)
+def test_bad_phone_numbers_reject_the_row_with_a_reason_without_the_number(region, written, reason):
+    mapper = RowMapper(with_region(MappingSpec(email="e", phone_number="p"), region), ["e", "p"])
+    assert mapper.map(("a@example.com", written)) == Rejection(reason)
+    assert mapper.map(("a@example.com", "  ")).phone_number is None  # a blank phone is no phone
+
+
+def test_phone_numbers_are_not_parsed_when_the_column_is_not_mapped(monkeypatch):
+    import segment_export.mapping as mapping
+
+    monkeypatch.setattr(mapping, "phone_normaliser", lambda region: pytest.fail("parsed without a phone column"))
+    assert RowMapper(MappingSpec(email="e", first_name="p"), ["e", "p"]).map(("a@example.com", "+1415")).first_name == "+1415"
+
+
+def test_numbers_written_in_e164_get_the_same_answer_as_through_the_librarys_parse():
+    import phonenumbers
+
+    from segment_export.mapping import phone_normaliser
+
+    normalise = phone_normaliser(None)
+    numbers = ["+14155550100", "+12015550199", "+14150001234", "+442079460000", "+4420794600", "+390612345678",
+               "+393471234567", "+33142685300", "+8613912345678", "+61291234567", "+5511912345678", "+9715012345678",
+               "+999123456789", "+1415555010", "+14155550100123", "+12015550100\n", "+12015550100x"]
+    for number in numbers:
+        try:
+            parsed = phonenumbers.parse(number, None)
+            full = phonenumbers.format_number(parsed, phonenumbers.PhoneNumberFormat.E164) if phonenumbers.is_valid_number(parsed) else None
+        except phonenumbers.NumberParseException:
+            full = None
+        got = normalise(number)
+        assert (got if isinstance(got, str) else None) == full, number

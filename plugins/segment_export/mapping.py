@@ -17,6 +17,7 @@ from segment_export.spec import MappingSpec
 # Pragmatic address check: what both destinations would refuse anyway, caught before it is sent.
 _EMAIL_RE = re.compile(r"^[^@\s\"<>(),;:\\\[\]]+@[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?)+$")
 MAX_EMAIL_LENGTH = 254
+_E164_RE = re.compile(r"\+[1-9]\d{6,14}")  # with fullmatch(): "+" and 7 to 15 digits, nothing else
 
 
 class MissingColumnsError(ValueError):
@@ -111,6 +112,51 @@ def to_consent(value: Any) -> bool:
     return text is not None and text.lower() in _TRUE
 
 
+def phone_normaliser(region: str | None):
+    """A function from a phone number as written to its E.164 form (what Klaviyo takes, and Mailchimp stores as
+    given) or a :class:`Rejection` saying why it is not one, using Google's libphonenumber rules (the
+    ``phonenumbers`` package). ``region`` (``mapping.phone_region``, e.g. ``"US"``) is assumed for numbers written
+    without a country code; without it, only numbers that carry one (``+…``) are valid. Imported here, so
+    mappings without a phone column never load it.
+
+    Cost (per number, measured on North American numbers): ``parse`` 20 µs and ``is_valid_number`` 9-18 µs. A
+    number already written in E.164 (``+`` and digits, the warehouse's usual form) skips ``parse``: its country
+    code is the one prefix of 1 to 3 digits that the library knows (E.164 country codes are prefix-free), the
+    rest is the national number, and it is sent as written; the validity check is the library's either way.
+    About 10 µs a number then, against 28 µs through ``parse``."""
+    import phonenumbers
+    from phonenumbers import NumberParseException, PhoneNumber, PhoneNumberFormat
+    from phonenumbers.phonenumberutil import COUNTRY_CODE_TO_REGION_CODE
+
+    parse, is_valid, format_number, e164 = phonenumbers.parse, phonenumbers.is_valid_number, phonenumbers.format_number, PhoneNumberFormat.E164
+    no_country = Rejection("phone_number has no country code (+...) and mapping.phone_region is not set")
+    unknown_country = Rejection("phone_number has an unknown country code")
+    not_a_number = Rejection("phone_number is not a phone number")
+    invalid = Rejection("phone_number is not a valid number (libphonenumber)")
+
+    country_codes = frozenset(COUNTRY_CODE_TO_REGION_CODE)
+    e164_match = _E164_RE.fullmatch
+
+    def normalise(text: str) -> str | Rejection:
+        if e164_match(text):
+            for end in (2, 3, 4):
+                code = int(text[1:end])
+                if code in country_codes:
+                    # A national number with a leading zero (Italy's) is parse's to represent: it goes that way.
+                    if text[end] != "0":
+                        return text if is_valid(PhoneNumber(country_code=code, national_number=int(text[end:]))) else invalid
+                    break
+        try:
+            number = parse(text, region)
+        except NumberParseException as exc:
+            if exc.error_type != NumberParseException.INVALID_COUNTRY_CODE:
+                return not_a_number
+            return no_country if region is None and not text.startswith("+") else unknown_country
+        return format_number(number, e164) if is_valid(number) else invalid
+
+    return normalise
+
+
 def normalise_email(value: Any) -> str | None:
     """The address to send (surrounding spaces removed) or None when blank."""
     text = to_text(value)
@@ -131,6 +177,8 @@ class RowMapper:
         self._text = [(f, index[getattr(mapping, f)]) for f in self._TEXT_FIELDS if getattr(mapping, f)]
         self._attrs = [(name, index[col]) for name, col in mapping.attributes.items()]
         self._consent = index[mapping.consent] if mapping.consent else None
+        # Only a mapped phone column is parsed (the hot path pays for it only then).
+        self._phone = phone_normaliser(getattr(mapping, "phone_region", None)) if mapping.phone_number else None
         self._map = self._compile()
 
     def map(self, row: Sequence[Any]) -> Profile | Rejection:
@@ -163,6 +211,13 @@ class RowMapper:
                 "        kind = type(value)",
                 f"        t{n} = (value.strip() or None) if kind is str else str(value) if kind is int else to_text(value)",
             ]
+            if name == "phone_number":
+                lines += [
+                    f"        if t{n} is not None:",
+                    f"            t{n} = phone(t{n})",
+                    f"            if type(t{n}) is Rejection:",
+                    f"                return t{n}",
+                ]
         lines.append("        attributes = {}")
         for name, i in self._attrs:
             lines += [
@@ -193,7 +248,7 @@ class RowMapper:
         scope = {
             "Rejection": Rejection, "Profile": Profile, "normalise_email": normalise_email, "to_text": to_text,
             "to_json_value": to_json_value, "to_consent": to_consent, "MAX_EMAIL_LENGTH": MAX_EMAIL_LENGTH, "email_match": _EMAIL_RE.match,
-            "UnicodeDecodeError": UnicodeDecodeError, "NotFinite": NotFinite, "INF": math.inf,
+            "UnicodeDecodeError": UnicodeDecodeError, "NotFinite": NotFinite, "INF": math.inf, "phone": self._phone,
         }
         exec("\n".join(lines), scope)  # noqa: S102 - our own code over column indexes and validated field names
         return scope["map_row"]
