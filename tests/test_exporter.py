@@ -88,17 +88,19 @@ def test_rejected_rows_are_counted_with_reasons_and_never_reported_as_accepted(t
             ("GOOD@example.com ", "A", "B", "+14155550100"),  # duplicate after normalising
             ("", "empty", None, None),
             ("not-an-email", None, None, None),
-            ("phone@example.com", "P", None, "12"),      # Klaviyo rejects a non-E.164 phone: an import error
+            ("phone@example.com", "P", None, "+1 12"),   # not a valid number (libphonenumber): not sent
+            ("two..dots@example.com", "T", None, None),  # Klaviyo refuses the address: an import error
         ])
     airflow_conn("warehouse", conn_type="sqlite", host=str(db))
     s = spec(KLAVIYO, mapping={"email": "email", "first_name": "first_name", "phone_number": "phone"},
              limit={"max_rejected_share": None})
     summary = export(s)
-    assert (summary.read, summary.invalid, summary.duplicates) == (5, 2, 1)
+    assert (summary.read, summary.invalid, summary.duplicates) == (6, 3, 1)
     assert summary.sent == 2 and summary.accepted == 1 and summary.rejected == 1
-    assert summary.invalid_reasons == {"email is empty": 1, "email is not a valid address": 1}
+    assert summary.invalid_reasons == {"email is empty": 1, "email is not a valid address": 1,
+                                       "phone_number is not a valid number (libphonenumber)": 1}
     (reason,) = summary.rejected_reasons
-    assert "@" not in reason
+    assert "@" not in reason and reason.startswith("invalid: Invalid email address")  # Klaviyo's detail, redacted
     held = klaviyo_profiles(sandbox.state(), KLAVIYO_LIST_ID)
     assert set(held) == {"good@example.com"} and held["good@example.com"]["first_name"] == "A"
 
