@@ -149,3 +149,26 @@ def test_a_pending_profile_that_confirms_is_subscribed_and_its_row_is_not_sent_a
     assert klaviyo_profiles(sandbox.state(), KLAVIYO_LIST_ID)["p0@example.com"]["consent"] == "SUBSCRIBED"
     again = run(main)
     assert again.sent == 1 and again.pending in (None, 0)  # only the refused row; nobody asked to subscribe twice
+
+
+@pytest.mark.parametrize("conflict", ["merge", "reject"])
+def test_a_leaver_merged_with_a_member_by_phone_does_not_take_the_member_off_the_list(conflict, tmp_path, sandbox, airflow_conn):
+    sandbox.configure(behaviour={"klaviyo_identifier_conflict": conflict})
+    db = scenario_db(tmp_path, airflow_conn)
+    sql(db, "DELETE FROM segment_members WHERE email NOT IN ('p1@example.com', 'p2@example.com')")
+    main, _ = specs()
+    run(main)
+    # A new row with p1's phone number: merged into p1's profile (which takes its email), or refused
+    sql(db, "INSERT INTO segment_members VALUES ('p1.new@example.com', 'N', '+14155550001', 'false', 'vip')")
+    second = run(main)
+    assert second.consistent and (second.accepted, second.rejected) == ((1, 0) if conflict == "merge" else (0, 1))
+    held = remembered(db, "sync_test")
+    sql(db, "DELETE FROM segment_members WHERE email = 'p1@example.com'")
+    third = run(main)
+    assert third.consistent and third.removed == 1
+    members = klaviyo_profiles(sandbox.state(), KLAVIYO_LIST_ID)
+    if conflict == "merge":
+        assert held["p1.new@example.com"] == held["p1@example.com"]  # one Klaviyo profile for both rows ...
+        assert set(members) == {"p1.new@example.com", "p2@example.com"}  # ... kept for the row still in the segment
+    else:
+        assert set(members) == {"p2@example.com"}

@@ -140,3 +140,15 @@ def test_a_state_table_from_before_profile_ids_is_migrated(store):
     store.save([("old@x.io", "f1", ()), ("new@x.io", "f2", ())], new={"new@x.io"}, profile_ids={"old@x.io": "01O", "new@x.io": "01N"})
     assert store.profile_ids(["old@x.io", "new@x.io"]) == {"old@x.io": "01O", "new@x.io": "01N"}
     assert sorted(store.previous()) == [("new@x.io", "f2", ()), ("old@x.io", "f1", ())]
+
+
+def test_exclusive_profile_ids_leave_out_ids_another_remembered_profile_holds(store):
+    # b and c were merged by the destination into one profile (a shared phone number): 01B
+    store.save([("a@x.io", "f", ()), ("b@x.io", "f", ()), ("c@x.io", "f", ()), ("d@x.io", "f", ()), ("e@x.io", "f", ())],
+               new={"a@x.io", "b@x.io", "c@x.io", "d@x.io", "e@x.io"},
+               profile_ids={"a@x.io": "01A", "b@x.io": "01B", "c@x.io": "01B", "d@x.io": "01D", "e@x.io": "01D"})
+    other = StateStore(store.conn, store.ph, "other", "list1", "same database")
+    other.save([("z@x.io", "f", ())], new={"z@x.io"}, profile_ids={"z@x.io": "01A"})  # another export's: not ours
+    assert store.profile_ids(["a@x.io", "b@x.io"], exclusive=True) == {"a@x.io": "01A", "b@x.io": None}  # c holds 01B
+    assert store.profile_ids(["d@x.io", "e@x.io"], exclusive=True) == {"d@x.io": "01D", "e@x.io": "01D"}  # both go
+    assert store.profile_ids(["b@x.io"]) == {"b@x.io": "01B"}

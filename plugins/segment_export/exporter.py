@@ -445,7 +445,7 @@ class _Run:
                 while len(pending) >= 2 * concurrency:
                     for future in wait(pending, return_when=FIRST_COMPLETED).done:
                         settle(future, *pending.pop(future))
-                pending[pool.submit(self.destination.change_segment, segment, op, keys, **self._ids(keys))] = (op, keys)
+                pending[pool.submit(self.destination.change_segment, segment, op, keys, **self._ids(keys, op == "-"))] = (op, keys)
             for future in wait(pending).done:
                 settle(future, *pending[future])
         if self.state is not None:
@@ -462,19 +462,20 @@ class _Run:
 
     def _apply_leavers(self, on_leave: str) -> None:
         for keys in self.staging.leaver_chunks(1000):
-            failed = self.destination.remove(keys, on_leave, **self._ids(keys))
+            failed = self.destination.remove(keys, on_leave, **self._ids(keys, exclusive=True))
             done = [k for k in keys if k not in failed]
             self.summary.removed += len(done)
             if self.state is not None:
                 self.state.save([], forgotten=done)
                 self.state.record_outcomes(self.options.run_id, [(k, "removed", f"left the segment ({on_leave})") for k in done])
 
-    def _ids(self, keys: list[str]) -> dict[str, Any]:
+    def _ids(self, keys: list[str], exclusive: bool = False) -> dict[str, Any]:
         """``profile_ids=`` the destination's remembered ids of these profiles, for a destination that acts by id
-        (looked up here: the state connection belongs to this thread)."""
+        (looked up here: the state connection belongs to this thread). ``exclusive`` (taking profiles off): only
+        ids no other remembered profile holds (see ``StateStore.profile_ids``)."""
         if not self.destination.wants_profile_ids:
             return {}
-        return {"profile_ids": self.state.profile_ids(keys) if self.state is not None else {}}
+        return {"profile_ids": self.state.profile_ids(keys, exclusive=exclusive) if self.state is not None else {}}
 
     def close(self) -> None:
         self.staging.close()

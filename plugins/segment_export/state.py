@@ -150,20 +150,35 @@ class StateStore:
         self._run(f"ALTER TABLE {STATE_TABLE} ADD COLUMN profile_id VARCHAR(100)").close()
         self.conn.commit()
 
-    def profile_ids(self, keys: list[str]) -> dict[str, str]:
-        """The destination's profile id of each key that has one in the state (keys without are absent)."""
-        found: dict[str, str] = {}
-        head = f"SELECT profile_key, profile_id FROM {STATE_TABLE} WHERE export_id = ? AND target_id = ? AND profile_id IS NOT NULL"
+    def profile_ids(self, keys: list[str], *, exclusive: bool = False) -> dict[str, str | None]:
+        """The destination's profile id of each key that has one in the state (keys without are absent).
+
+        ``exclusive``: an id another remembered key holds too is given as None (for removals: when the destination
+        merged two rows into one profile, by a shared phone number, removing one row's profile would take the
+        other row off the list; None says "leave it", where an absent key says "find it by email")."""
+        found = dict(self._select_in("profile_key, profile_id", "profile_id IS NOT NULL AND profile_key", keys))
+        if exclusive and found:
+            # One pass over the export's rows per call (no index on profile_id: writes stay one B-tree each).
+            leaving = set(keys)
+            shared = {pid for key, pid in self._select_in("profile_key, profile_id", "profile_id", list(set(found.values())))
+                      if key not in leaving}
+            return {k: (None if pid in shared else pid) for k, pid in found.items()}
+        return found  # type: ignore[return-value]
+
+    def _select_in(self, columns: str, condition: str, values: list[str]) -> list[tuple[Any, ...]]:
+        """Rows of this export's target where ``condition IN values`` (one JSON array, else IN lists of 500)."""
+        head = f"SELECT {columns} FROM {STATE_TABLE} WHERE export_id = ? AND target_id = ? AND {condition}"
         if self.dialect in _JSON_KEYS:
-            parts = [(f" AND profile_key IN ({_JSON_KEYS[self.dialect]})", [_json_text(keys)])] if keys else []  # type: ignore[arg-type]
+            parts = [(f" IN ({_JSON_KEYS[self.dialect]})", [_json_text(values)])] if values else []  # type: ignore[arg-type]
         else:
-            parts = [(f" AND profile_key IN ({', '.join('?' * len(chunk))})", chunk)
-                     for chunk in (keys[i:i + 500] for i in range(0, len(keys), 500))]
+            parts = [(f" IN ({', '.join('?' * len(chunk))})", chunk)
+                     for chunk in (values[i:i + 500] for i in range(0, len(values), 500))]
+        rows: list[tuple[Any, ...]] = []
         for clause, params in parts:
             cursor = self._run(head + clause, (self.export_id, self.target_id, *params))
-            found.update((key, pid) for key, pid in cursor.fetchall())
+            rows.extend(tuple(r) for r in cursor.fetchall())
             cursor.close()
-        return found
+        return rows
 
     def previous(self) -> Iterator[Previous]:
         """Every profile this export's target accepted before (any order; the staging area sorts)."""

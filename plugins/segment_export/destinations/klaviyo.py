@@ -284,7 +284,7 @@ class KlaviyoDestination(Destination):
         return BatchResult(accepted=len(accepted_keys), rejected=rejected, accepted_keys=accepted_keys,
                            rejected_keys=rejected_keys, profile_ids=profile_ids)
 
-    def remove(self, keys: list[str], how: str, profile_ids: dict[str, str] | None = None) -> set[str]:
+    def remove(self, keys: list[str], how: str, profile_ids: dict[str, str | None] | None = None) -> set[str]:
         """Take profiles off the export's list (the list relationship only; consent is not touched), by the
         Klaviyo ids the state remembers (by email for profiles remembered before ids were).
 
@@ -295,24 +295,26 @@ class KlaviyoDestination(Destination):
             self._change_list(self.target_id, "-", keys, profile_ids or {})
         return set()
 
-    def change_segment(self, segment: str, op: str, keys: list[str], profile_ids: dict[str, str] | None = None) -> set[str]:
+    def change_segment(self, segment: str, op: str, keys: list[str], profile_ids: dict[str, str | None] | None = None) -> set[str]:
         """A profile joins or leaves its segment's list; profiles Klaviyo cannot find fail (retried next run)."""
         list_id = (self.lists or {}).get(segment)
         if list_id is None:
             return set()  # a segment without a list (no longer exported): nothing to change
         return self._change_list(list_id, op, keys, profile_ids or {})
 
-    def _change_list(self, list_id: str, op: str, keys: list[str], known: dict[str, str]) -> set[str]:
-        """Add or remove profiles by id: the remembered ones, else found by email. A call Klaviyo refuses (an id
-        it no longer has) is made once more with every id found again by email."""
-        ids = {k: known[k] for k in keys if k in known}
+    def _change_list(self, list_id: str, op: str, keys: list[str], known: dict[str, str | None]) -> set[str]:
+        """Add or remove profiles by id: the remembered ones, else found by email; a key known with None (its
+        profile is another remembered row's too) is left alone. A call Klaviyo refuses (an id it no longer has)
+        is made once more with every id found again by email."""
+        ids: dict[str, str] = {k: pid for k in keys if (pid := known.get(k))}
+        unknown = [k for k in keys if k not in known]
         try:
-            self._by_ids(list_id, op, ids, [k for k in keys if k not in ids])
+            self._by_ids(list_id, op, ids, unknown)
         except DestinationError as exc:
             if exc.status != 400 or not ids:
                 raise
             ids = {}
-            self._by_ids(list_id, op, ids, keys)
+            self._by_ids(list_id, op, ids, [k for k in keys if k not in known or known[k]])
         # Removing a profile Klaviyo does not know is done already; adding one is not.
         return {k for k in keys if k not in ids} if op == "+" else set()
 
