@@ -172,3 +172,45 @@ def test_a_leaver_merged_with_a_member_by_phone_does_not_take_the_member_off_the
         assert set(members) == {"p1.new@example.com", "p2@example.com"}  # ... kept for the row still in the segment
     else:
         assert set(members) == {"p2@example.com"}
+
+
+class _Killed(BaseException):
+    """The task dies while its job runs (what a SIGKILL leaves: a submitted job, recorded, never awaited)."""
+
+
+@pytest.mark.parametrize("includes_failed", [False, True])
+def test_a_killed_run_s_job_is_resumed_profile_by_profile(includes_failed, tmp_path, sandbox, airflow_conn):
+    from segment_export.destinations import destination_for
+    from segment_export.exporter import ExportError, RunOptions, run_export
+    from segment_export.sources import source_for
+    from segment_export.state import INFLIGHT_TABLE, StateStore
+
+    sandbox.configure(behaviour={"klaviyo_completed_count_includes_failed": includes_failed})
+    db = scenario_db(tmp_path, airflow_conn)
+    sql(db, "DELETE FROM segment_members WHERE email IN (?, ?)", (QUIET[0], NEWCOMER[0]))
+    spec = make_spec({"type": "klaviyo", "list_id": KLAVIYO_LIST_ID}, mapping={k: v for k, v in MAPPING.items() if k != "consent"},
+                     sync={"on_leave": "remove"}, limit={"max_rejected_share": None})
+
+    def run_with(destination):
+        source, state = source_for(spec.source), StateStore.open(spec.state_conn_id, spec.id, destination.target_id)
+        try:
+            return run_export(spec, source, destination, state=state, options=RunOptions(run_id="r"))
+        finally:
+            source.close()
+            state.close()
+
+    dying = destination_for(spec)
+    dying._await = lambda job: (_ for _ in ()).throw(_Killed())  # submitted, then the worker is gone
+    with pytest.raises((ExportError, _Killed)):
+        run_with(dying)
+    assert len(sql(db, f"SELECT DISTINCT job_id FROM {INFLIGHT_TABLE} WHERE job_id IS NOT NULL")) == 1
+    resumed = run_with(destination_for(spec))
+    assert resumed.resumed == 13 and resumed.sent == 1  # awaited, not sent again; only the refused row is, again
+    (account,) = sandbox.state()["klaviyo"]["accounts"].values()
+    assert [j["total_count"] for j in account["jobs"].values()] == [13, 1]  # the killed run's job, and the refused row
+    state = remembered(db, "sync_test")
+    ids = klaviyo_ids(sandbox)
+    assert set(state) == {p[0] for p in PEOPLE} and all(state[k] == ids[k] for k in state)
+    assert sql(db, f"SELECT count(*) FROM {INFLIGHT_TABLE}") == [(0,)]
+    again = run_with(destination_for(spec))
+    assert again.consistent and (again.sent, again.rejected) == (1, 1)  # only the row Klaviyo refused
