@@ -47,7 +47,7 @@ import segment_data  # noqa: E402
 
 PG_CONNINFO = "host=127.0.0.1 port=5432 user=postgres dbname=test connect_timeout=3"
 PG_SCHEMA = "segment_bench"
-DATA_VERSION = 1  # bump when segment_data's rows change, to regenerate cached files
+DATA_VERSION = 2  # bump when segment_data's rows change, to regenerate cached files (2: valid phone numbers)
 SEGMENTS = list(segment_data.SEGMENTS)
 
 # The destinations' documented limits (the product's constants would do, but the floor should not depend on
@@ -140,6 +140,9 @@ def postgres_table(n: int) -> str | None:
     with conn:
         try:
             count = conn.execute(f'SELECT count(*) FROM "{PG_SCHEMA}"."segment_members_{n}"').fetchone()[0]
+            # The rows of this version of segment_data (DATA_VERSION 2 changed the phone numbers)
+            if conn.execute(f'SELECT phone FROM "{PG_SCHEMA}"."segment_members_{n}" WHERE customer_id = 1').fetchone() != (segment_data.phone(1),):
+                count = -1
         except psycopg.Error:
             count = -1
     if count != expected_rows(n):
