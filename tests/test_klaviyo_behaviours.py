@@ -214,3 +214,19 @@ def test_a_killed_run_s_job_is_resumed_profile_by_profile(includes_failed, tmp_p
     assert sql(db, f"SELECT count(*) FROM {INFLIGHT_TABLE}") == [(0,)]
     again = run_with(destination_for(spec))
     assert again.consistent and (again.sent, again.rejected) == (1, 1)  # only the row Klaviyo refused
+
+
+@pytest.mark.parametrize("conflict", ["merge", "reject"])
+def test_two_new_rows_with_one_phone_number_count_one_accepted_and_one_rejected(conflict, tmp_path, sandbox, airflow_conn):
+    sandbox.configure(behaviour={"klaviyo_identifier_conflict": conflict})
+    db = scenario_db(tmp_path, airflow_conn)
+    sql(db, "DELETE FROM segment_members")
+    sql(db, "INSERT INTO segment_members VALUES ('first@example.com', 'F', '+14155550150', 'false', 'vip'), "
+            "('second@example.com', 'S', '+14155550150', 'false', 'vip')")
+    main, _ = specs()
+    summary = run(main)
+    assert summary.consistent and (summary.sent, summary.accepted, summary.rejected) == (2, 1, 1)
+    (reason,) = summary.rejected_reasons
+    assert reason.startswith("imported, but no Klaviyo profile has this email" if conflict == "merge" else "duplicate_profile")
+    (member,) = klaviyo_profiles(sandbox.state(), KLAVIYO_LIST_ID).values()
+    assert remembered(db, "sync_test") == {member["email"]: klaviyo_ids(sandbox)[member["email"]]}
