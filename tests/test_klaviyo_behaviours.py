@@ -230,3 +230,26 @@ def test_two_new_rows_with_one_phone_number_count_one_accepted_and_one_rejected(
     assert reason.startswith("imported, but no Klaviyo profile has this email" if conflict == "merge" else "duplicate_profile")
     (member,) = klaviyo_profiles(sandbox.state(), KLAVIYO_LIST_ID).values()
     assert remembered(db, "sync_test") == {member["email"]: klaviyo_ids(sandbox)[member["email"]]}
+
+
+@pytest.mark.parametrize("includes_failed", [False, True])
+def test_import_errors_without_their_payload_are_settled_by_the_jobs_profiles(includes_failed, tmp_path, sandbox, airflow_conn, monkeypatch):
+    from segment_export.hooks.klaviyo import KlaviyoHook
+
+    sandbox.configure(behaviour={"klaviyo_completed_count_includes_failed": includes_failed})
+    real = KlaviyoHook.iter_import_errors
+
+    def without_payload(self, job_id):  # import errors that do not say which profile they are about
+        for error in real(self, job_id):
+            error["attributes"]["original_payload"] = None
+            yield error
+
+    monkeypatch.setattr(KlaviyoHook, "iter_import_errors", without_payload)
+    db = scenario_db(tmp_path, airflow_conn)
+    sql(db, "DELETE FROM segment_members WHERE email IN (?, ?)", (QUIET[0], NEWCOMER[0]))
+    main, _ = specs()
+    summary = run(main)
+    assert summary.consistent and (summary.sent, summary.accepted, summary.rejected) == (13, 12, 1)
+    assert sandbox.state()["requests"]["by_endpoint"]["GET /api/profile-bulk-import-jobs/{id}/profiles"]["count"] == 1
+    ids = klaviyo_ids(sandbox)
+    assert remembered(db, "sync_test") == {p[0]: ids[p[0]] for p in PEOPLE}

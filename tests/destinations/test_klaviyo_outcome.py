@@ -73,3 +73,7 @@ def test_import_error_reasons_hide_addresses_and_numbers():
     assert import_error_reason({"code": "invalid", "detail": "Invalid email address: 'ann@x.io'."}) == "invalid: Invalid email address: '<email>'."
     assert import_error_reason({"code": "duplicate_profile", "title": "Conflict."}) == "duplicate_profile: Conflict."
     assert import_error_reason({}) == "import_error: import error"
+
+
+def test_figures_that_are_not_phone_numbers_stay_readable():
+    assert import_error_reason({"code": "invalid", "detail": "Profile payload is 123456 bytes."}) == "invalid: Profile payload is 123456 bytes."

@@ -44,7 +44,8 @@ FINAL_STATUSES = ("complete", "cancelled")
 _CONSENT_KEY = b',"subscribe":'
 _CONSENTS = _CONSENT_KEY + b"true}"
 # Klaviyo's details may quote the value they refuse; a phone number is personal data like an email address.
-_PHONE_IN_TEXT = re.compile(r"\+?\d[\d ().-]{5,}\d")
+# Only "+…" numbers: the exporter sends phone numbers in E.164, and other figures (sizes, counts) stay readable.
+_PHONE_IN_TEXT = re.compile(r"\+\d[\d ().-]{5,}\d")
 NOT_FOUND_AFTER_IMPORT = ("imported, but no Klaviyo profile has this email afterwards (merged into another profile "
                           "by its phone number or external id?): sent again next run")
 
