@@ -39,6 +39,10 @@ def test_completed_count_excludes_or_includes_the_failed_profiles(sb):
     # the profiles relationship lists the imported profiles only, whatever the counts say
     ids = k(sb, "GET", f"{JOBS}/{job['id']}/relationships/profiles").json()["data"]
     assert len(ids) == 2
+    r = k(sb, "GET", f"{JOBS}/{job['id']}/profiles", params={"fields[profile]": "email", "page[size]": 100})
+    imported = assert_matches_spec("klaviyo", "/api/profile-bulk-import-jobs/{id}/profiles", "get", r)["data"]
+    assert sorted(p["attributes"]["email"] for p in imported) == ["a@example.com", "b@example.com"]
+    assert {p["id"] for p in imported} == {i["id"] for i in ids}
     assert account(sb)["jobs"][job["id"]]["completed_count"] == 3
 
 
