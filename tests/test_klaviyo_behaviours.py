@@ -253,3 +253,21 @@ def test_import_errors_without_their_payload_are_settled_by_the_jobs_profiles(in
     assert sandbox.state()["requests"]["by_endpoint"]["GET /api/profile-bulk-import-jobs/{id}/profiles"]["count"] == 1
     ids = klaviyo_ids(sandbox)
     assert remembered(db, "sync_test") == {p[0]: ids[p[0]] for p in PEOPLE}
+
+
+def test_moves_between_per_segment_lists_go_by_the_remembered_ids(segment_db, sandbox):
+    import segment_data
+
+    lists = {"vip": KLAVIYO_LIST_ID, "newsletter": KLAVIYO_SECOND_LIST_ID}
+    spec = make_spec({"type": "klaviyo", "lists": lists}, segments=("vip", "newsletter"), sync={"on_leave": "remove"})
+    run(spec)
+    rows = [r for r in segment_data.rows(1000) if r[-1] in lists]
+    mover = next(r[1] for r in rows if r[-1] == "vip" and sum(1 for x in rows if x[1] == r[1]) == 1)
+    assert remembered(segment_db, "sync_test")[mover] == klaviyo_ids(sandbox)[mover]
+    lookups = lambda: sandbox.state()["requests"]["by_endpoint"].get("GET /api/profiles", {}).get("count", 0)  # noqa: E731
+    before = lookups()
+    sql(segment_db, "UPDATE segment_members SET segment = 'newsletter' WHERE email = ? AND segment = 'vip'", (mover,))
+    assert run(spec).tags_added == 1
+    assert lookups() == before  # no email lookup: the id came from the state
+    assert mover in klaviyo_profiles(sandbox.state(), KLAVIYO_SECOND_LIST_ID)
+    assert mover not in klaviyo_profiles(sandbox.state(), KLAVIYO_LIST_ID)
