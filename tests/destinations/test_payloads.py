@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 from segment_export.destinations.klaviyo import job_envelope, profile_fragment
-from segment_export.destinations.mailchimp import MailchimpDestination, batch_body, member_fragment, without_status
+from segment_export.destinations.mailchimp import MailchimpDestination, batch_body, member_fragment, upsert_body
 from segment_export.mapping import Profile, Rejection
 
 
@@ -21,12 +21,12 @@ def test_klaviyo_fragment_leaves_out_blank_fields_and_wraps_properties():
     assert "relationships" not in json.loads(head + profile_fragment(p) + tail)["data"]
 
 
-def test_mailchimp_member_status_is_cut_off_for_existing_members():
+def test_mailchimp_member_status_becomes_status_if_new_for_existing_members():
     p = Profile(email="a@example.com", key="a@example.com", first_name="Ada", phone_number="+1415", attributes={"STATUS": 'x,"status":"y"'})
     fragment = member_fragment(p, "pending")
     assert json.loads(fragment)["status"] == "pending"
-    existing = json.loads(without_status(fragment))
-    assert "status" not in existing and existing["merge_fields"] == {"FNAME": "Ada", "PHONE": "+1415", "STATUS": 'x,"status":"y"'}
+    existing = json.loads(upsert_body(fragment))
+    assert "status" not in existing and existing["status_if_new"] == "pending" and existing["merge_fields"] == {"FNAME": "Ada", "PHONE": "+1415", "STATUS": 'x,"status":"y"'}
     body = json.loads(batch_body([fragment], update_existing=False))
     assert body["update_existing"] is False and body["sync_tags"] is False and len(body["members"]) == 1
 

@@ -75,8 +75,8 @@ def merge_tags_for(mapping: MappingSpec) -> list[str]:
 
 
 def member_fragment(profile: Profile, status: str) -> bytes:
-    """A member with ``status`` last: the creating call sends it, the updating call cuts it off (see
-    :func:`without_status`), so an existing member's status is never sent."""
+    """A member with ``status`` last: batch subscribe creates new members with it; for existing ones it becomes
+    ``status_if_new`` (see :func:`upsert_body`), so an existing member's status is never sent."""
     merge_fields: dict[str, Any] = {}
     for name, tag in STANDARD_MERGE_TAGS.items():
         value = getattr(profile, name)
@@ -88,11 +88,6 @@ def member_fragment(profile: Profile, status: str) -> bytes:
         member["merge_fields"] = merge_fields
     member["status"] = status
     return dump_bytes(member)
-
-
-def without_status(fragment: bytes) -> bytes:
-    """The member without its trailing ``"status"`` (fragments are written by :func:`member_fragment`)."""
-    return fragment[: fragment.rindex(b',"status":')] + b"}"
 
 
 def upsert_body(fragment: bytes) -> bytes:
