@@ -218,3 +218,26 @@ def test_a_member_gone_from_the_audience_is_added_again_not_retagged_forever(war
     calls = writes(sandbox)
     fourth = run(spec)
     assert (fourth.sent, fourth.tags_added, fourth.tags_removed) == (0, 0, 0) and writes(sandbox) == calls
+
+
+def test_a_slow_batch_job_is_polled_with_backoff_and_one_never_finished_fails_the_batch(sandbox):
+    from segment_export.batching import Batch
+    from segment_export.hooks.base import DestinationError
+
+    sandbox.seed_mailchimp_member(AUD, "old@example.com", "pending")
+    destination = destination_for(make_spec())
+    destination.poll_interval = 0.05
+    fragments = [destination.serialize(p) for p in _profiles("old@example.com")]
+    try:
+        sandbox.configure(latency={"mailchimp_batch_operations": 0.5})
+        result = destination.send(Batch(1, fragments=fragments, keys=["old@example.com"]))
+        assert result.updated_keys == {"old@example.com"}
+        polls = counts(sandbox)["GET /3.0/batches/{batch_id}"]
+        assert 3 <= polls <= 6  # 0.05, 0.1, 0.2, 0.4 s...: short at first, then further apart
+        sandbox.configure(latency={"mailchimp_batch_operations": 60.0})
+        destination.max_batch_wait = 0.3
+        with pytest.raises(DestinationError, match="not finished after"):
+            destination.send(Batch(2, fragments=fragments, keys=["old@example.com"]))
+    finally:
+        sandbox.configure(latency={"mailchimp_batch_operations": 0.0})
+    assert mailchimp_members(sandbox.state(), AUD)["old@example.com"]["status"] == "pending"
