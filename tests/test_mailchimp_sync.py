@@ -241,3 +241,35 @@ def test_a_slow_batch_job_is_polled_with_backoff_and_one_never_finished_fails_th
     finally:
         sandbox.configure(latency={"mailchimp_batch_operations": 0.0})
     assert mailchimp_members(sandbox.state(), AUD)["old@example.com"]["status"] == "pending"
+
+
+def test_the_results_archive_is_downloaded_without_the_api_key(sandbox, monkeypatch):
+    """``response_body_url`` is a download link of its own (pre-signed storage on Mailchimp): the key stays home."""
+    import io
+    import json
+    import tarfile
+
+    import requests
+
+    from segment_export.hooks.mailchimp import MailchimpHook
+
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
+        for name, results in (("b/1.json", [{"status_code": 200, "operation_id": "x", "response": "{}"}]), ("b/2.json", [])):
+            data = json.dumps(results).encode()
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    seen = []
+
+    def fake_get(url, **kwargs):
+        seen.append((url, kwargs))
+        response = requests.Response()
+        response.status_code, response._content = 200, buffer.getvalue()
+        return response
+
+    monkeypatch.setattr(requests, "get", fake_get)
+    hook = MailchimpHook()
+    assert hook.batch_results("https://storage.example/b.tar.gz") == [{"status_code": 200, "operation_id": "x", "response": "{}"}]
+    ((url, kwargs),) = seen
+    assert url == "https://storage.example/b.tar.gz" and "auth" not in kwargs and "headers" not in kwargs
