@@ -457,6 +457,11 @@ class _Run:
                     self.state.save(batch)
                     batch = []
             self.state.save(batch)
+            # Profiles the destination no longer holds (Mailchimp: deleted or archived there since): forgotten, so
+            # the next run adds them again, instead of retrying their tags forever.
+            gone = getattr(self.destination, "not_in_audience", None)
+            if gone:
+                self.state.save([], forgotten=sorted(gone))
         if failed:
             self.log.warning("%d segment (tag) changes failed; they are retried by the next run", len(failed))
 

@@ -18,6 +18,8 @@ class BatchResult:
     ``accepted_keys`` are the profiles the destination confirmed one by one; only they advance the sync state.
     ``rejected_keys``/``skipped_keys`` map a profile to its reason where the destination named the profile.
     ``subscribed``: profiles asked to subscribe (Klaviyo with ``destination.subscribe``; None elsewhere).
+    ``updated_keys``: None where the destination does not say; a set where it does: accepted keys in it were
+    updated (they existed already), the other accepted keys were created.
     """
 
     accepted: int
@@ -29,6 +31,7 @@ class BatchResult:
     rejected_keys: dict[str, str] = field(default_factory=dict)
     skipped_keys: dict[str, str] = field(default_factory=dict)
     subscribed: int | None = None
+    updated_keys: set[str] | None = None
     #: Klaviyo's profile id of accepted (and skipped) profiles, where known: remembered in the state, so that
     #: removals and list moves go by id
     profile_ids: dict[str, str] = field(default_factory=dict)

@@ -32,6 +32,7 @@ Control API (no auth)::
     POST /_sandbox/mailchimp/audiences/{id}/forgotten  {"email_address"}
     POST /_sandbox/klaviyo/lists                        {"id", "name", "account_id"?}
     POST /_sandbox/klaviyo/suppressed                   {"email", "account_id"?}
+    GET  /_sandbox/mailchimp/batch-results/{id}.tar.gz  -> a finished Mailchimp batch's results (its response_body_url)
     POST /_sandbox/klaviyo/confirm                      {"email", "account_id"?}  (double opt-in confirmation)
 
 State layout (``GET /_sandbox/state`` == ``Sandbox.state()``); accounts are keyed
@@ -57,7 +58,8 @@ by account id, never by API key::
           "members": {<subscriber hash>: {"email_address", "status", "merge_fields": {...}, "tags": [names]}},
           "merge_fields": [{"tag", "name", "type", "required"}],
           "segments": {<segment id as str>: {"name", "type": "static", "member_count", "members": [emails]}},
-          "forgotten": [lower-cased emails]}}}}},
+          "forgotten": [lower-cased emails]}},
+          "batches": {<batch id>: {"status": "pending" | "finished", "total_operations", "errored_operations"}}}}},
       "requests": {"count": N,
                    "by_endpoint": {"POST /api/profile-bulk-import-jobs": {"count": n, "status": {"202": n, "429": m}}, ...},
                    "max_in_flight": {"klaviyo": n, "mailchimp": n}}

@@ -36,6 +36,7 @@ LATENCY_KINDS = (
     "klaviyo_write",  # other Klaviyo writes (profile-import, list relationships)
     "klaviyo_read",  # Klaviyo GETs
     "mailchimp_batch",  # POST /3.0/lists/{list_id} (batch subscribe)
+    "mailchimp_batch_operations",  # not a request's: how long a POST /3.0/batches job takes before it is finished
     "mailchimp_write",  # other Mailchimp writes (segments, tags)
     "mailchimp_read",  # Mailchimp GETs
 )

@@ -39,7 +39,11 @@ Modelled behaviour (and where it comes from)
   6. existing member, ``update_existing: true``, *no* ``status``: merge fields and
      tags are updated, status is left unchanged.  The batch member schema in the
      3.0.55 spec does not require ``status`` (the single-member POST does, and PUT
-     uses ``status_if_new``), so an absent status is read as "don't change";
+     uses ``status_if_new``), so an absent status is read as "don't change".  This
+     is a *guess* with a switch: with ``behaviour.mailchimp_batch_update_requires_status``
+     true, any member without ``status`` fails the whole request with 400 "Invalid
+     Resource", ``errors[].field`` = ``members.item:N.status`` (the shape a bad
+     status has been seen to get);
   7. new member without ``status`` -> error, field ``status`` (*guess*: the text;
      a member cannot exist without a status);
   8. merge fields: a ``required`` field left empty on the resulting member ->
@@ -54,9 +58,36 @@ Modelled behaviour (and where it comes from)
      the member's tags.
 * Subscriber hash = MD5 of the lower-cased email (member ``id``); stored email
   keeps its first spelling.
+* ``PUT /lists/{id}/members/{hash}`` (add or update): ``status_if_new`` is the
+  status of a member the call creates; an existing member keeps its status unless
+  ``status`` is given ("required only if the email address is not already present
+  on the list", reference).  New members need ``email_address`` and
+  ``status_if_new`` (400 "Invalid Resource" naming the field); forgotten addresses
+  -> 400 "Forgotten Email Not Subscribed"; ``status`` subscribed/pending on an
+  unsubscribed or cleaned member -> 400 "Member In Compliance State"; merge-field
+  rules as in batch subscribe -> 400 "Invalid Resource", detail "Your merge fields
+  were invalid.", ``errors: [{field: tag, message}]``.  Answer: the member.
+* Batch operations (reference ``/batches``, Mailchimp's guide "Run async requests
+  with the batch endpoint"): ``POST /batches`` ``{operations: [{method, path,
+  params?, body? (a JSON *string*), operation_id?}]}`` answers a Batch with status
+  ``pending``; the operations run ``latency.mailchimp_batch_operations`` seconds
+  later (default 0: at the next request), each as its own request on the same
+  account would (same handlers and rules, no connection slot), then the batch is
+  ``finished`` with ``finished_operations``, ``errored_operations`` (status >= 400)
+  and ``response_body_url``: a gzipped tar holding a folder of JSON files (at most
+  200 results each), each an array of ``{status_code, operation_id, response}``
+  with ``response`` the operation's answer as a JSON string, served without auth
+  at ``/_sandbox/mailchimp/batch-results/{id}.tar.gz`` (Mailchimp's is a
+  pre-signed download).  ``GET /batches/{id}``, ``GET /batches`` (paged).  More
+  than 500 pending batches on an account -> 429 "You have more than 500 pending
+  batches." (the text client libraries match; the status is a *guess*).  The
+  intermediate statuses (preprocessing, started, finalizing) are not shown.
 * Tags are static segments: ``GET/POST /lists/{id}/segments``, ``GET/POST
   /lists/{id}/segments/{segment_id}`` (``members_to_add``/``members_to_remove``
-  <= 500 each; addresses not on the audience are reported in ``errors``),
+  <= 500 each; addresses not on the audience "will be ignored", reference: they
+  are left out of ``members_added``/``members_removed`` and are not ``errors``;
+  a member added that already has the tag is listed in ``members_added``
+  (*guess*)),
   ``GET .../segments/{segment_id}/members``, ``POST
   /lists/{id}/members/{hash}/tags`` (active/inactive).
 * Paging: ``count`` (default 10, max 1000 -> over: 400) and ``offset``.
@@ -67,7 +98,10 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
+import io
+import json
 import re
+import tarfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -81,6 +115,7 @@ from .common import (
     Route,
     is_valid_email,
     iso_now,
+    match_route,
     new_hex,
     new_uuid,
     parse_json_body,
@@ -95,6 +130,8 @@ PROBLEM_CONTENT_TYPE = "application/problem+json"
 MAX_BATCH_MEMBERS = 500
 MAX_SEGMENT_CHANGES = 500
 MAX_COUNT = 1000
+MAX_PENDING_BATCHES = 500  # per API key (Mailchimp's batch operations guide)
+RESULTS_PER_FILE = 200  # results per JSON file in a batch's archive (Mailchimp splits them across files too)
 STATUSES = ["subscribed", "unsubscribed", "cleaned", "pending", "transactional"]
 COMPLIANCE_STATES = ("unsubscribed", "cleaned")
 
@@ -251,6 +288,38 @@ BATCH_SCHEMA: dict[str, Any] = {
         "sync_tags": {"type": "boolean"},
     },
 }
+# PUT /lists/{list_id}/members/{subscriber_hash} (Add_List_Members_2 in the reference): the reference lists
+# email_address and status_if_new as required, and describes both as "required only if the email address is not
+# already present on the list" -- so they are checked for new members only (see put_member).
+MEMBER_PUT_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "properties": {
+        **{k: v for k, v in _MEMBER_SCHEMA["properties"].items() if k != "tags"},
+        "status_if_new": {"type": "string", "enum": STATUSES},
+        "marketing_permissions": {"type": "array", "items": {"type": "object"}},
+    },
+}
+# POST /batches (postBatches_request / Operations in the reference)
+BATCHES_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "required": ["operations"],
+    "properties": {
+        "operations": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "required": ["method", "path"],
+                "properties": {
+                    "method": {"type": "string", "enum": ["GET", "POST", "PUT", "PATCH", "DELETE"]},
+                    "path": {"type": "string"},
+                    "params": {"type": "object"},
+                    "body": {"type": "string"},
+                    "operation_id": {"type": "string"},
+                },
+            },
+        },
+    },
+}
 SEGMENT_CREATE_SCHEMA: dict[str, Any] = {
     "type": "object",
     "required": ["name"],
@@ -327,10 +396,26 @@ class Audience:
 
 
 @dataclass
+class BatchJob:
+    """A ``POST /batches`` request: its operations run once ``due``; then the results archive is built."""
+
+    id: str
+    account_id: str
+    operations: list[dict[str, Any]]
+    base_url: str
+    submitted: float
+    due: float
+    completed: Optional[float] = None
+    errored: int = 0
+    archive: Optional[bytes] = None
+
+
+@dataclass
 class MAccount:
     api_key: str
     account_id: str
     audiences: dict[str, Audience] = field(default_factory=dict)
+    batches: dict[str, BatchJob] = field(default_factory=dict)
 
 
 class MergeValueError(ValueError):
@@ -366,6 +451,30 @@ def coerce_merge_value(mf: MergeFieldConfig, value: Any) -> Any:
     return text
 
 
+def _compliance_message(email: str) -> str:
+    return f"{email} is in a compliance state due to unsubscribe, bounce, or compliance review and cannot be subscribed."
+
+
+def _forgotten_message(email: str) -> str:
+    return f"{email} was permanently deleted and cannot be re-imported. The contact must re-subscribe to get back on the list."
+
+
+def results_archive(batch_id: str, results: list[dict[str, Any]]) -> bytes:
+    """A gzipped tar holding a folder of JSON files, each an array of ``{status_code, operation_id, response}``
+    (``response`` is the operation's answer as a JSON string), as Mailchimp's ``response_body_url`` serves."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
+        folder = tarfile.TarInfo(batch_id)
+        folder.type, folder.mode = tarfile.DIRTYPE, 0o755
+        tar.addfile(folder)
+        for start in range(0, len(results), RESULTS_PER_FILE):
+            data = json.dumps(results[start : start + RESULTS_PER_FILE]).encode()
+            info = tarfile.TarInfo(f"{batch_id}/{new_hex(32)}.json")
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return buffer.getvalue()
+
+
 class MailchimpService:
     """The Mailchimp half of the sandbox: audiences, members, merge fields, tags."""
 
@@ -394,6 +503,7 @@ class MailchimpService:
                     acc.audiences[au.id] = Audience(au.id, au.name, [MergeFieldConfig(**vars(mf)) for mf in au.merge_fields], now)
                 self.accounts[acc.account_id] = acc
             self._keys = {a.api_key: a for a in self.accounts.values()}
+            self._pending: dict[str, tuple[MAccount, BatchJob]] = {}
 
     def _new_id(self) -> int:
         self._next_id += 1
@@ -449,12 +559,16 @@ class MailchimpService:
             Route("GET", "/3.0/lists/{list_id}/merge-fields", self.get_merge_fields, "mailchimp_read"),
             Route("GET", "/3.0/lists/{list_id}/members", self.get_members, "mailchimp_read"),
             Route("GET", "/3.0/lists/{list_id}/members/{subscriber_hash}", self.get_member, "mailchimp_read"),
+            Route("PUT", "/3.0/lists/{list_id}/members/{subscriber_hash}", self.put_member, "mailchimp_write"),
             Route("POST", "/3.0/lists/{list_id}/members/{subscriber_hash}/tags", self.post_member_tags, "mailchimp_write"),
             Route("GET", "/3.0/lists/{list_id}/segments", self.get_segments, "mailchimp_read"),
             Route("POST", "/3.0/lists/{list_id}/segments", self.create_segment, "mailchimp_write"),
             Route("GET", "/3.0/lists/{list_id}/segments/{segment_id}", self.get_segment, "mailchimp_read"),
             Route("POST", "/3.0/lists/{list_id}/segments/{segment_id}", self.update_segment_members, "mailchimp_write"),
             Route("GET", "/3.0/lists/{list_id}/segments/{segment_id}/members", self.get_segment_members, "mailchimp_read"),
+            Route("POST", "/3.0/batches", self.post_batches, "mailchimp_write"),
+            Route("GET", "/3.0/batches", self.list_batches, "mailchimp_read"),
+            Route("GET", "/3.0/batches/{batch_id}", self.get_batch, "mailchimp_read"),
         ]
 
     def authenticate(self, req: ApiRequest) -> Optional[ApiResponse]:
@@ -480,7 +594,15 @@ class MailchimpService:
         return None
 
     def tick(self) -> None:
-        """Nothing in this API moves with time."""
+        """Batch operations whose time has come are run (``latency.mailchimp_batch_operations`` after submission)."""
+        if not self._pending:
+            return
+        now = self.clock()
+        with self.lock:
+            for job_id, (acc, job) in list(self._pending.items()):
+                if now >= job.due:
+                    del self._pending[job_id]
+                    self._run_batch(acc, job)
 
     def account_key(self, req: ApiRequest) -> str:
         return req.account.account_id
@@ -696,11 +818,15 @@ class MailchimpService:
         if isinstance(body, dict) and isinstance(body.get("members"), list) and len(body["members"]) > MAX_BATCH_MEMBERS:
             raise invalid_resource([{"field": "members", "message": f"Schema describes array with at most {MAX_BATCH_MEMBERS} items, {len(body['members'])} found."}])
         _schema_error(body, BATCH_SCHEMA)
+        if self.config.behaviour["mailchimp_batch_update_requires_status"]:
+            # The alternative to rule 6: a member without ``status`` fails the whole request, as a bad status does.
+            missing = [i for i, item in enumerate(body["members"]) if "status" not in item]
+            if missing:
+                raise invalid_resource([{"field": f"members.item:{i}.status", "message": "This value should not be blank."} for i in missing])
         update_existing = bool(body.get("update_existing", False))
         sync_tags = bool(body.get("sync_tags", False))
         skip_merge = query_bool(req.arg("skip_merge_validation"))
         skip_dupes = query_bool(req.arg("skip_duplicate_check"))
-        by_tag = {mf.tag: mf for mf in au.merge_fields}
         new_members: list[dict[str, Any]] = []
         updated: list[dict[str, Any]] = []
         errors: list[dict[str, str]] = []
@@ -722,7 +848,7 @@ class MailchimpService:
                 continue
             seen.add(key)
             if key in au.forgotten:
-                fail(email, f"{email} was permanently deleted and cannot be re-imported. The contact must re-subscribe to get back on the list.")
+                fail(email, _forgotten_message(email))
                 continue
             existing = au.members.get(subscriber_hash(email))
             status = item.get("status")
@@ -730,42 +856,16 @@ class MailchimpService:
                 fail(email, f"{email} is already a list member, do you want to update? please provide update_existing:true in the request body", "ERROR_CONTACT_EXISTS")
                 continue
             if existing is not None and status in ("subscribed", "pending") and existing.status in COMPLIANCE_STATES:
-                fail(email, f"{email} is in a compliance state due to unsubscribe, bounce, or compliance review and cannot be subscribed.")
+                fail(email, _compliance_message(email))
                 continue
             if existing is None and status is None:
                 fail(email, f"{email} is not a list member yet and no status was given; a status is required to add a member.", fld="status", field_message="This value should not be blank.")
                 continue
-            # merge fields: shape first (never skippable), then required-ness
-            merged = dict(existing.merge_fields) if existing else {}
-            bad: Optional[tuple[str, str]] = None
-            for tag, value in (item.get("merge_fields") or {}).items():
-                mf = by_tag.get(tag.upper())
-                if mf is None:
-                    continue  # unknown merge tag: ignored
-                try:
-                    merged[mf.tag] = coerce_merge_value(mf, value)
-                except MergeValueError as exc:
-                    bad = (mf.tag, str(exc))
-                    break
-            if bad is None and not skip_merge:
-                missing = [mf.tag for mf in au.merge_fields if mf.required and merged.get(mf.tag) in (None, "")]
-                if missing:
-                    bad = (missing[0], "Please enter a value")
+            merged, bad = self._merged_fields(au, existing, item, skip_merge)
             if bad is not None:
                 fail(email, "Your merge fields were invalid.", fld=bad[0], field_message=bad[1])
                 continue
-            now = self.clock()
-            member = existing
-            if member is None:
-                member = Member(email, status, {}, now, now, web_id=self._new_id())
-                au.members[member.id] = member
-            elif status is not None:
-                member.status = status
-            member.merge_fields = merged
-            member.last_changed = now
-            for attr in ("email_type", "language", "vip"):
-                if attr in item:
-                    setattr(member, attr, item[attr])
+            member = self._save_member(au, email, existing, status, merged, item)
             if "tags" in item or sync_tags:
                 wanted = list(dict.fromkeys(item.get("tags") or []))
                 if sync_tags:
@@ -788,6 +888,150 @@ class MailchimpService:
                 "_links": self._links(req, f"/3.0/lists/{au.id}", ("GET", "POST")),
             }),
         )
+
+    def _merged_fields(self, au: Audience, existing: Optional[Member], item: dict[str, Any], skip_merge: bool) -> tuple[dict[str, Any], Optional[tuple[str, str]]]:
+        """The member's merge fields after this write, or the first bad one as (tag, message): shapes first (never
+        skippable), then required fields left empty (unless ``skip_merge_validation``)."""
+        by_tag = {mf.tag: mf for mf in au.merge_fields}
+        merged = dict(existing.merge_fields) if existing else {}
+        for tag, value in (item.get("merge_fields") or {}).items():
+            mf = by_tag.get(tag.upper())
+            if mf is None:
+                continue  # unknown merge tag: ignored
+            try:
+                merged[mf.tag] = coerce_merge_value(mf, value)
+            except MergeValueError as exc:
+                return merged, (mf.tag, str(exc))
+        if not skip_merge:
+            missing = [mf.tag for mf in au.merge_fields if mf.required and merged.get(mf.tag) in (None, "")]
+            if missing:
+                return merged, (missing[0], "Please enter a value")
+        return merged, None
+
+    def _save_member(self, au: Audience, email: str, existing: Optional[Member], status: Optional[str], merged: dict[str, Any], item: dict[str, Any]) -> Member:
+        """Create the member with ``status``, or update it (its status only when ``status`` is given)."""
+        now = self.clock()
+        member = existing
+        if member is None:
+            member = Member(email, status or "subscribed", {}, now, now, web_id=self._new_id())
+            au.members[member.id] = member
+        elif status is not None:
+            member.status = status
+        member.merge_fields = merged
+        member.last_changed = now
+        for attr in ("email_type", "language", "vip"):
+            if attr in item:
+                setattr(member, attr, item[attr])
+        return member
+
+    def put_member(self, req: ApiRequest) -> ApiResponse:
+        """Add or update one member. ``status_if_new`` is the status of a member this call creates; an existing
+        member keeps its status unless ``status`` is given (reference: status_if_new "required only if the email
+        address is not already present on the list")."""
+        au = self._audience(req)
+        body = self._body(req)
+        _schema_error(body, MEMBER_PUT_SCHEMA)
+        key = req.path_params["subscriber_hash"].lower()
+        existing = au.members.get(key) or au.members.get(subscriber_hash(key))  # the email is taken as well
+        if existing is None:
+            for name in ("email_address", "status_if_new"):
+                if name not in body:
+                    raise invalid_resource([{"field": name, "message": "This value should not be blank."}])
+            email = body["email_address"].strip()
+            if not is_valid_email(email):
+                raise invalid_resource([{"field": "email_address", "message": "Please enter a real email address."}],
+                                       f"{email} looks fake or invalid, please enter a real email address.")
+            if key not in (subscriber_hash(email), email.lower()):  # *guess*: the text
+                raise invalid_resource([{"field": "email_address", "message": "The email address does not match the subscriber hash in the path."}])
+            if email.lower() in au.forgotten:
+                raise ApiError(problem(400, "Forgotten Email Not Subscribed", _forgotten_message(email)))
+        else:
+            email = existing.email_address
+        status = body.get("status") or (None if existing is not None else body["status_if_new"])
+        if existing is not None and status in ("subscribed", "pending") and existing.status in COMPLIANCE_STATES:
+            raise ApiError(problem(400, "Member In Compliance State", _compliance_message(email)))
+        merged, bad = self._merged_fields(au, existing, body, query_bool(req.arg("skip_merge_validation")))
+        if bad is not None:
+            raise invalid_resource([{"field": bad[0], "message": bad[1]}], "Your merge fields were invalid.")
+        member = self._save_member(au, email, existing, status, merged, body)
+        return ApiResponse(200, partial_response(req, self._member_json(req, au, member)))
+
+    # --- batch operations --------------------------------------------------------------
+
+    def post_batches(self, req: ApiRequest) -> ApiResponse:
+        body = self._body(req)
+        _schema_error(body, BATCHES_SCHEMA)
+        acc: MAccount = req.account
+        if sum(1 for job in acc.batches.values() if job.completed is None) >= MAX_PENDING_BATCHES:
+            raise ApiError(problem(429, "Too Many Requests", f"You have more than {MAX_PENDING_BATCHES} pending batches."))
+        now = self.clock()
+        job = BatchJob(new_hex(10), acc.account_id, body["operations"], req.base_url, now,
+                       now + self.config.latency_for("mailchimp_batch_operations"))
+        acc.batches[job.id] = job
+        self._pending[job.id] = (acc, job)
+        return ApiResponse(200, self._batch_json(req, job))
+
+    def get_batch(self, req: ApiRequest) -> ApiResponse:
+        job = req.account.batches.get(req.path_params["batch_id"])
+        if job is None:
+            raise resource_not_found()
+        return ApiResponse(200, partial_response(req, self._batch_json(req, job)))
+
+    def list_batches(self, req: ApiRequest) -> ApiResponse:
+        count, offset = self._paging(req)
+        jobs = list(req.account.batches.values())
+        return ApiResponse(200, partial_response(req, {
+            "batches": [self._batch_json(req, job) for job in jobs[offset : offset + count]],
+            "total_items": len(jobs),
+            "_links": self._links(req, "/3.0/batches", ("GET", "POST")),
+        }))
+
+    def batch_archive(self, name: str) -> Optional[bytes]:
+        """The gzipped tar of a finished batch's results (served at its ``response_body_url``), or None."""
+        self.tick()
+        with self.lock:
+            for acc in self.accounts.values():
+                job = acc.batches.get(name.removesuffix(".tar.gz"))
+                if job is not None:
+                    return job.archive
+        return None
+
+    def _batch_json(self, req: ApiRequest, job: BatchJob) -> dict[str, Any]:
+        done = job.completed is not None
+        return {
+            "id": job.id,
+            "status": "finished" if done else "pending",
+            "total_operations": len(job.operations),
+            "finished_operations": len(job.operations) if done else 0,
+            "errored_operations": job.errored,
+            "submitted_at": iso_now(job.submitted),
+            "completed_at": iso_now(job.completed) if done else "",
+            "response_body_url": f"{job.base_url}/_sandbox/mailchimp/batch-results/{job.id}.tar.gz" if done else "",
+            "_links": self._links(req, f"/3.0/batches/{job.id}", ("GET", "DELETE")),
+        }
+
+    def _run_batch(self, acc: MAccount, job: BatchJob) -> None:
+        """Run every operation as its own request would, then keep the results as Mailchimp's archive does."""
+        routes = self.__dict__.get("_operation_routes") or self.__dict__.setdefault("_operation_routes", self.routes())
+        results = []
+        for op in job.operations:
+            path = "/3.0/" + str(op["path"]).lstrip("/")
+            params = op.get("params") or {}
+            req = ApiRequest(method=op["method"], path=path, query={k: [str(v)] for k, v in params.items()},
+                             body=str(op.get("body") or "").encode(), base_url=job.base_url, account=acc)
+            route, exists, req.path_params = match_route(routes, req.method, path)
+            if route is None or route.template.startswith("/3.0/batches"):
+                response = self.method_not_allowed(req) if exists else self.not_found_response(req)
+            else:
+                try:
+                    response = route.handler(req)
+                except ApiError as exc:
+                    response = exc.response
+            results.append({"status_code": response.status, "operation_id": op.get("operation_id"),
+                            "response": json.dumps(response.body, separators=(",", ":"))})
+        job.errored = sum(1 for r in results if r["status_code"] >= 400)
+        job.completed = self.clock()
+        job.archive = results_archive(job.id, results)
 
     def post_member_tags(self, req: ApiRequest) -> ApiResponse:
         au = self._audience(req)
@@ -857,23 +1101,21 @@ class MailchimpService:
         for name, values in (("members_to_add", to_add), ("members_to_remove", to_remove)):
             if len(values) > MAX_SEGMENT_CHANGES:
                 raise invalid_resource([{"field": name, "message": f"Schema describes array with at most {MAX_SEGMENT_CHANGES} items, {len(values)} found."}])
-        added, removed, missing = [], [], []
+        added, removed = [], []
+        # "Any emails provided that are not present on the list will be ignored" (reference, members_to_add and
+        # members_to_remove): not an error, just not in members_added / members_removed.
         for email in to_add:
             member = au.members.get(subscriber_hash(email))
-            if member is None:
-                missing.append(email)
-            else:
+            if member is not None:
                 seg.member_ids[member.id] = None
                 added.append(self._member_json(req, au, member))
         for email in to_remove:
             member = au.members.get(subscriber_hash(email))
-            if member is None or member.id not in seg.member_ids:
-                missing.append(email)
-            else:
+            if member is not None and member.id in seg.member_ids:
                 seg.member_ids.pop(member.id, None)
                 removed.append(self._member_json(req, au, member))
         seg.updated = self.clock()
-        errors = [{"email_addresses": missing, "error": "Email addresses are not members of this segment's audience or segment."}] if missing else []
+        errors: list[dict[str, Any]] = []
         return ApiResponse(
             200,
             {
@@ -882,7 +1124,7 @@ class MailchimpService:
                 "errors": errors,
                 "total_added": len(added),
                 "total_removed": len(removed),
-                "error_count": len(missing),
+                "error_count": len(errors),
                 "_links": self._links(req, f"/3.0/lists/{au.id}/segments/{seg.id}", ("GET", "POST")),
             },
         )
@@ -904,6 +1146,7 @@ class MailchimpService:
     # --- state -----------------------------------------------------------------------
 
     def state(self) -> dict[str, Any]:
+        self.tick()
         with self.lock:
             accounts = {}
             for acc in self.accounts.values():
@@ -923,7 +1166,12 @@ class MailchimpService:
                         },
                         "forgotten": sorted(au.forgotten),
                     }
-                accounts[acc.account_id] = {"audiences": audiences}
+                batches = {
+                    job.id: {"status": "finished" if job.completed is not None else "pending",
+                             "total_operations": len(job.operations), "errored_operations": job.errored}
+                    for job in acc.batches.values()
+                }
+                accounts[acc.account_id] = {"audiences": audiences, "batches": batches}
             return {"accounts": accounts}
 
 

@@ -278,6 +278,12 @@ class Sandbox:
                 return ApiResponse(200, self.config.runtime_dict())
             if parts == ["config"] and method in ("PUT", "PATCH"):
                 return ApiResponse(200, self.configure(**payload))
+            if method == "GET" and len(parts) == 3 and parts[:2] == ["mailchimp", "batch-results"]:
+                # a Mailchimp batch's response_body_url (on the real service, a pre-signed download: no API key)
+                archive = self.mailchimp.batch_archive(parts[2])
+                if archive is None:
+                    return ApiResponse(404, {"error": f"no finished Mailchimp batch {parts[2]!r}"})
+                return ApiResponse(200, archive, "application/x-tar")
             if method == "POST" and len(parts) == 4 and parts[:2] == ["mailchimp", "audiences"]:
                 audience_id, action = parts[2], parts[3]
                 if action == "members":

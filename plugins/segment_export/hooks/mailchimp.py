@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import hashlib
+import io
+import json
+import tarfile
+import time
 from typing import Any
 
 import requests
 from requests.auth import HTTPBasicAuth
 
-from segment_export.hooks.base import DestinationError, DestinationHook
+from segment_export.hooks.base import RETRYABLE_STATUS, DestinationError, DestinationHook
 
 MAX_CONNECTIONS_PER_KEY = 10  # Mailchimp refuses the 11th simultaneous connection of an API key
 
@@ -112,3 +116,62 @@ class MailchimpHook(DestinationHook):
             "POST", f"/lists/{audience_id}", data=body, headers={"Content-Type": "application/json"},
             params={"fields": fields} if fields else None,
         )
+
+    # -- batch operations (appended: POST /batches, its status, its results archive) ---------------------
+    def start_batch(self, body: bytes) -> dict[str, Any]:
+        """``POST /batches`` with ``{"operations": [...]}`` already encoded; Mailchimp answers at once with the
+        batch (``status: pending``) and runs the operations later."""
+        return self.request_json("POST", "/batches", data=body, headers={"Content-Type": "application/json"})
+
+    def get_batch(self, batch_id: str) -> dict[str, Any]:
+        return self.request_json("GET", f"/batches/{batch_id}", params={"fields": BATCH_FIELDS})
+
+    def batch_results(self, url: str) -> list[dict[str, Any]]:
+        """Every result in a finished batch's archive (``response_body_url``): a gzipped tar of JSON files, each an
+        array of ``{status_code, operation_id, response}``; every file is read, whatever the folder layout.
+
+        The URL is a download link of its own (on Mailchimp, pre-signed storage on another host), so it is fetched
+        without the API key, with this connection's transport options, retried like an API call."""
+        response = self._download(url)
+        results: list[dict[str, Any]] = []
+        try:
+            with tarfile.open(fileobj=io.BytesIO(response.content), mode="r:gz") as archive:
+                for info in archive.getmembers():
+                    handle = archive.extractfile(info) if info.isfile() else None
+                    if handle is not None:
+                        results.extend(json.load(handle))
+        except (tarfile.TarError, OSError, ValueError) as exc:
+            raise DestinationError(f"{self.hook_name}: the batch results archive could not be read ({exc})", retryable=True) from exc
+        return results
+
+    def _download(self, url: str) -> requests.Response:
+        session = self.session
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                response = requests.get(url, timeout=self.timeout, proxies=session.proxies, verify=session.verify,
+                                        cert=session.cert)
+                if response.status_code < 400:
+                    return response
+                failure = DestinationError(f"{self.hook_name}: batch results download failed: HTTP {response.status_code}",
+                                           status=response.status_code, retryable=response.status_code in RETRYABLE_STATUS)
+            except (requests.ConnectionError, requests.Timeout) as exc:
+                failure = DestinationError(f"{self.hook_name}: batch results download: {type(exc).__name__}", retryable=True)
+            if not failure.retryable or attempt > self.max_retries:
+                raise failure
+            self.retries += 1
+            time.sleep(min(30.0, 0.5 * 2 ** (attempt - 1)))
+
+    def find_member(self, audience_id: str, email: str, fields: str = "status,tags") -> dict[str, Any] | None:
+        """One member by address (its subscriber hash), or None when the audience has no such member."""
+        try:
+            return self.request_json("GET", f"/lists/{audience_id}/members/{subscriber_hash(email)}", params={"fields": fields})
+        except DestinationError as exc:
+            if exc.status == 404:
+                return None
+            raise
+
+
+#: what the exporter reads of a batch's status
+BATCH_FIELDS = "id,status,total_operations,finished_operations,errored_operations,response_body_url"
