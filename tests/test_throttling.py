@@ -62,6 +62,6 @@ def test_a_throttled_mailchimp_export_slows_down_and_finishes(tmp_path, airflow_
     answers = state["requests"]["by_endpoint"]["POST /3.0/lists/{list_id}"]["status"]
     assert answers.get(str(status), 0) > 0 and set(answers) == {"200", str(status)}  # throttled, and only that
     assert sandbox.faults.describe()[0]["fired"] == STORM
-    concurrency = destination.hook.concurrency
+    concurrency = destination.hook.adaptive_limit
     assert concurrency.cuts > 0 and concurrency.lowest <= OTHER_APPS_LEAVE  # it slowed down...
     assert concurrency.limit > concurrency.lowest  # ...and came back up

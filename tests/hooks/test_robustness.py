@@ -153,7 +153,7 @@ def test_a_throttling_403_is_retried(sandbox):
     hook = fast(MailchimpHook())
     assert hook.get_audience(MAILCHIMP_AUDIENCE_ID)["id"] == MAILCHIMP_AUDIENCE_ID
     assert sandbox.state()["requests"]["by_endpoint"]["GET /3.0/lists/{list_id}"]["status"] == {"403": 3, "200": 1}
-    assert hook.retries == 3 and hook.concurrency.cuts >= 1
+    assert hook.retries == 3 and hook.adaptive_limit.cuts >= 1
 
 
 def test_throttled_answers_are_bounded_by_time_not_by_the_retry_count(sandbox):

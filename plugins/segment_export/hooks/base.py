@@ -86,18 +86,24 @@ class AdaptiveConcurrency:
             self._in_flight += 1
             return time.monotonic()
 
-    def release(self, sent_at: float, outcome: str | None) -> None:
-        """Free the slot; ``outcome`` is ``THROTTLED``, ``None`` for a success, anything else leaves the limit."""
+    def release(self, sent_at: float, outcome: str | None) -> bool:
+        """Free the slot; ``outcome`` is ``THROTTLED``, ``None`` for a success, anything else leaves the limit.
+
+        Returns whether this answer cut the limit."""
+        cut = False
         with self._cond:
             self._in_flight -= 1
             if outcome == THROTTLED and sent_at >= self._cut_at:
-                self.limit = max(1.0, self.limit / 2)
-                self.lowest = min(self.lowest, int(self.limit))
-                self.cuts += 1
+                if self.limit > 1.0:
+                    self.limit = max(1.0, self.limit / 2)
+                    self.lowest = min(self.lowest, int(self.limit))
+                    self.cuts += 1
+                    cut = True
                 self._cut_at = time.monotonic()
             elif outcome is None and self.limit < self.maximum:
                 self.limit = min(float(self.maximum), self.limit + 1.0 / self.limit)
             self._cond.notify_all()
+        return cut
 
 
 class RateLimiter:
@@ -165,7 +171,7 @@ class DestinationHook(HttpHook):
         self.max_retries = max_retries
         self.max_retry_seconds = max_retry_seconds
         self._limiters = {key: RateLimiter(*limits) for key, limits in self.rate_limits.items()}
-        self.concurrency = AdaptiveConcurrency(max_concurrency) if self.adaptive_concurrency else None
+        self.adaptive_limit = AdaptiveConcurrency(max_concurrency) if self.adaptive_concurrency else None
         self.retries = 0  # how many requests were repeated, for the summary and benchmarks
         self.requests = 0
 
@@ -277,7 +283,7 @@ class DestinationHook(HttpHook):
             attempt += 1
             if limiter:
                 limiter.acquire()
-            sent_at = self.concurrency.acquire() if self.concurrency else time.monotonic()
+            sent_at = self.adaptive_limit.acquire() if self.adaptive_limit else time.monotonic()
             outcome: str | None = RETRY
             retry_after = None
             try:
@@ -306,8 +312,9 @@ class DestinationHook(HttpHook):
                         )
                         retry_after = _retry_after(response)
             finally:
-                if self.concurrency:
-                    self.concurrency.release(sent_at, outcome)
+                if self.adaptive_limit and self.adaptive_limit.release(sent_at, outcome):
+                    self.log.warning("%s connection %r: throttled; now at most %d requests in flight, raised again "
+                                     "as answers succeed", self.hook_name, self.conn_id, int(self.adaptive_limit.limit))
             spent += time.monotonic() - sent_at
             if outcome == FAIL:
                 raise failure
