@@ -36,13 +36,16 @@ def spec(destination: dict) -> ExportSpec:
     })
 
 
-def export(s: ExportSpec, *, small_batches: int | None = None, max_retries: int | None = None):
+def export(s: ExportSpec, *, small_batches: int | None = None, max_retries: int | None = None,
+           retry_base_seconds: float | None = None):
     source = source_for(s.source)
     destination = destination_for(s)
     if small_batches:
         destination.max_batch_profiles = small_batches
     if max_retries is not None:
         destination.hook.max_retries = max_retries
+    if retry_base_seconds is not None:
+        destination.hook.retry_base_seconds = retry_base_seconds
     try:
         return run_export(s, source, destination), destination
     finally:
@@ -138,8 +141,50 @@ def test_errors_that_cannot_succeed_fail_at_once(warehouse, sandbox, airflow_con
 def test_an_unexpected_answer_fails_clearly_and_nothing_is_reported_as_sent(warehouse, sandbox, destination, endpoint):
     sandbox.set_faults([{"endpoint": endpoint, "kind": "garbage", "times": 1000}])
     with pytest.raises(ExportError, match="not JSON|unexpected answer") as info:
-        export(spec(destination))
+        export(spec(destination), max_retries=2, retry_base_seconds=0.01)
     assert info.value.summary.accepted == 0 and info.value.summary.sent == 0
+    pages = statuses(sandbox, endpoint)
+    assert set(pages) == {"200"} and pages["200"] >= 3 and pages["200"] % 3 == 0  # each call: 1 + 2 retries, as 5xx
+
+
+@pytest.mark.parametrize("destination, endpoint", [
+    (KLAVIYO, "POST /api/profile-bulk-import-jobs"), (MAILCHIMP, "POST /3.0/lists/{list_id}"),
+])
+def test_a_proxy_page_instead_of_the_answer_is_retried_and_every_profile_arrives_once(
+        warehouse, sandbox, destination, endpoint):
+    sandbox.set_faults([{"endpoint": endpoint, "kind": "garbage", "times": 3}])
+    summary, used = export(spec(destination), small_batches=1000 if destination is KLAVIYO else None,
+                           retry_base_seconds=0.01)
+    assert summary.accepted == PROFILES and summary.consistent and used.hook.retries >= 3
+    if destination is KLAVIYO:
+        imported = [pid for job in klaviyo_jobs(sandbox) for pid in job["profile_ids"]]
+        assert len(imported) == len(set(imported)) == PROFILES  # the pages were not applied: once each
+        assert set(klaviyo_profiles(sandbox.state(), KLAVIYO_LIST_ID)) == CUSTOMERS
+    else:
+        assert set(mailchimp_members(sandbox.state(), MAILCHIMP_AUDIENCE_ID)) == CUSTOMERS
+        assert (summary.created, summary.updated) == (PROFILES, 0)
+
+
+def test_a_proxy_page_after_klaviyo_applied_the_job_costs_a_second_job_not_a_second_profile(warehouse, sandbox):
+    """The one non-idempotent POST whose retry repeats work: a bulk import job. Profiles upsert by identity, so
+    the retried job imports the same profiles into the same list again; the list holds them once."""
+    sandbox.set_faults([{"endpoint": "POST /api/profile-bulk-import-jobs", "kind": "garbage", "phase": "after", "times": 1}])
+    summary, _ = export(spec(KLAVIYO), small_batches=1000, retry_base_seconds=0.01)
+    assert len(klaviyo_jobs(sandbox)) == 4
+    assert set(klaviyo_profiles(sandbox.state(), KLAVIYO_LIST_ID)) == CUSTOMERS
+    assert summary.accepted == PROFILES == summary.sent and summary.consistent
+
+
+def test_a_proxy_page_after_mailchimp_created_the_members_turns_the_retry_into_updates(warehouse, sandbox):
+    """Batch subscribe creates members; retried after its answer was lost, the members exist, so the retry's
+    answer lists them as already members and the destination updates them, status untouched, never twice."""
+    sandbox.seed_mailchimp_member(MAILCHIMP_AUDIENCE_ID, sorted(CUSTOMERS)[0], "unsubscribed")
+    sandbox.set_faults([{"endpoint": "POST /3.0/lists/{list_id}", "kind": "garbage", "phase": "after", "times": 1}])
+    summary, _ = export(spec(MAILCHIMP), retry_base_seconds=0.01)
+    members = mailchimp_members(sandbox.state(), MAILCHIMP_AUDIENCE_ID)
+    assert set(members) == CUSTOMERS and summary.accepted == PROFILES and summary.consistent
+    assert members[sorted(CUSTOMERS)[0]]["status"] == "unsubscribed"
+    assert summary.created + summary.updated == PROFILES and summary.updated >= 500
 
 
 def test_an_empty_segment_sends_nothing_and_succeeds(warehouse, sandbox):

@@ -4,10 +4,14 @@ A rule matches requests by endpoint name ("POST /api/profile-bulk-import-jobs", 
 and fires on each of its next ``times`` matches:
 
 - ``429``: the API's throttled answer, with ``Retry-After: seconds`` (Klaviyo) — the request is not applied;
+  for Mailchimp its status follows behaviour ``mailchimp_throttle_status`` (429, or 403 with the same body);
 - ``500``/``502``/``503``: a server error in the API's shape — not applied;
 - ``slow``: the answer comes ``seconds`` late (past a client's timeout) — the request *is* applied, as a slow
   real server would;
-- ``garbage``: a 200 whose body is an HTML page instead of JSON (a proxy or maintenance page) — not applied;
+- ``garbage``: a 200 whose body is an HTML page instead of JSON (a proxy or maintenance page); ``phase:
+  before`` (default) answers it unapplied, ``phase: after`` applies the request and then answers the page
+  (a proxy that lost the real answer) — a client must retry it like a 5xx, and only idempotent writes survive
+  the ``after`` case;
 - ``drop``: the connection is closed without an answer; ``phase: before`` (default) drops it unapplied,
   ``phase: after`` applies the request and then loses the answer (the case only idempotent writes survive).
 
@@ -20,6 +24,9 @@ from __future__ import annotations
 import threading
 from dataclasses import asdict, dataclass, field
 from typing import Any, Optional
+
+#: the body of a ``garbage`` answer: what a proxy or load balancer shows instead of the API's JSON
+GARBAGE_BODY = b"<html><body>Service temporarily unavailable</body></html>"
 
 KINDS = ("429", "500", "502", "503", "slow", "drop", "garbage")
 

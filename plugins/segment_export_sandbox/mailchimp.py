@@ -13,7 +13,8 @@ Modelled behaviour (and where it comes from)
   "API Key Missing"; unknown key -> 401 "API Key Invalid" ("Your API key may be
   invalid, or you've attempted to access the wrong datacenter.").
 * At most ``mailchimp_max_connections`` (10) requests in flight per API key; the
-  next one gets 429 "Too Many Requests" at once (reference README).
+  next one gets 429 "Too Many Requests" at once (reference README), or 403 with
+  the same problem document under behaviour ``mailchimp_throttle_status: 403``.
 * ``POST /lists/{list_id}`` batch subscribe, <= 500 members (more -> 400 "Invalid
   Resource", field ``members``).  Response 200 with ``new_members``,
   ``updated_members``, ``errors``, ``total_created``, ``total_updated``,
@@ -612,8 +613,17 @@ class MailchimpService:
         return self.config.mailchimp_max_connections
 
     def throttled(self, retry_after: Optional[int]) -> ApiResponse:
+        """Mailchimp's throttling answer, with the status of behaviour ``mailchimp_throttle_status``.
+
+        429 "Too Many Requests" is the error glossary's answer (https://mailchimp.com/developer/marketing/docs/
+        errors/, TooManyRequests); its documents also mention a bare 403 under throttling, with no body given.
+        Under 403 the same problem document is kept, so it reads as throttling ("Too Many Requests", "...
+        simultaneous connections"), unlike the glossary's auth and permission 403s ("Forbidden", "User
+        Disabled", "Wrong Datacenter"). No Retry-After: Mailchimp sends no rate-limit headers.
+        """
         limit = self.config.mailchimp_max_connections
-        return problem(429, "Too Many Requests", f"You have exceeded the limit of {limit} simultaneous connections.")
+        status = int(self.config.behaviour.get("mailchimp_throttle_status", 429))
+        return problem(status, "Too Many Requests", f"You have exceeded the limit of {limit} simultaneous connections.")
 
     def not_found_response(self, req: ApiRequest) -> ApiResponse:
         return resource_not_found().response

@@ -25,7 +25,7 @@ from typing import Any, Optional, Protocol
 from urllib.parse import parse_qs, urlsplit
 
 from .common import ApiError, ApiRequest, ApiResponse, RequestLog, Route, match_route
-from .faults import Faults
+from .faults import GARBAGE_BODY, Faults
 from .config import SandboxConfig
 from .klaviyo import KlaviyoService
 from .mailchimp import MailchimpService
@@ -211,12 +211,14 @@ class Sandbox:
             if fault.kind == "drop":
                 return DROP
             if fault.kind == "garbage":
-                return ApiResponse(200, b"<html><body>Service temporarily unavailable</body></html>", "text/html")
+                return ApiResponse(200, GARBAGE_BODY, "text/html")
             if fault.kind == "slow":
                 time.sleep(fault.seconds)
         response = self._handle(svc, route, req)
         if fault is not None and fault.phase == "after" and fault.kind == "drop":
             return DROP
+        if fault is not None and fault.phase == "after" and fault.kind == "garbage":
+            return ApiResponse(200, GARBAGE_BODY, "text/html")
         return response
 
     def _handle(self, svc: ApiService, route: Route, req: ApiRequest) -> ApiResponse:

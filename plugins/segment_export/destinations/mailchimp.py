@@ -148,7 +148,7 @@ class MailchimpDestination(Destination):
         defined = {f["tag"]: f for f in self.hook.get_merge_fields(self.target_id)}
         missing = [tag for tag in self.merge_tags if tag not in defined]
         if missing:
-            raise DestinationError(
+            raise self.hook.error(
                 f"Mailchimp audience {self.target_id} has no merge field(s) {missing}; it has {sorted(defined)}. "
                 "Create them in Mailchimp or change mapping.attributes"
             )
@@ -234,7 +234,7 @@ class MailchimpDestination(Destination):
         interval, waited = self.poll_interval, 0.0
         while job.get("status") != "finished":
             if waited >= self.max_batch_wait:
-                raise DestinationError(
+                raise self.hook.error(
                     f"Mailchimp batch {job.get('id')} was not finished after {waited:.0f} s (status "
                     f"{job.get('status')!r}); its members are not counted as sent and go out again next run"
                 )

@@ -6,9 +6,17 @@ options, with two deliberate differences:
 - connection extras are never copied into request headers (``HttpHook`` does that by default, which would
   leak configuration to the destination), only the transport options it knows (timeout, proxies, verify...);
 - requests go through :meth:`DestinationHook.request`, which paces each endpoint to the destination's
-  documented rate limits, retries what can succeed later (429, 5xx, timeouts, dropped connections) with
+  documented rate limits, retries what can succeed later (throttling, 5xx, timeouts, dropped connections,
+  and a success answer whose body is not the JSON the API always sends, e.g. a proxy's HTML page) with
   backoff, jitter and ``Retry-After``, and fails at once, with the destination's own message, on what
-  cannot (401, 403, 404, validation errors).
+  cannot (401, 403 that is not throttling, 404, validation errors);
+- under throttling a hook with ``adaptive_concurrency`` lowers how many requests its threads may have in
+  flight (:class:`AdaptiveConcurrency`) and raises it again as answers succeed, so an export shares a
+  connection cap with other apps instead of failing on it.
+
+Every error a hook raises starts with ``<Destination> connection '<conn_id>':`` so a user with several
+connections knows which one to fix; no message carries the API key or a request's query string (Klaviyo's
+pagination links repeat the email filter).
 """
 
 from __future__ import annotations
@@ -32,13 +40,70 @@ _decode = msgspec.json.decode
 
 RETRYABLE_STATUS = frozenset({429, 500, 502, 503, 504})
 
+#: how a failed answer is treated: ``throttled`` (not applied, come back later: retried, bounded by time only,
+#: and the adaptive concurrency is cut), ``retry`` (transient: retried within ``max_retries``), ``fail``
+THROTTLED, RETRY, FAIL = "throttled", "retry", "fail"
+#: a throttled request waits at most base * 2**4 (8 s) between tries: it was refused for a connection held
+#: elsewhere, which frees in seconds, and fewer requests are in flight meanwhile (AdaptiveConcurrency)
+THROTTLED_BACKOFF_DOUBLINGS = 4
+
 
 class DestinationError(RuntimeError):
     """A request the destination refused or that kept failing; the message is the destination's own."""
 
-    def __init__(self, message: str, status: int | None = None, retryable: bool = False):
+    def __init__(self, message: str, status: int | None = None, retryable: bool = False, throttled: bool = False):
         super().__init__(message)
-        self.status, self.retryable = status, retryable
+        self.status, self.retryable, self.throttled = status, retryable or throttled, throttled
+
+
+class NotJSONError(ValueError):
+    """A success answer whose body is not JSON: a proxy, load balancer or maintenance page answered."""
+
+
+class AdaptiveConcurrency:
+    """How many requests the hook's threads may have in flight: AIMD, as TCP does with its window.
+
+    Starts at ``maximum``; a throttled answer halves the limit (at most once per round of requests, i.e. only
+    for a request sent after the last cut, so ten answers to the same overload cut it once), every successful
+    answer adds ``1/limit`` (one more connection per round of successes), never above ``maximum`` nor below 1.
+    A connection cap shared with other apps (Mailchimp's 10 per API key) is found and followed this way.
+    """
+
+    def __init__(self, maximum: int):
+        self.maximum = max(1, maximum)
+        self.limit = float(self.maximum)
+        self.lowest = self.maximum  # the smallest limit reached, for the summary and tests
+        self.cuts = 0
+        self._in_flight = 0
+        self._cut_at = 0.0
+        self._cond = threading.Condition()
+
+    def acquire(self) -> float:
+        """Wait for a slot; returns the send time to give back to :meth:`release`."""
+        with self._cond:
+            while self._in_flight >= int(self.limit):
+                self._cond.wait()
+            self._in_flight += 1
+            return time.monotonic()
+
+    def release(self, sent_at: float, outcome: str | None) -> bool:
+        """Free the slot; ``outcome`` is ``THROTTLED``, ``None`` for a success, anything else leaves the limit.
+
+        Returns whether this answer cut the limit."""
+        cut = False
+        with self._cond:
+            self._in_flight -= 1
+            if outcome == THROTTLED and sent_at >= self._cut_at:
+                if self.limit > 1.0:
+                    self.limit = max(1.0, self.limit / 2)
+                    self.lowest = min(self.lowest, int(self.limit))
+                    self.cuts += 1
+                    cut = True
+                self._cut_at = time.monotonic()
+            elif outcome is None and self.limit < self.maximum:
+                self.limit = min(float(self.maximum), self.limit + 1.0 / self.limit)
+            self._cond.notify_all()
+        return cut
 
 
 class RateLimiter:
@@ -84,6 +149,10 @@ class DestinationHook(HttpHook):
     hook_name: ClassVar[str]
     #: (burst per second, steady per minute) per endpoint key, from the destination's documentation.
     rate_limits: ClassVar[dict[str, tuple[int, int]]] = {}
+    #: whether throttled answers lower the number of requests in flight (a connection cap, not a rate window)
+    adaptive_concurrency: ClassVar[bool] = False
+    #: first retry delay in seconds (doubled per attempt, at most 30 s), unless the answer says Retry-After
+    retry_base_seconds: float = 0.5
 
     def __init__(
         self,
@@ -102,6 +171,7 @@ class DestinationHook(HttpHook):
         self.max_retries = max_retries
         self.max_retry_seconds = max_retry_seconds
         self._limiters = {key: RateLimiter(*limits) for key, limits in self.rate_limits.items()}
+        self.adaptive_limit = AdaptiveConcurrency(max_concurrency) if self.adaptive_concurrency else None
         self.retries = 0  # how many requests were repeated, for the summary and benchmarks
         self.requests = 0
 
@@ -114,13 +184,13 @@ class DestinationHook(HttpHook):
             connection = self.get_connection(self.conn_id)
         except AirflowNotFoundException as exc:
             raise DestinationError(
-                f"connection {self.conn_id!r} is not defined: add a {self.conn_type} connection with that id "
-                "(Admin > Connections, `airflow connections add`, or an AIRFLOW_CONN_ environment variable)"
+                f"{self.hook_name} connection {self.conn_id!r} is not defined: add a {self.conn_type} connection "
+                "with that id (Admin > Connections, `airflow connections add`, or an AIRFLOW_CONN_ environment variable)"
             ) from exc
         if connection.conn_type != self.conn_type:
             raise DestinationError(
-                f"connection {self.conn_id!r} is of type {connection.conn_type!r}, not {self.conn_type!r}: "
-                f"a {self.hook_name} export needs a {self.conn_type} connection"
+                f"{self.hook_name} connection {self.conn_id!r} is of type {connection.conn_type!r}, not "
+                f"{self.conn_type!r}: a {self.hook_name} export needs a {self.conn_type} connection"
             )
         return super().get_conn(headers, extra_options)
 
@@ -128,7 +198,8 @@ class DestinationHook(HttpHook):
         key = connection.password
         if not key:
             raise DestinationError(
-                f"connection {self.conn_id!r} has no API key: put the {self.hook_name} API key in its password field"
+                f"{self.hook_name} connection {self.conn_id!r} has no API key: put the {self.hook_name} API key "
+                "in its password field"
             )
         mask_secret(key)
         return key
@@ -161,9 +232,19 @@ class DestinationHook(HttpHook):
         return self.get_conn()
 
     # -- requests ----------------------------------------------------------------------------------------
+    def error(self, text: str, **kwargs: Any) -> DestinationError:
+        """An error naming this hook's connection (never its key): ``Klaviyo connection 'x': <text>``."""
+        return DestinationError(f"{self.hook_name} connection {self.conn_id!r}: {text}", **kwargs)
+
     def error_message(self, response: requests.Response) -> str:
         """The destination's own explanation of a failed response."""
         return f"HTTP {response.status_code}: {response.text[:500]}"
+
+    def classify(self, response: requests.Response) -> str:
+        """``THROTTLED``, ``RETRY`` or ``FAIL`` for an answer of status 400 or more (see the hooks' overrides)."""
+        if response.status_code == 429:
+            return THROTTLED
+        return RETRY if response.status_code in RETRYABLE_STATUS else FAIL
 
     def request(
         self,
@@ -176,72 +257,112 @@ class DestinationHook(HttpHook):
         params: dict[str, Any] | None = None,
         headers: dict[str, str] | None = None,
     ) -> requests.Response:
-        """Send one request with pacing and bounded retries; return the successful response."""
+        """Send one request with pacing and bounded retries; return the successful response (body unread)."""
+        return self._exchange(method, endpoint, _raw, limit_key=limit_key, json=json, data=data, params=params,
+                              headers=headers)[0]
+
+    def request_json(self, method: str, endpoint: str, **kwargs: Any) -> Any:
+        """The decoded JSON answer (``None`` when empty); a success answer that is not JSON is retried."""
+        return self._exchange(method, endpoint, _json_body, **kwargs)[1]
+
+    def _exchange(self, method: str, endpoint: str, read: Any, *, limit_key: str | None = None,
+                  **send: Any) -> tuple[requests.Response, Any]:
+        """The retry loop: ``(response, read(response))`` of the first answer that succeeds.
+
+        Throttled answers are retried for as long as ``max_retry_seconds`` allows (they were not applied and
+        say "later"); other transient failures at most ``max_retries`` times within that time. Time spent
+        waiting for a connection slot (adaptive concurrency) is not counted: it is the export being polite.
+        """
         session = self.session
         url = self.url_from_endpoint(endpoint)
+        where = f"{method} {endpoint.split('?', 1)[0]}"  # never the query: Klaviyo's links repeat the email filter
         limiter = self._limiters.get(limit_key) if limit_key else None
-        started = time.monotonic()
-        attempt = 0
+        spent = 0.0
+        attempt = transient = 0
         while True:
             attempt += 1
             if limiter:
                 limiter.acquire()
-            self.requests += 1
+            sent_at = self.adaptive_limit.acquire() if self.adaptive_limit else time.monotonic()
+            outcome: str | None = RETRY
+            retry_after = None
             try:
-                response = session.request(
-                    method, url, json=json, data=data, params=params, headers=headers, timeout=self.timeout
-                )
-            except (requests.ConnectionError, requests.Timeout) as exc:
-                failure: DestinationError = DestinationError(
-                    f"{self.hook_name} {method} {endpoint}: {type(exc).__name__}", retryable=True
-                )
-                retry_after = None
-            else:
-                if response.status_code < 400:
-                    return response
-                retryable = response.status_code in RETRYABLE_STATUS
-                failure = DestinationError(
-                    f"{self.hook_name} {method} {endpoint} failed: {self.error_message(response)}",
-                    status=response.status_code,
-                    retryable=retryable,
-                )
-                retry_after = _retry_after(response)
-            elapsed = time.monotonic() - started
-            if not failure.retryable or attempt > self.max_retries:
+                self.requests += 1
+                try:
+                    response = session.request(method, url, timeout=self.timeout, **send)
+                except (requests.ConnectionError, requests.Timeout) as exc:
+                    failure = self.error(f"{where}: {type(exc).__name__}", retryable=True)
+                else:
+                    if response.status_code < 400:
+                        try:
+                            result = read(response)
+                        except NotJSONError:
+                            failure = self.error(
+                                f"{where}: the answer (HTTP {response.status_code}) is not JSON "
+                                f"({response.text[:200]!r})", status=response.status_code, retryable=True,
+                            )
+                        else:
+                            outcome = None
+                            return response, result
+                    else:
+                        outcome = self.classify(response)
+                        failure = self.error(
+                            f"{where} failed: {self.error_message(response)}", status=response.status_code,
+                            retryable=outcome == RETRY, throttled=outcome == THROTTLED,
+                        )
+                        retry_after = _retry_after(response)
+            finally:
+                if self.adaptive_limit and self.adaptive_limit.release(sent_at, outcome):
+                    self.log.warning("%s connection %r: throttled; now at most %d requests in flight, raised again "
+                                     "as answers succeed", self.hook_name, self.conn_id, int(self.adaptive_limit.limit))
+            spent += time.monotonic() - sent_at
+            if outcome == FAIL:
                 raise failure
-            delay = retry_after if retry_after is not None else min(30.0, 0.5 * 2 ** (attempt - 1))
-            delay += random.uniform(0, 0.25 * delay + 0.1)  # jitter: don't retry in lock-step
-            if elapsed + delay > self.max_retry_seconds:
+            if outcome == RETRY:
+                transient += 1
+                if transient > self.max_retries:
+                    raise failure
+            if retry_after is not None:
+                delay = retry_after
+            elif outcome == THROTTLED:  # the adaptive limit does the slowing down; keep coming back soon
+                delay = self.retry_base_seconds * 2 ** min(attempt - 1, THROTTLED_BACKOFF_DOUBLINGS)
+            else:
+                delay = min(30.0, self.retry_base_seconds * 2 ** (attempt - 1))
+            delay += random.uniform(0, 0.25 * delay + 0.2 * self.retry_base_seconds)  # jitter: not in lock-step
+            if spent + delay > self.max_retry_seconds:
                 raise failure
             self.retries += 1
             self.log.warning(
-                "%s %s %s: %s, retry %d/%d in %.1fs",
-                self.hook_name, method, endpoint, failure.status or "no answer", attempt, self.max_retries, delay,
+                "%s connection %r: %s: %s, retry %d in %.1fs",
+                self.hook_name, self.conn_id, where, failure.status or "no answer", attempt, delay,
             )
             time.sleep(delay)
-
-    def request_json(self, method: str, endpoint: str, **kwargs: Any) -> Any:
-        response = self.request(method, endpoint, **kwargs)
-        if not response.content:
-            return None
-        try:
-            return _decode(response.content)  # msgspec: a 500-member Mailchimp answer decodes several times faster
-        except ValueError as exc:
-            raise DestinationError(
-                f"{self.hook_name} {method} {endpoint}: the answer is not JSON ({response.text[:200]!r})"
-            ) from exc
+            spent += delay
 
     def request_data(self, method: str, endpoint: str, key: str = "data", **kwargs: Any) -> Any:
         """``request_json(...)[key]``, failing with a clear message when the answer has another shape."""
         body = self.request_json(method, endpoint, **kwargs)
         if not isinstance(body, dict) or key not in body:
-            raise DestinationError(
-                f"{self.hook_name} {method} {endpoint}: unexpected answer (no {key!r}): {str(body)[:200]!r}"
+            raise self.error(
+                f"{method} {endpoint.split('?', 1)[0]}: unexpected answer (no {key!r}): {str(body)[:200]!r}"
             )
         return body[key]
 
     def test_connection(self) -> tuple[bool, str]:
         raise NotImplementedError
+
+
+def _raw(response: requests.Response) -> None:
+    return None
+
+
+def _json_body(response: requests.Response) -> Any:
+    if not response.content:
+        return None
+    try:
+        return _decode(response.content)  # msgspec: a 500-member Mailchimp answer decodes several times faster
+    except ValueError as exc:
+        raise NotJSONError(str(exc)) from exc
 
 
 def _retry_after(response: requests.Response) -> float | None:

@@ -1,4 +1,8 @@
-"""Klaviyo hook: API-key auth, the pinned revision, JSON:API errors, bulk profile import and subscription jobs."""
+"""Klaviyo hook: API-key auth, the pinned revision, JSON:API errors, bulk profile import and subscription jobs.
+
+Writes whose documented answer is empty (202/204) still go through ``request_json``: a proxy's HTML page with
+a 200 is then retried instead of being taken for Klaviyo's acceptance.
+"""
 
 from __future__ import annotations
 
@@ -127,7 +131,7 @@ class KlaviyoHook(DestinationHook):
 
     def bulk_subscribe(self, body: dict[str, Any]) -> None:
         """POST a Bulk Subscribe Profiles job (at most 1,000 profiles); Klaviyo answers 202 without a job id."""
-        self.request("POST", "/api/profile-subscription-bulk-create-jobs", json=body, limit_key="subscriptions")
+        self.request_json("POST", "/api/profile-subscription-bulk-create-jobs", json=body, limit_key="subscriptions")
 
     def _pages(self, endpoint: str, params: dict[str, Any], limit_key: str) -> Iterator[dict[str, Any]]:
         """Every resource of a collection, following Klaviyo's cursor pagination (``links.next``)."""
@@ -141,12 +145,12 @@ class KlaviyoHook(DestinationHook):
     def add_to_list(self, list_id: str, profile_ids: list[str]) -> None:
         """Add up to 1,000 existing profiles to a list (membership, not consent)."""
         body = {"data": [{"type": "profile", "id": pid} for pid in profile_ids]}
-        self.request("POST", f"/api/lists/{list_id}/relationships/profiles", json=body, limit_key="lists-write")
+        self.request_json("POST", f"/api/lists/{list_id}/relationships/profiles", json=body, limit_key="lists-write")
 
     def remove_from_list(self, list_id: str, profile_ids: list[str]) -> None:
         """Remove up to 1,000 profiles from a list; list membership only, consent is not touched."""
         body = {"data": [{"type": "profile", "id": pid} for pid in profile_ids]}
-        self.request("DELETE", f"/api/lists/{list_id}/relationships/profiles", json=body, limit_key="lists-write")
+        self.request_json("DELETE", f"/api/lists/{list_id}/relationships/profiles", json=body, limit_key="lists-write")
 
     def url_from_endpoint(self, endpoint: str | None) -> str:
         # Pagination links are absolute URLs; keep them as Klaviyo gave them.

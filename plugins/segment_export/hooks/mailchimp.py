@@ -1,4 +1,16 @@
-"""Mailchimp hook: basic auth with the API key, the data-center base URL, problem+json errors."""
+"""Mailchimp hook: basic auth with the API key, the data-center base URL, problem+json errors, throttling.
+
+Throttling. Mailchimp allows 10 simultaneous connections per API key, shared with every other app using the
+account, and answers the one over with 429 "Too Many Requests" ("You have exceeded the limit of 10 simultaneous
+connections.", Mailchimp's error glossary, https://mailchimp.com/developer/marketing/docs/errors/); its
+documents also mention a bare 403 under throttling (reference README). The hook therefore adapts its number of
+requests in flight (``adaptive_concurrency``) and retries a 403 that is throttling, telling it from the 403s
+that cannot succeed later by the problem document's ``title``/``detail``: the glossary's 403s are "Forbidden"
+("You are not permitted to access this resource."), "User Disabled" ("This account has been disabled.") and
+"Wrong Datacenter" -- permission and account errors, never retried -- while a throttling answer reads "Too Many
+Requests" / "simultaneous connections". A 403 without a problem document (an edge server's bare refusal) is
+not one of Mailchimp's own auth answers, which always carry one, so it is retried within the time budget too.
+"""
 
 from __future__ import annotations
 
@@ -12,9 +24,11 @@ from typing import Any
 import requests
 from requests.auth import HTTPBasicAuth
 
-from segment_export.hooks.base import RETRYABLE_STATUS, DestinationError, DestinationHook
+from segment_export.hooks.base import FAIL, RETRYABLE_STATUS, THROTTLED, DestinationError, DestinationHook
 
 MAX_CONNECTIONS_PER_KEY = 10  # Mailchimp refuses the 11th simultaneous connection of an API key
+#: words of Mailchimp's throttling answer ("Too Many Requests": "... limit of 10 simultaneous connections.")
+THROTTLING_WORDS = ("too many requests", "simultaneous connections", "throttl")
 
 
 def subscriber_hash(email: str) -> str:
@@ -33,6 +47,18 @@ def data_center(api_key: str) -> str:
     return dc
 
 
+def is_throttling_403(response: requests.Response) -> bool:
+    """Whether a 403 answer is Mailchimp throttling rather than an auth, permission or account refusal."""
+    try:
+        body = response.json()
+    except ValueError:
+        return True  # no problem document: not one of Mailchimp's own (documented) auth refusals
+    if not isinstance(body, dict) or not body.get("title"):
+        return True
+    text = f"{body.get('title')} {body.get('detail') or ''}".lower()
+    return any(word in text for word in THROTTLING_WORDS)
+
+
 class MailchimpHook(DestinationHook):
     """Talks to the Mailchimp Marketing API 3.0 with an API key (connection password).
 
@@ -45,12 +71,17 @@ class MailchimpHook(DestinationHook):
     default_conn_name = "mailchimp_default"
     conn_type = "mailchimp"
     hook_name = "Mailchimp"
+    adaptive_concurrency = True  # the cap is on connections, and other apps on the account hold some of them
 
     def __init__(self, conn_id: str | None = None, *, max_concurrency: int = MAX_CONNECTIONS_PER_KEY, **kwargs: Any):
         super().__init__(conn_id, max_concurrency=min(max_concurrency, MAX_CONNECTIONS_PER_KEY), **kwargs)
 
     def default_base_url(self, connection: Any) -> str:
-        return f"https://{data_center(self.api_key(connection))}.api.mailchimp.com/3.0"
+        key = self.api_key(connection)
+        try:
+            return f"https://{data_center(key)}.api.mailchimp.com/3.0"
+        except DestinationError as exc:
+            raise self.error(str(exc)) from None
 
     def _configure_session_from_auth(self, session: requests.Session, connection: Any) -> requests.Session:
         session.auth = HTTPBasicAuth(connection.login or "segment-export", self.api_key(connection))
@@ -67,6 +98,12 @@ class MailchimpHook(DestinationHook):
             return f"HTTP {response.status_code} {text}"
         except (ValueError, KeyError, TypeError):
             return super().error_message(response)
+
+    def classify(self, response: requests.Response) -> str:
+        """A 403 is throttling when its problem document says so, or when it has none (see the module)."""
+        if response.status_code != 403:
+            return super().classify(response)
+        return THROTTLED if is_throttling_403(response) else FAIL
 
     # -- API ---------------------------------------------------------------------------------------------
     def test_connection(self) -> tuple[bool, str]:
@@ -141,7 +178,7 @@ class MailchimpHook(DestinationHook):
                     if handle is not None:
                         results.extend(json.load(handle))
         except (tarfile.TarError, OSError, ValueError) as exc:
-            raise DestinationError(f"{self.hook_name}: the batch results archive could not be read ({exc})", retryable=True) from exc
+            raise self.error(f"the batch results archive could not be read ({exc})", retryable=True) from exc
         return results
 
     def _download(self, url: str) -> requests.Response:
@@ -154,10 +191,10 @@ class MailchimpHook(DestinationHook):
                                         cert=session.cert)
                 if response.status_code < 400:
                     return response
-                failure = DestinationError(f"{self.hook_name}: batch results download failed: HTTP {response.status_code}",
+                failure = self.error(f"batch results download failed: HTTP {response.status_code}",
                                            status=response.status_code, retryable=response.status_code in RETRYABLE_STATUS)
             except (requests.ConnectionError, requests.Timeout) as exc:
-                failure = DestinationError(f"{self.hook_name}: batch results download: {type(exc).__name__}", retryable=True)
+                failure = self.error(f"batch results download: {type(exc).__name__}", retryable=True)
             if not failure.retryable or attempt > self.max_retries:
                 raise failure
             self.retries += 1
