@@ -295,3 +295,16 @@ def test_sync_through_dag_runs(airflow_home, sandbox, segment_db, specs_dir):
 
     resync, _ = run_ok({"full_resync": True})
     assert resync["sent"] == len(newsletter) - 1
+
+
+def test_the_trigger_form_allows_mass_leave_for_one_run(tmp_path):
+    """The mass-removal guard's per-run override: a boolean param, default false, reaching RunOptions."""
+    from segment_export.dag_factory import build_dags
+    from segment_export.operators.export import SegmentExportOperator
+
+    (tmp_path / "a.yaml").write_text(SPECS)
+    dag = build_dags(tmp_path)["e2e_mailchimp"]
+    assert dag.params["allow_mass_leave"] is False and dag.params.get_param("allow_mass_leave").schema["type"] == "boolean"
+    assert "`allow_mass_leave`" in dag.doc_md
+    assert SegmentExportOperator.run_options({"params": {"allow_mass_leave": True}}).allow_mass_leave is True
+    assert SegmentExportOperator.run_options({"params": {}}).allow_mass_leave is False
