@@ -52,12 +52,12 @@ def main() -> int:
     with sandbox() as url:
         env = standalone_env(airflow_env(HOME, url, warehouse))
         ui = f"http://{env['AIRFLOW__API__HOST']}:{env['AIRFLOW__API__PORT']}"
-        print(f"API sandbox: {url}; Airflow home: {HOME}; UI: {ui}")
+        print(f"API sandbox: {url}; Airflow home: {HOME}; UI: {ui}", flush=True)
         password = admin_password(HOME, env)
         if password:
-            print(f"Log in as admin, password {password}")
+            print(f"Log in as admin, password {password}", flush=True)
         else:
-            print("Log in as admin with the password Airflow prints below (first start)")
+            print("Log in as admin with the password Airflow prints below (first start)", flush=True)
         try:
             return subprocess.run([AIRFLOW, "standalone"], env=env).returncode
         except KeyboardInterrupt:
