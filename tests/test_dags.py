@@ -308,3 +308,13 @@ def test_the_trigger_form_allows_mass_leave_for_one_run(tmp_path):
     assert "`allow_mass_leave`" in dag.doc_md
     assert SegmentExportOperator.run_options({"params": {"allow_mass_leave": True}}).allow_mass_leave is True
     assert SegmentExportOperator.run_options({"params": {}}).allow_mass_leave is False
+
+
+def test_the_spec_errors_dag_id_is_reserved(tmp_path):
+    from segment_export.dag_factory import SPEC_ERRORS_DAG_ID, build_dags
+
+    (tmp_path / "a.yaml").write_text(SPECS.replace("e2e_klaviyo", SPEC_ERRORS_DAG_ID))
+    dags = build_dags(tmp_path)
+    assert sorted(dags) == ["e2e_mailchimp", "e2e_missing_column", SPEC_ERRORS_DAG_ID]
+    with pytest.raises(ValueError, match=f"export '{SPEC_ERRORS_DAG_ID}', field 'id': this dag_id is reserved"):
+        dags[SPEC_ERRORS_DAG_ID].validate()

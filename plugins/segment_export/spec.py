@@ -27,7 +27,7 @@ DEFAULT_CONN_IDS = {"klaviyo": "klaviyo_default", "mailchimp": "mailchimp_defaul
 #   (airflow.sdk.definitions.timetables._cron.CRON_PRESETS); anything else is AirflowTimetableInvalid;
 # - the metadata database's column sizes: dag_display_name and owners String(2000), pool String(256).
 AIRFLOW_TAG_MAX_LEN = 100
-AIRFLOW_SCHEDULE_PRESETS = {"@once", "@continuous"}
+AIRFLOW_SCHEDULE_PRESETS = frozenset({"@once", "@continuous"})
 AIRFLOW_CRON_PRESETS = {
     "@hourly": "0 * * * *",
     "@daily": "0 0 * * *",
@@ -54,9 +54,9 @@ _ID_RE = re.compile(r"[A-Za-z0-9_.-]{1,200}")
 _MERGE_TAG_RE = re.compile(r"^[A-Z0-9_]{1,10}$")
 # Airflow asset URIs: a scheme, '://', something after it; no whitespace.
 _ASSET_URI_RE = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://\S+$")
-# A callback given by its import path: 'package.module.function' or 'package.module:function'.
 # ISO 3166-1 alpha-2, as the phonenumbers library names regions.
 _REGION_RE = re.compile(r"[A-Z]{2}")
+# A callback given by its import path: 'package.module.function' or 'package.module:function'.
 _CALLABLE_PATH_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*[.:][A-Za-z_][A-Za-z0-9_]*$")
 
 
@@ -357,7 +357,8 @@ class ExportSpec(_Strict):
         None, description="Cron expression or preset ('@daily', '@once', ...); null for on-demand only."
     )
     pool: str | None = Field(
-        None, min_length=1, max_length=AIRFLOW_POOL_MAX_LEN, description="Airflow pool for the export task, e.g. one single-slot pool per Mailchimp API key so "
+        None, min_length=1, max_length=AIRFLOW_POOL_MAX_LEN,
+        description="Airflow pool for the export task, e.g. one single-slot pool per Mailchimp API key so "
         "exports sharing the key never exceed its 10 connections together."
     )
     start_date: date = date(2024, 1, 1)
