@@ -94,6 +94,128 @@ def test_dagbag_loads_good_exports_and_reports_a_broken_spec_as_import_error(spe
     assert set(dag.tags) >= {"segment-export", "klaviyo"} and [t.task_id for t in dag.tasks] == ["export"]
 
 
+REFUSED = """
+exports:
+  - id: bad_cron
+    privacy_acknowledged: true
+    schedule: "61 25 * * *"
+    source: {conn_id: warehouse, table: t}
+    destination: {type: klaviyo, list_id: L}
+    mapping: {email: email}
+  - id: bad_preset
+    privacy_acknowledged: true
+    schedule: "@daly"
+    source: {conn_id: warehouse, table: t}
+    destination: {type: klaviyo, list_id: L}
+    mapping: {email: email}
+  - id: long_tag
+    privacy_acknowledged: true
+    tags: [%(tag)s]
+    source: {conn_id: warehouse, table: t}
+    destination: {type: klaviyo, list_id: L}
+    mapping: {email: email}
+  - id: bad_alerts
+    privacy_acknowledged: true
+    source: {conn_id: warehouse, table: t}
+    destination: {type: klaviyo, list_id: L}
+    mapping: {email: email}
+    alerts: {callback: no_such_module_xyz.page}
+""" % {"tag": "t" * 101}
+
+
+def test_exports_airflow_would_refuse_get_no_dag_and_hide_nothing(specs_dir, monkeypatch):
+    """Bad cron, preset typo, long tag, a callback that does not import, a file over the size cap: each export
+    loses its DAG (no task-less DAG that 'succeeds'), every other export loads, and the one import error names
+    each file, export and field."""
+    from airflow.dag_processing.dagbag import DagBag
+
+    (specs_dir / "refused.yaml").write_text(REFUSED)
+    (specs_dir / "huge.yaml").write_text(SPECS.replace("e2e_", "huge_") + "#" * 20_000 + "\n")
+    monkeypatch.setenv("SEGMENT_EXPORT_SPECS", str(specs_dir))
+    monkeypatch.setenv("SEGMENT_EXPORT_SPEC_MAX_BYTES", "10000")
+    bag = DagBag(str(ROOT / "dags"))
+    assert sorted(bag.dag_ids) == ["e2e_klaviyo", "e2e_mailchimp", "e2e_missing_column"]
+    assert all([t.task_id for t in dag.tasks] == ["export"] for dag in bag.dags.values())
+    (error,) = bag.import_errors.values()
+    refused = f"file {specs_dir / 'refused.yaml'}"
+    assert "5 invalid export spec(s)" in error
+    assert f"{refused}, export 'bad_cron', field 'schedule': '61 25 * * *' is not a cron expression" in error
+    assert f"{refused}, export 'bad_preset', field 'schedule': '@daly' is not a schedule preset" in error
+    assert f"{refused}, export 'long_tag', field 'tags': tag 1 has 101 characters" in error
+    assert f"{refused}, export 'bad_alerts', field 'alerts.callback': cannot import module 'no_such_module_xyz'" in error
+    assert f"file {specs_dir / 'huge.yaml'}: the file is larger than the spec size cap of 10,000 bytes" in error
+
+
+def test_a_callback_that_does_not_import_leaves_no_runnable_dag(specs_dir, monkeypatch):
+    """Before, the export's DAG was auto-registered half-built: no task, and a triggered run 'succeeded'."""
+    from airflow.dag_processing.dagbag import DagBag
+
+    (specs_dir / "alerts.yaml").write_text("exports:\n  - id: bad_alerts" + REFUSED.split("  - id: bad_alerts")[1])
+    monkeypatch.setenv("SEGMENT_EXPORT_SPECS", str(specs_dir))
+    bag = DagBag(str(ROOT / "dags"))
+    assert "bad_alerts" not in bag.dag_ids and "e2e_klaviyo" in bag.dag_ids
+    (error,) = bag.import_errors.values()
+    assert f"file {specs_dir / 'alerts.yaml'}, export 'bad_alerts', field 'alerts.callback'" in error
+
+
+def test_the_dag_processor_records_every_refused_export_as_an_import_error(specs_dir, tmp_path):
+    """Through the path a deployment takes (parse, serialize, write import errors to the metadata DB), as the
+    README tells it: `airflow dags reserialize` parses, then `airflow dags list-import-errors` shows them."""
+    (specs_dir / "refused.yaml").write_text(REFUSED)
+    env = airflow_env(tmp_path / "home", "http://127.0.0.1:9", tmp_path / "unused.db")
+    env["SEGMENT_EXPORT_SPECS"] = str(specs_dir)
+    for command in (["db", "migrate"], ["dags", "reserialize"]):
+        subprocess.run([AIRFLOW, *command], env=env, check=True, capture_output=True, timeout=300)
+    listed = subprocess.run([AIRFLOW, "dags", "list-import-errors", "-o", "json"], env=env, capture_output=True, text=True, timeout=300)
+    (error,) = json.loads(listed.stdout.strip().splitlines()[-1])  # after Airflow's warnings
+    assert error["filepath"] == "segment_exports.py" and "4 invalid export spec(s)" in error["error"]
+    for export_id, field in [("bad_cron", "schedule"), ("bad_preset", "schedule"), ("long_tag", "tags"), ("bad_alerts", "alerts.callback")]:
+        assert f"file {specs_dir / 'refused.yaml'}, export '{export_id}', field '{field}'" in error["error"]
+    dags = subprocess.run([AIRFLOW, "dags", "list", "-o", "json"], env=env, capture_output=True, text=True, timeout=300)
+    listed_ids = {d["dag_id"] for d in json.loads(dags.stdout.strip().splitlines()[-1])}
+    assert listed_ids == {"e2e_klaviyo", "e2e_mailchimp", "e2e_missing_column"}
+
+
+def test_whatever_else_airflow_refuses_costs_only_that_export_its_dag(tmp_path, monkeypatch):
+    """The backstop behind spec validation: a DAG that fails Airflow's own validation becomes a spec error."""
+    from segment_export import dag_factory
+
+    (tmp_path / "a.yaml").write_text(SPECS)
+    real = dag_factory.export_dag
+
+    def export_dag(spec):
+        dag = real(spec)
+        if spec.id == "e2e_mailchimp":
+            dag.owner_links = {"someone": "not a link"}  # DAG.validate() refuses it, as the DagBag would
+        return dag
+
+    monkeypatch.setattr(dag_factory, "export_dag", export_dag)
+    dags = dag_factory.build_dags(tmp_path)
+    assert sorted(dags) == ["e2e_klaviyo", "e2e_missing_column", dag_factory.SPEC_ERRORS_DAG_ID]
+    with pytest.raises(ValueError) as err:
+        dags[dag_factory.SPEC_ERRORS_DAG_ID].validate()
+    assert f"file {tmp_path / 'a.yaml'}, export 'e2e_mailchimp': Airflow refuses the export's DAG: ValueError" in str(err.value)
+
+
+def test_the_spec_restates_airflow_limits_exactly():
+    """spec.py restates Airflow's limits to stay free of Airflow imports; a new Airflow that changes one fails here."""
+    from airflow.models.dag import DagModel
+    from airflow.models.pool import Pool
+    from airflow.sdk.definitions._internal import node
+    from airflow.sdk.definitions.dag import TAG_MAX_LEN
+    from airflow.sdk.definitions.timetables._cron import CRON_PRESETS
+    from airflow.utils.dates import cron_presets
+
+    from segment_export import spec
+
+    assert spec.AIRFLOW_TAG_MAX_LEN == TAG_MAX_LEN
+    assert spec.AIRFLOW_CRON_PRESETS == CRON_PRESETS == cron_presets
+    assert spec.AIRFLOW_TEXT_MAX_LEN == DagModel.__table__.c.owners.type.length
+    assert spec.AIRFLOW_TEXT_MAX_LEN == DagModel.__table__.c.dag_display_name.type.length
+    assert spec.AIRFLOW_POOL_MAX_LEN == Pool.__table__.c.pool.type.length
+    node.validate_key("a" * 200)  # the spec's longest id is a valid dag_id
+
+
 def test_klaviyo_dag_end_to_end(airflow_home, sandbox, segment_db, specs_dir):
     result = dags_test(airflow_home, sandbox, segment_db, specs_dir, "e2e_klaviyo")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -173,3 +295,26 @@ def test_sync_through_dag_runs(airflow_home, sandbox, segment_db, specs_dir):
 
     resync, _ = run_ok({"full_resync": True})
     assert resync["sent"] == len(newsletter) - 1
+
+
+def test_the_trigger_form_allows_mass_leave_for_one_run(tmp_path):
+    """The mass-removal guard's per-run override: a boolean param, default false, reaching RunOptions."""
+    from segment_export.dag_factory import build_dags
+    from segment_export.operators.export import SegmentExportOperator
+
+    (tmp_path / "a.yaml").write_text(SPECS)
+    dag = build_dags(tmp_path)["e2e_mailchimp"]
+    assert dag.params["allow_mass_leave"] is False and dag.params.get_param("allow_mass_leave").schema["type"] == "boolean"
+    assert "`allow_mass_leave`" in dag.doc_md
+    assert SegmentExportOperator.run_options({"params": {"allow_mass_leave": True}}).allow_mass_leave is True
+    assert SegmentExportOperator.run_options({"params": {}}).allow_mass_leave is False
+
+
+def test_the_spec_errors_dag_id_is_reserved(tmp_path):
+    from segment_export.dag_factory import SPEC_ERRORS_DAG_ID, build_dags
+
+    (tmp_path / "a.yaml").write_text(SPECS.replace("e2e_klaviyo", SPEC_ERRORS_DAG_ID))
+    dags = build_dags(tmp_path)
+    assert sorted(dags) == ["e2e_mailchimp", "e2e_missing_column", SPEC_ERRORS_DAG_ID]
+    with pytest.raises(ValueError, match=f"export '{SPEC_ERRORS_DAG_ID}', field 'id': this dag_id is reserved"):
+        dags[SPEC_ERRORS_DAG_ID].validate()

@@ -166,3 +166,142 @@ def test_pool_reaches_the_export_task(tmp_path):
 
     (spec,), _ = parse_spec_file(write(tmp_path, "a.yaml", GOOD.replace("privacy_acknowledged", "pool: mailchimp_key_1\n    privacy_acknowledged")))
     assert export_dag(spec).get_task("export").pool == "mailchimp_key_1"
+
+
+# --- values Airflow would refuse, caught by the spec (per export, naming the file, export and field) ----------
+
+
+def with_key(text: str, line: str) -> str:
+    """GOOD with one more top-level key in its export."""
+    return text.replace("    privacy_acknowledged", f"    {line}\n    privacy_acknowledged", 1)
+
+
+@pytest.mark.parametrize(
+    "schedule, message",
+    [
+        ('"61 25 * * *"', "is not a cron expression Airflow accepts"),
+        ('"*/0 * * * *"', "is not a cron expression Airflow accepts"),
+        ("'@daly'", "is not a schedule preset Airflow knows (@hourly, @daily"),
+        ("'@reboot'", "is not a schedule preset Airflow knows"),
+        ('"0 0 31 2 *"', "never fires"),
+        ("every day", "is not a cron expression"),
+    ],
+)
+def test_a_schedule_airflow_refuses_is_a_spec_error(tmp_path, schedule, message):
+    path = write(tmp_path, "sched.yaml", with_key(GOOD, f"schedule: {schedule}"))
+    error = only_error(path)
+    assert (error.file, error.export_id, error.field) == (str(path), "vip_to_klaviyo", "schedule")
+    assert message in error.reason and "sched.yaml" in str(error)
+
+
+@pytest.mark.parametrize("schedule", ["'@daily'", "'@once'", "'@continuous'", "'@quarterly'", '"0 6 * * 1-5"', '"*/15 * * * *"'])
+def test_schedules_airflow_accepts_are_accepted(tmp_path, schedule):
+    (spec,), errors = parse_spec_file(write(tmp_path, "a.yaml", with_key(GOOD, f"schedule: {schedule}")))
+    assert errors == [] and spec.schedule == schedule.strip("'\"")
+
+
+def test_a_bad_schedule_hides_no_other_export_or_error(tmp_path):
+    second = GOOD.split("exports:\n", 1)[1].replace("vip_to_klaviyo", "second")
+    third = GOOD.split("exports:\n", 1)[1].replace("vip_to_klaviyo", "third").replace("list_id: Y6nRLr", "lst_id: Y6nRLr")
+    text = with_key(GOOD, 'schedule: "61 25 * * *"') + second + third
+    specs, errors = parse_spec_file(write(tmp_path, "a.yaml", text))
+    assert [s.id for s in specs] == ["second"]
+    assert sorted((e.export_id, e.field) for e in errors) == [("third", "destination.lst_id"), ("vip_to_klaviyo", "schedule")]
+
+
+@pytest.mark.parametrize(
+    "line, field, message",
+    [
+        ("tags: [ok, " + "t" * 101 + "]", "tags", "tag 2 has 101 characters; Airflow allows at most 100"),
+        ("tags: ['']", "tags", "tag 1 is empty"),
+        ("owner: ''", "owner", "at least 1 character"),
+        ("owner: " + "o" * 2001, "owner", "at most 2000 characters"),
+        ("name: " + "n" * 2001, "name", "at most 2000 characters"),
+        ("pool: " + "p" * 257, "pool", "at most 256 characters"),
+    ],
+)
+def test_values_airflow_refuses_are_spec_errors(tmp_path, line, field, message):
+    path = write(tmp_path, "a.yaml", with_key(GOOD, line))
+    error = only_error(path)
+    assert (error.file, error.export_id, error.field) == (str(path), "vip_to_klaviyo", field)
+    assert message in error.reason
+
+
+def test_a_hundred_character_tag_is_fine(tmp_path):
+    (spec,), _ = parse_spec_file(write(tmp_path, "a.yaml", with_key(GOOD, "tags: [" + "t" * 100 + "]")))
+    assert spec.tags == ["t" * 100]
+
+
+def test_an_id_with_a_trailing_newline_is_refused():
+    from segment_export.spec import ExportSpec
+
+    with pytest.raises(ValueError, match="it becomes the dag_id"):
+        ExportSpec._valid_id("vip\n")
+
+
+# --- reading the file: the C loader and a size cap ------------------------------------------------------------
+
+
+def test_specs_are_parsed_with_the_c_loader(tmp_path, monkeypatch):
+    import yaml
+
+    assert yaml.__with_libyaml__  # PyYAML's wheels ship libyaml; the venv has it
+    loaders = []
+    real_load = yaml.load
+    monkeypatch.setattr(yaml, "load", lambda stream, Loader: loaders.append(Loader) or real_load(stream, Loader))
+    (spec,), _ = parse_spec_file(write(tmp_path, "a.yaml", GOOD))
+    assert loaders == [yaml.CSafeLoader] and spec.id == "vip_to_klaviyo"
+
+
+def test_a_spec_file_over_the_size_cap_is_an_error_naming_file_and_cap(tmp_path, monkeypatch):
+    from segment_export.spec import DEFAULT_SPEC_MAX_BYTES, SPEC_MAX_BYTES_ENV
+
+    assert DEFAULT_SPEC_MAX_BYTES == 10 * 1024 * 1024
+    big = write(tmp_path, "big.yaml", GOOD + "# " + "x" * 2000 + "\n")
+    write(tmp_path, "small.yaml", GOOD.replace("vip_to_klaviyo", "small"))
+    monkeypatch.setenv(SPEC_MAX_BYTES_ENV, "1500")
+    specs, errors = load_specs(tmp_path)
+    assert [s.id for s in specs] == ["small"]
+    (error,) = errors
+    assert error.file == str(big) and "larger than the spec size cap of 1,500 bytes" in error.reason
+    assert SPEC_MAX_BYTES_ENV in error.reason
+    monkeypatch.setenv(SPEC_MAX_BYTES_ENV, "ten megabytes")
+    error = only_error(big)
+    assert "SEGMENT_EXPORT_SPEC_MAX_BYTES must be a positive number of bytes" in error.reason
+    monkeypatch.delenv(SPEC_MAX_BYTES_ENV)
+    assert parse_spec_file(big)[1] == [] and parse_spec_file(big, max_bytes=100)[1][0].reason.startswith("the file is larger")
+
+
+# --- fields other parts of the product read --------------------------------------------------------------------
+
+
+def test_mass_leave_guard_fields(tmp_path):
+    (spec,), _ = parse_spec_file(write(tmp_path, "a.yaml", GOOD))
+    assert spec.sync.max_leave_share == 0.2 and spec.sync.allow_mass_leave is False
+    text = GOOD + "    sync: {max_leave_share: null, allow_mass_leave: true}\n"
+    (spec,), _ = parse_spec_file(write(tmp_path, "b.yaml", text))
+    assert spec.sync.max_leave_share is None and spec.sync.allow_mass_leave is True
+    error = only_error(write(tmp_path, "c.yaml", GOOD + "    sync: {max_leave_share: 1.5}\n"))
+    assert error.field == "sync.max_leave_share" and "less than or equal to 1" in error.reason
+
+
+@pytest.mark.parametrize(
+    "region, field, message",
+    [
+        ("us", "mapping.phone_region", "two upper-case letters"),
+        ("USA", "mapping.phone_region", "two upper-case letters"),
+        ("XX", "mapping.phone_region", "not a region the phone number library knows"),
+    ],
+)
+def test_phone_region_is_an_iso_region(tmp_path, region, field, message):
+    text = GOOD.replace("first_name: first_name,", f"first_name: first_name, phone_number: phone, phone_region: {region},")
+    error = only_error(write(tmp_path, "a.yaml", text))
+    assert error.field == field and message in error.reason
+
+
+def test_phone_region_needs_a_phone_number(tmp_path):
+    ok = GOOD.replace("first_name: first_name,", "first_name: first_name, phone_number: phone, phone_region: US,")
+    (spec,), _ = parse_spec_file(write(tmp_path, "a.yaml", ok))
+    assert spec.mapping.phone_region == "US"
+    error = only_error(write(tmp_path, "b.yaml", GOOD.replace("first_name: first_name,", "first_name: first_name, phone_region: US,")))
+    assert error.field == "mapping" and "'phone_region' applies to 'phone_number'" in error.reason

@@ -4,6 +4,12 @@ A spec that does not validate must show in Airflow as an import error while ever
 Airflow records an import error for a DAG file when one of its DAGs fails validation while being bagged, and
 keeps bagging the others; so the factory adds one placeholder DAG, ``segment_export_spec_errors``, whose
 validation fails with every spec error (file, export, field). It never runs.
+
+Airflow keeps one import error per DAG file, the last one raised: so no export DAG may fail Airflow's own
+checks after the factory. Each export's DAG is built and validated here, as the DagBag would, and an export
+whose DAG Airflow refuses (or whose alert callback does not import) gets no DAG, only its line in that error.
+DAGs are built without ``with DAG(...)``: Airflow auto-registers every DAG used as a context manager, so a DAG
+left half-built by an error would otherwise still load, with no task.
 """
 
 from __future__ import annotations
@@ -94,7 +100,8 @@ def doc_md(spec: ExportSpec) -> str:
     table = "| | |\n|---|---|\n" + "\n".join(f"| {k} | {_cell(v)} |" for k, v in rows)
     foot = (
         "\n\nTrigger with options (**Trigger** → form): `dry_run` plans and sends nothing, `max_profiles` lowers "
-        "this run's limit. Mapped fields leave your compliance boundary for a third-party marketing platform."
+        "this run's limit, `allow_mass_leave` lets this run remove more than the mass-removal guard allows. "
+        "Mapped fields leave your compliance boundary for a third-party marketing platform."
     )
     return head + table + foot
 
@@ -117,6 +124,13 @@ def trigger_params(spec: ExportSpec) -> dict[str, Param]:
                 "rows beyond it are skipped. Empty: the export's limit."
             ),
         ),
+        "allow_mass_leave": Param(
+            False, type="boolean", title="Allow mass removal",
+            description=(
+                "Let this run remove, untag or unsubscribe more of the export's profiles than the mass-removal "
+                "guard allows (sync.max_leave_share), e.g. after a segment really shrank."
+            ),
+        ),
     }
 
 
@@ -131,16 +145,21 @@ def destination_assets(spec: ExportSpec) -> list[Asset]:
 
 
 def export_dag(spec: ExportSpec) -> DAG:
-    """The DAG of one export: a single export task, scheduled as the spec says."""
+    """The DAG of one export: a single export task, scheduled as the spec says.
+
+    Raises :class:`AlertConfigError` before any DAG exists when the alert callback does not import, and
+    whatever Airflow raises for a value it refuses; :func:`build_dags` turns both into spec errors.
+    """
     from datetime import datetime, timezone
 
     from segment_export.operators.export import SegmentExportOperator
 
+    callbacks = failure_callbacks(spec)
     dest = spec.destination
     target = f"{dest.type} {'list' if dest.type == 'klaviyo' else 'audience'} {dest.target_id}"
     inlet = source_asset(spec)
     outlets = destination_assets(spec)
-    with DAG(
+    dag = DAG(  # not a context manager: see the module docstring
         dag_id=spec.id,
         dag_display_name=spec.display_name,
         description=spec.description or f"{spec.display_name}: export to {target}",
@@ -153,27 +172,56 @@ def export_dag(spec: ExportSpec) -> DAG:
         doc_md=doc_md(spec),
         params=trigger_params(spec),
         access_control=spec.dag_access_control,
-    ) as dag:
-        SegmentExportOperator(
-            task_id="export",
-            export=spec,
-            inlets=[inlet] if inlet else [],
-            outlets=outlets,
-            on_failure_callback=failure_callbacks(spec) or None,
-            **({"pool": spec.pool} if spec.pool else {}),
-        )
+    )
+    SegmentExportOperator(
+        task_id="export",
+        dag=dag,
+        export=spec,
+        inlets=[inlet] if inlet else [],
+        outlets=outlets,
+        on_failure_callback=callbacks or None,
+        **({"pool": spec.pool} if spec.pool else {}),
+    )
+    return dag
+
+
+def checked_export_dag(spec: ExportSpec, folder: str | Path) -> DAG | SpecError:
+    """The export's DAG, validated as the DagBag will validate it; or the error naming the file, export, field.
+
+    The spec's validation already refuses what Airflow would (schedules, tags, ids, lengths); this is where
+    what only Airflow can tell is caught, so it costs one export its DAG and never the others theirs.
+    """
+    from airflow.sdk.exceptions import AirflowTimetableInvalid
+
+    file = spec.spec_file or folder
+    if spec.id == SPEC_ERRORS_DAG_ID:
+        return SpecError(file, spec.id, "id", "this dag_id is reserved for the DAG that reports spec errors")
+    try:
+        dag = export_dag(spec)
+        dag.validate()
+    except AlertConfigError as exc:
+        return SpecError(file, spec.id, exc.field, exc.reason)
+    except AirflowTimetableInvalid as exc:
+        return SpecError(file, spec.id, "schedule", f"Airflow refuses the schedule {spec.schedule!r}: {exc}")
+    except Exception as exc:  # noqa: BLE001 - whatever Airflow refuses costs this export its DAG, no other
+        return SpecError(file, spec.id, None, f"Airflow refuses the export's DAG: {type(exc).__name__}: {exc}")
     return dag
 
 
 def build_dags(folder: str | Path) -> dict[str, DAG]:
-    """Every export DAG of a folder (``SEGMENT_EXPORT_SPECS`` overrides it), keyed by dag_id, for ``globals()``."""
-    specs, errors = load_specs(specs_folder(folder))
+    """Every export DAG of a folder (``SEGMENT_EXPORT_SPECS`` overrides it), keyed by dag_id, for ``globals()``.
+
+    An export whose spec or DAG is invalid has no DAG; its error is one line of the import error.
+    """
+    folder = specs_folder(folder)
+    specs, errors = load_specs(folder)
     dags = {}
     for spec in specs:
-        try:
-            dags[spec.id] = export_dag(spec)
-        except AlertConfigError as exc:
-            errors.append(SpecError(specs_folder(folder), spec.id, "alerts.callback", str(exc).split(": ", 1)[-1]))
+        built = checked_export_dag(spec, folder)
+        if isinstance(built, SpecError):
+            errors.append(built)
+        else:
+            dags[spec.id] = built
     if errors:
         dags[SPEC_ERRORS_DAG_ID] = _errors_dag(errors)
     return dags

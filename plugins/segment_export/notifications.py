@@ -22,7 +22,11 @@ BODY = (
 
 
 class AlertConfigError(ValueError):
-    """The spec's alerts cannot be set up (for example, the callback does not import)."""
+    """The spec's alerts cannot be set up (for example, the callback does not import): ``field`` says which."""
+
+    def __init__(self, field: str, reason: str):
+        self.field, self.reason = field, reason
+        super().__init__(f"{field}: {reason}")
 
 
 def import_callable(path: str) -> Callable[..., Any]:
@@ -31,10 +35,10 @@ def import_callable(path: str) -> Callable[..., Any]:
     try:
         module = importlib.import_module(module_name)
     except Exception as exc:  # noqa: BLE001 - any import failure is a configuration error here
-        raise AlertConfigError(f"alerts.callback: cannot import module {module_name!r}: {exc}") from exc
+        raise AlertConfigError("alerts.callback", f"cannot import module {module_name!r}: {exc}") from exc
     func = getattr(module, attr, None)
     if not callable(func):
-        raise AlertConfigError(f"alerts.callback: {module_name!r} has no function {attr!r}")
+        raise AlertConfigError("alerts.callback", f"{module_name!r} has no function {attr!r}")
     return func
 
 
@@ -45,7 +49,12 @@ def failure_callbacks(spec: ExportSpec) -> list[Any]:
         return []
     callbacks: list[Any] = []
     if alerts.email:
-        from airflow.providers.smtp.notifications.smtp import SmtpNotifier
+        try:
+            from airflow.providers.smtp.notifications.smtp import SmtpNotifier
+        except ImportError as exc:
+            raise AlertConfigError(
+                "alerts.email", f"e-mail alerts need the package apache-airflow-providers-smtp ({exc})"
+            ) from exc
 
         callbacks.append(
             SmtpNotifier(to=list(alerts.email), smtp_conn_id=alerts.smtp_conn_id, subject=SUBJECT, html_content=BODY)

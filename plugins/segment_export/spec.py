@@ -6,23 +6,56 @@ Every model forbids unknown keys, so a typo is an error instead of a silently ig
 
 from __future__ import annotations
 
+import os
 import re
-from datetime import date
+from datetime import date, datetime
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from croniter import croniter
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 # The destinations' documented per-export caps (the seed product's limits), used when a spec gives none.
 DEFAULT_MAX_PROFILES = {"klaviyo": 100_000, "mailchimp": 1_000_000}
 DEFAULT_CONN_IDS = {"klaviyo": "klaviyo_default", "mailchimp": "mailchimp_default"}
 
-_ID_RE = re.compile(r"^[A-Za-z0-9_.-]{1,200}$")
+# What Airflow refuses, restated so the spec stays free of Airflow imports (tests/test_dags.py checks each one
+# against the installed Airflow, so a new Airflow that changes them fails a test instead of a parse):
+# - tags: the DAG constructor refuses a tag over airflow.sdk.definitions.dag.TAG_MAX_LEN characters;
+# - schedules: ``@once``, ``@continuous``, or a croniter expression after Airflow's preset aliases
+#   (airflow.sdk.definitions.timetables._cron.CRON_PRESETS); anything else is AirflowTimetableInvalid;
+# - the metadata database's column sizes: dag_display_name and owners String(2000), pool String(256).
+AIRFLOW_TAG_MAX_LEN = 100
+AIRFLOW_SCHEDULE_PRESETS = frozenset({"@once", "@continuous"})
+AIRFLOW_CRON_PRESETS = {
+    "@hourly": "0 * * * *",
+    "@daily": "0 0 * * *",
+    "@weekly": "0 0 * * 0",
+    "@monthly": "0 0 1 * *",
+    "@quarterly": "0 0 1 */3 *",
+    "@yearly": "0 0 1 1 *",
+}
+AIRFLOW_TEXT_MAX_LEN = 2000
+AIRFLOW_POOL_MAX_LEN = 256
+
+# Spec files larger than this are refused before they are read: a DAG file is parsed within Airflow's
+# dagbag_import_timeout (30 s by default), and one huge spec must not make every export disappear.
+SPEC_MAX_BYTES_ENV = "SEGMENT_EXPORT_SPEC_MAX_BYTES"
+DEFAULT_SPEC_MAX_BYTES = 10 * 1024 * 1024
+
+# The C (libyaml) loader is several times faster than the pure-Python one; same safe subset of YAML.
+_YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+# A dag_id: Airflow allows word characters, '.' and '-' up to 250 (airflow.sdk.definitions._internal.node
+# validate_key); ASCII and 200 keep ids portable (URLs, log paths, the state table's key).
+_ID_RE = re.compile(r"[A-Za-z0-9_.-]{1,200}")
 # Mailchimp merge tags: letters, digits and underscores, at most 10 characters.
 _MERGE_TAG_RE = re.compile(r"^[A-Z0-9_]{1,10}$")
 # Airflow asset URIs: a scheme, '://', something after it; no whitespace.
 _ASSET_URI_RE = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://\S+$")
+# ISO 3166-1 alpha-2, as the phonenumbers library names regions.
+_REGION_RE = re.compile(r"[A-Z]{2}")
 # A callback given by its import path: 'package.module.function' or 'package.module:function'.
 _CALLABLE_PATH_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*[.:][A-Za-z_][A-Za-z0-9_]*$")
 
@@ -205,6 +238,26 @@ class MappingSpec(_Strict):
         description="Column that is true where the person consented to marketing (Mailchimp: chooses a new "
         "member's status; Klaviyo, with destination.subscribe: who is subscribed). Never sent itself.",
     )
+    phone_region: str | None = Field(
+        None,
+        description="ISO 3166 alpha-2 region (e.g. 'US') assumed for phone numbers written without a country "
+        "code; without it such numbers are invalid.",
+    )
+
+    @field_validator("phone_region")
+    @classmethod
+    def _region(cls, v: str | None) -> str | None:
+        if v is not None and not _REGION_RE.fullmatch(v):
+            raise ValueError(f"{v!r} is not an ISO 3166 alpha-2 region code: two upper-case letters such as 'US'")
+        if v is not None and _unknown_phone_region(v):
+            raise ValueError(f"{v!r} is not a region the phone number library knows (e.g. 'US', 'GB', 'DE')")
+        return v
+
+    @model_validator(mode="after")
+    def _region_needs_phone(self) -> MappingSpec:
+        if self.phone_region is not None and not self.phone_number:
+            raise ValueError("'phone_region' applies to 'phone_number', which is not mapped")
+        return self
 
     def columns(self) -> list[str]:
         """Every source column the mapping reads, in a stable order, without repeats."""
@@ -281,19 +334,31 @@ class SyncSpec(_Strict):
         ),
     )
     dry_run: bool = Field(False, description="Every run only plans and reports; nothing is sent.")
+    max_leave_share: float | None = Field(
+        0.2, ge=0, le=1,
+        description="Mass-removal guard: a run that would remove, untag or unsubscribe more than this share of the "
+        "export's remembered profiles (or all of them, when the segment comes back empty) stops before any "
+        "removal is sent; additions still go out. Default 20%; null disables the share check.",
+    )
+    allow_mass_leave: bool = Field(
+        False, description="Let every run remove more than 'max_leave_share' (one run: the trigger form's option)."
+    )
 
 
 class ExportSpec(_Strict):
     """One export: one destination fed by one source; becomes one DAG whose dag_id is ``id``."""
 
     id: str
-    name: str | None = None
+    name: str | None = Field(None, min_length=1, max_length=AIRFLOW_TEXT_MAX_LEN, description="The DAG's display name.")
     description: str | None = None
-    owner: str = "segment-export"
+    owner: str = Field("segment-export", min_length=1, max_length=AIRFLOW_TEXT_MAX_LEN)
     tags: list[str] = Field(default_factory=list)
-    schedule: str | None = Field(None, description="Cron expression or preset; null for on-demand only.")
+    schedule: str | None = Field(
+        None, description="Cron expression or preset ('@daily', '@once', ...); null for on-demand only."
+    )
     pool: str | None = Field(
-        None, description="Airflow pool for the export task, e.g. one single-slot pool per Mailchimp API key so "
+        None, min_length=1, max_length=AIRFLOW_POOL_MAX_LEN,
+        description="Airflow pool for the export task, e.g. one single-slot pool per Mailchimp API key so "
         "exports sharing the key never exceed its 10 connections together."
     )
     start_date: date = date(2024, 1, 1)
@@ -316,6 +381,13 @@ class ExportSpec(_Strict):
         None,
         description="Airflow roles allowed to use this export's DAG, e.g. {Marketing: [read, trigger]} (FAB auth manager).",
     )
+    # The YAML file the export was read from (None when built in code): errors found later, while its DAG is
+    # built, name it. Not a field, so it is not part of the spec the operator carries.
+    _spec_file: str | None = PrivateAttr(None)
+
+    @property
+    def spec_file(self) -> str | None:
+        return self._spec_file
 
     @field_validator("access_control")
     @classmethod
@@ -344,7 +416,7 @@ class ExportSpec(_Strict):
     @field_validator("id")
     @classmethod
     def _valid_id(cls, v: str) -> str:
-        if not _ID_RE.match(v):
+        if not _ID_RE.fullmatch(v):
             raise ValueError("must be 1-200 letters, digits, '_', '.' or '-' (it becomes the dag_id)")
         return v
 
@@ -358,13 +430,23 @@ class ExportSpec(_Strict):
             )
         return v
 
+    @field_validator("tags")
+    @classmethod
+    def _valid_tags(cls, v: list[str]) -> list[str]:
+        for number, tag in enumerate(v, 1):
+            if not tag.strip():
+                raise ValueError(f"tag {number} is empty")
+            if len(tag) > AIRFLOW_TAG_MAX_LEN:
+                raise ValueError(
+                    f"tag {number} has {len(tag)} characters; Airflow allows at most {AIRFLOW_TAG_MAX_LEN}"
+                )
+        return v
+
     @field_validator("schedule")
     @classmethod
     def _valid_schedule(cls, v: str | None) -> str | None:
-        if v is None or v.startswith("@"):
-            return v
-        if len(v.split()) not in (5, 6):
-            raise ValueError(f"{v!r} is neither a cron expression (5 fields) nor a preset such as '@daily'")
+        if v is not None:
+            check_schedule(v)
         return v
 
     @model_validator(mode="after")
@@ -422,6 +504,39 @@ class ExportSpec(_Strict):
         return self.name or self.id
 
 
+def check_schedule(schedule: str) -> None:
+    """Refuse a schedule Airflow would refuse, with the reason; also one that can never fire (31 February).
+
+    Airflow turns a string schedule into a cron timetable after resolving its preset aliases, and validates it by
+    building a ``croniter``; the same parser is asked here, so the spec accepts exactly what Airflow accepts.
+    """
+    if schedule in AIRFLOW_SCHEDULE_PRESETS:
+        return
+    presets = ", ".join([*AIRFLOW_CRON_PRESETS, *sorted(AIRFLOW_SCHEDULE_PRESETS)])
+    try:
+        cron = croniter(AIRFLOW_CRON_PRESETS.get(schedule, schedule))
+    except (ValueError, KeyError, TypeError) as exc:  # croniter's own errors are ValueErrors
+        if schedule.startswith("@"):
+            raise ValueError(f"{schedule!r} is not a schedule preset Airflow knows ({presets})") from None
+        raise ValueError(
+            f"{schedule!r} is not a cron expression Airflow accepts ({exc}); write 'minute hour day month weekday', "
+            f"e.g. '0 6 * * *', or a preset ({presets})"
+        ) from None
+    try:
+        cron.get_next(datetime)
+    except ValueError:
+        raise ValueError(f"{schedule!r} never fires (no such date); Airflow could never schedule a run") from None
+
+
+def _unknown_phone_region(region: str) -> bool:
+    """True when the phone number library is installed and does not know the region (it then could not use it)."""
+    try:
+        import phonenumbers
+    except ImportError:  # pragma: no cover - the exporter needs it; the spec only narrows its check with it
+        return False
+    return region not in phonenumbers.SUPPORTED_REGIONS
+
+
 class SpecError(ValueError):
     """A spec that cannot become a DAG. The message names the file, the export and the field."""
 
@@ -452,19 +567,56 @@ def _errors_from_validation(file: Path, export_id: str | None, exc: ValidationEr
     return errors
 
 
-def parse_spec_file(path: Path) -> tuple[list[ExportSpec], list[SpecError]]:
-    """Parse one YAML file holding ``exports: [...]``; return the valid exports and one error per problem.
+def spec_max_bytes() -> int:
+    """The size cap of one spec file: ``SEGMENT_EXPORT_SPEC_MAX_BYTES`` (bytes), default 10 MiB."""
+    raw = os.environ.get(SPEC_MAX_BYTES_ENV, "").strip()
+    if not raw:
+        return DEFAULT_SPEC_MAX_BYTES
+    try:
+        value = int(raw)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise ValueError(f"{SPEC_MAX_BYTES_ENV} must be a positive number of bytes, not {raw!r}")
+    return value
 
-    Each export is validated on its own, so one bad export does not hide the good ones in the same file.
+
+def _read_yaml(path: Path, max_bytes: int | None) -> tuple[Any, SpecError | None]:
+    """The file's YAML document, or the error that names the file: unreadable, over the size cap, malformed.
+
+    At most ``cap + 1`` bytes are read, so a file over the cap is never read whole.
     """
     try:
-        doc = yaml.safe_load(path.read_text(encoding="utf-8"))
+        cap = spec_max_bytes() if max_bytes is None else max_bytes
+    except ValueError as exc:
+        return None, SpecError(path, None, None, str(exc))
+    try:
+        with path.open("rb") as f:
+            data = f.read(cap + 1)
+        if len(data) > cap:
+            return None, SpecError(
+                path, None, None,
+                f"the file is larger than the spec size cap of {cap:,} bytes (set {SPEC_MAX_BYTES_ENV} to raise it; "
+                "a spec this large is usually generated data, which belongs in the source, not in the spec)",
+            )
+        return yaml.load(data.decode("utf-8"), Loader=_YAML_LOADER), None  # noqa: S506 - a safe loader
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
-        return [], [SpecError(path, None, None, f"malformed YAML{where}: {getattr(exc, 'problem', exc)}")]
+        return None, SpecError(path, None, None, f"malformed YAML{where}: {getattr(exc, 'problem', exc)}")
     except (OSError, UnicodeDecodeError) as exc:
-        return [], [SpecError(path, None, None, f"cannot read the file: {exc}")]
+        return None, SpecError(path, None, None, f"cannot read the file: {exc}")
+
+
+def parse_spec_file(path: Path, max_bytes: int | None = None) -> tuple[list[ExportSpec], list[SpecError]]:
+    """Parse one YAML file holding ``exports: [...]``; return the valid exports and one error per problem.
+
+    Each export is validated on its own, so one bad export does not hide the good ones in the same file.
+    ``max_bytes`` (default :func:`spec_max_bytes`) caps the file's size: parsing a DAG file has a time limit.
+    """
+    doc, error = _read_yaml(path, max_bytes)
+    if error:
+        return [], [error]
     if not isinstance(doc, dict) or set(doc) != {"exports"} or not isinstance(doc["exports"], list):
         return [], [SpecError(path, None, "exports", "the file must hold one top-level key 'exports' with a list")]
     specs: list[ExportSpec] = []
@@ -482,6 +634,7 @@ def parse_spec_file(path: Path) -> tuple[list[ExportSpec], list[SpecError]]:
         if spec.source.path and not Path(spec.source.path).is_absolute():
             source = spec.source.model_copy(update={"path": str((path.parent / spec.source.path).resolve())})
             spec = spec.model_copy(update={"source": source})
+        spec._spec_file = str(path)
         specs.append(spec)
     return specs, errors
 

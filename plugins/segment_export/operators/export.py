@@ -81,11 +81,12 @@ class SegmentExportOperator(BaseOperator):
     @staticmethod
     def run_options(context: Any) -> RunOptions:
         """On-demand options from the DAG run's params (the manual trigger form): ``dry_run``,
-        ``full_resync`` and ``max_profiles``; absent params mean a normal run."""
+        ``full_resync``, ``max_profiles`` and ``allow_mass_leave``; absent params mean a normal run."""
         params = (context or {}).get("params") or {}
         max_profiles = params.get("max_profiles")
         return RunOptions(
             dry_run=bool(params.get("dry_run", False)),
             full_resync=bool(params.get("full_resync", False)),
             max_profiles=int(max_profiles) if max_profiles not in (None, "", 0) else None,
+            allow_mass_leave=bool(params.get("allow_mass_leave", False)),
         )
