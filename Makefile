@@ -21,7 +21,7 @@ demo: install  ## run every export DAG with a real Airflow against the API sandb
 test: install  ## the whole suite (PostgreSQL on 127.0.0.1:5432 for the postgres tests)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-airflow: install  ## Airflow UI on http://localhost:8080 (airflow standalone) with the sandbox behind the connections
+airflow: install  ## Airflow UI on http://127.0.0.1:8080 (airflow standalone) with the sandbox behind the connections
 	$(PY) scripts/airflow_ui.py
 
 sandbox: install  ## the API sandbox alone, for trying the APIs by hand

@@ -178,7 +178,7 @@ class RowMapper:
         self._attrs = [(name, index[col]) for name, col in mapping.attributes.items()]
         self._consent = index[mapping.consent] if mapping.consent else None
         # Only a mapped phone column is parsed (the hot path pays for it only then).
-        self._phone = phone_normaliser(getattr(mapping, "phone_region", None)) if mapping.phone_number else None
+        self._phone = phone_normaliser(mapping.phone_region) if mapping.phone_number else None
         self._map = self._compile()
 
     def map(self, row: Sequence[Any]) -> Profile | Rejection:
