@@ -47,6 +47,7 @@ class RunOptions:
     dry_run: bool = False  # plan and report, send nothing
     full_resync: bool = False  # send every profile, not only the changed ones
     max_profiles: int | None = None  # a lower limit for this run only
+    allow_mass_leave: bool = False  # this run may remove more than sync.max_leave_share of the remembered profiles
     run_id: str = "manual"
 
     def limit(self, spec: ExportSpec) -> int:

@@ -281,6 +281,12 @@ class SyncSpec(_Strict):
         ),
     )
     dry_run: bool = Field(False, description="Every run only plans and reports; nothing is sent.")
+    max_leave_share: float | None = Field(
+        0.2, ge=0, le=1,
+        description="Stop before any removal when a run would remove, untag or unsubscribe more than this share of "
+        "the export's remembered profiles (and always when the segment comes back empty); null: no share limit.",
+    )
+    allow_mass_leave: bool = Field(False, description="Let every run remove any share of the remembered profiles.")
 
 
 class ExportSpec(_Strict):
