@@ -28,7 +28,7 @@ from segment_export.destinations.base import Destination
 from segment_export.diff import Change, diff
 from segment_export.limit import decide_limit
 from segment_export.mapping import Rejection, RowMapper
-from segment_export.sources.base import Source
+from segment_export.sources.base import Source, check_columns
 from segment_export.spec import ExportSpec
 from segment_export.staging import Staging
 from segment_export.state import StateStore
@@ -84,6 +84,17 @@ def check_rejected_share(spec: ExportSpec, summary: ExportSummary) -> None:
         f"the limit of {limit:.1%} (limit.max_rejected_share). Accepted: {summary.accepted}. Top reasons: {top}",
         summary,
     )
+
+
+def spec_columns(spec: ExportSpec) -> list[tuple[str, str]]:
+    """Every source column the spec names, with the field that names it (for errors that point at the spec)."""
+    mapping = spec.mapping
+    named = [("source.segment_column", spec.source.segment_column)]
+    named += [(f"mapping.{name}", getattr(mapping, name)) for name in (
+        "email", "first_name", "last_name", "phone_number", "external_id", "consent")]
+    named += [(f"mapping.attributes.{name}", column) for name, column in mapping.attributes.items()]
+    named.append(("limit.order_by", spec.limit.order_by))
+    return [(field, column) for field, column in named if column]
 
 
 def fingerprint(fragment: bytes) -> str:
@@ -232,7 +243,8 @@ class _Run:
         segment_column = spec.source.segment_column
         if segment_column and segment_column not in columns:
             columns = columns + [segment_column]
-        RowMapper(spec.mapping, self.source.columns())  # fails here, naming the missing columns
+        # Before anything is read or sent: each named column must be one of the source's real columns.
+        check_columns(f"export {spec.id}: the {self.source.description}", spec_columns(spec), self.source.columns())
         mapper = RowMapper(spec.mapping, columns)
         seg_index = columns.index(segment_column) if segment_column else None
         default_segment = spec.id  # without a segment column, the export itself is the one segment

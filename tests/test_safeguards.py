@@ -1,0 +1,167 @@
+"""A typo never empties an audience: bad specs and bad sources fail before anything is sent; a run that would
+remove most of the remembered profiles stops before any removal (issue 16).
+
+Every test runs the real exporter with real state against the sandbox and checks what the sandbox holds.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import segment_data
+from sandbox_state import klaviyo_profiles, mailchimp_members
+from segment_export_sandbox import KLAVIYO_LIST_ID, MAILCHIMP_AUDIENCE_ID
+from test_sync import KLAVIYO, MAILCHIMP, make_spec, run, sql, vip, writes
+
+from segment_export.sources.base import ColumnNotFoundError
+from segment_export.state import OUTCOMES_TABLE, STATE_TABLE
+
+SEGMENT_COLUMNS = "customer_id, email, first_name, last_name, phone, tier, lifetime_value, segment"
+
+
+def everything(sandbox) -> dict:
+    """What the sandbox holds (members, tags, list memberships), without the request counters."""
+    state = sandbox.state()
+    return {"klaviyo": state["klaviyo"], "mailchimp": state["mailchimp"]}
+
+
+# -- every column the spec names is checked against the source's real columns --------------------------------
+
+TYPOS = {
+    "source.segment_column": {"source": {"conn_id": "warehouse", "table": "segment_members", "segment_column": "segmnt",
+                                         "segments": ["vip"]}},
+    "limit.order_by": {"limit": {"max_profiles": 3, "on_exceed": "truncate", "order_by": "tierr"}},
+    "mapping.attributes.TIER": {"mapping": {"email": "email", "first_name": "first_name", "attributes": {"TIER": "tierr"}}},
+    "mapping.email": {"mapping": {"email": "Email"}},
+}
+
+
+@pytest.mark.parametrize("field", TYPOS)
+@pytest.mark.parametrize("destination", [KLAVIYO, MAILCHIMP], ids=["klaviyo", "mailchimp"])
+def test_a_misspelt_column_on_sqlite_fails_naming_it_and_leaves_the_destination_untouched(segment_db, sandbox, field, destination):
+    # SQLite reads an unknown "segmnt" as the string 'segmnt': the segment was empty and, with on_leave, every
+    # profile the export had sent lost its tags (Mailchimp) or its list membership.
+    run(make_spec(destination, sync={"on_leave": "remove"}))
+    held, requests = everything(sandbox), writes(sandbox)
+    state_before = sql(segment_db, f"SELECT profile_key, fingerprint, segments FROM {STATE_TABLE} ORDER BY 1")
+    typo = TYPOS[field]
+    column = next(v for v in _leaves(typo) if v in ("segmnt", "tierr", "Email"))
+    bad = make_spec(destination, sync={"on_leave": "remove"}, **typo)
+    with pytest.raises(ColumnNotFoundError) as info:
+        run(bad, run_id="typo")
+    message = str(info.value)
+    assert f"{field}: no column {column!r}" in message and SEGMENT_COLUMNS in message
+    assert "export sync_test" in message and "segment_members" in message
+    assert everything(sandbox) == held and writes(sandbox) == requests  # not one change sent
+    assert sql(segment_db, f"SELECT profile_key, fingerprint, segments FROM {STATE_TABLE} ORDER BY 1") == state_before
+    assert sql(segment_db, f"SELECT count(*) FROM {OUTCOMES_TABLE} WHERE run_id = 'typo'") == [(0,)]
+
+
+def _leaves(value):
+    if isinstance(value, dict):
+        for v in value.values():
+            yield from _leaves(v)
+    elif isinstance(value, list):
+        for v in value:
+            yield from _leaves(v)
+    else:
+        yield value
+
+
+def test_the_error_suggests_the_column_meant(segment_db, sandbox):
+    with pytest.raises(ColumnNotFoundError, match=r"mapping.email: no column 'Email' \(did you mean 'email'\?\)"):
+        run(make_spec(KLAVIYO, mapping={"email": "Email"}))
+    with pytest.raises(ColumnNotFoundError, match=r"no column 'segmnt' \(did you mean 'segment'\?\)"):
+        run(make_spec(KLAVIYO, source={"conn_id": "warehouse", "table": "segment_members", "segment_column": "segmnt",
+                                       "segments": ["vip"]}))
+    assert sandbox.state()["requests"]["count"] == 0
+
+
+def test_sqlite_identifiers_are_never_read_as_values(segment_db):
+    # Even past the exporter's check, the SQL source itself refuses a name that is not a real column, and
+    # quotes with backticks on SQLite (an unknown `name` is an error there, never a string).
+    from segment_export.sources import source_for
+    from segment_export.spec import SourceSpec
+
+    source = source_for(SourceSpec(conn_id="warehouse", table="segment_members", segment_column="segmnt", segments=["vip"]))
+    try:
+        assert source.dialect.q("segment") == "`segment`"
+        with pytest.raises(ColumnNotFoundError, match="source.segment_column: no column 'segmnt'"):
+            source.count()
+        good = source_for(SourceSpec(conn_id="warehouse", table="segment_members"))
+        with pytest.raises(ColumnNotFoundError, match="order_by: no column 'tierr'"):
+            next(iter(good.chunks(["email"], order_by="tierr", limit=3)))
+        with pytest.raises(ColumnNotFoundError, match="requested column: no column 'emial'"):
+            next(iter(good.chunks(["emial"])))
+        good.close()
+    finally:
+        source.close()
+
+
+def test_query_source_columns_are_checked_too(segment_db, sandbox):
+    spec = make_spec(KLAVIYO, source={"conn_id": "warehouse", "query": "SELECT email, segment AS seg FROM segment_members",
+                                      "segment_column": "segment", "segments": ["vip"]},
+                     mapping={"email": "email"})
+    with pytest.raises(ColumnNotFoundError, match=r"source.segment_column: no column 'segment'.*has: email, seg$"):
+        run(spec)
+    assert sandbox.state()["requests"]["count"] == 0
+
+
+@pytest.mark.postgres
+def test_a_misspelt_segment_column_on_postgres_fails_naming_it_and_leaves_the_destination_untouched(pg_schema, sandbox):
+    conn, schema = pg_schema
+    conn.execute(f'CREATE TABLE "{schema}".segment_members (customer_id int, email text, first_name text, segment text)')
+    with conn.cursor() as cur:
+        cur.executemany(f'INSERT INTO "{schema}".segment_members VALUES (%s, %s, %s, %s)',
+                        [(r[0], r[1], r[2], r[-1]) for r in segment_data.rows(300)])
+    export_id = f"pg_typo_{os.getpid()}"  # the state tables live in the database's public schema
+    table = {"conn_id": "pg_warehouse", "table": f"{schema}.segment_members"}
+    good = make_spec(MAILCHIMP, id=export_id, source={**table, "segment_column": "segment", "segments": ["vip"]})
+    bad = make_spec(MAILCHIMP, id=export_id, source={**table, "segment_column": "segmnt", "segments": ["vip"]})
+    try:
+        assert run(good).accepted == len(vip(300))
+        held, requests = everything(sandbox), writes(sandbox)
+        with pytest.raises(ColumnNotFoundError) as info:
+            run(bad)
+        message = str(info.value)
+        assert "source.segment_column: no column 'segmnt' (did you mean 'segment'?)" in message
+        assert "has: customer_id, email, first_name, segment" in message and f"export {export_id}" in message
+        assert everything(sandbox) == held and writes(sandbox) == requests
+        members = mailchimp_members(sandbox.state(), MAILCHIMP_AUDIENCE_ID)
+        assert len(members) == len(vip(300)) and all(m["tags"] == ["vip"] for m in members.values())
+    finally:
+        conn.execute(f"DELETE FROM {STATE_TABLE} WHERE export_id = %s", (export_id,))
+        conn.execute(f"DELETE FROM {OUTCOMES_TABLE} WHERE export_id = %s", (export_id,))
+
+
+@pytest.mark.parametrize("kind", ["csv", "parquet"])
+def test_file_sources_check_every_named_column(tmp_path, sandbox, kind, monkeypatch):
+    monkeypatch.setenv("SEGMENT_EXPORT_STATE_DB", str(tmp_path / "state.db"))
+    path = (segment_data.write_csv if kind == "csv" else segment_data.write_parquet)(tmp_path / f"s.{kind}", 100)
+    source = {"path": str(path), "segment_column": "segmnt", "segments": ["vip"]}
+    with pytest.raises(ColumnNotFoundError, match=rf"file s\.{kind}: source.segment_column: no column 'segmnt'.*{SEGMENT_COLUMNS}"):
+        run(make_spec(MAILCHIMP, source=source))
+    source = {"path": str(path), "segment_column": "segment", "segments": ["vip"]}
+    with pytest.raises(ColumnNotFoundError, match=r"mapping.consent: no column 'opted_in'"):
+        run(make_spec(MAILCHIMP, source=source, mapping={"email": "email", "consent": "opted_in"}))
+    assert sandbox.state()["requests"]["count"] == 0
+
+
+# -- a CSV export filtered by segment (defect 1) ----------------------------------------------------------------
+
+def test_a_csv_export_filtered_by_segment_succeeds(tmp_path, sandbox, monkeypatch):
+    monkeypatch.setenv("SEGMENT_EXPORT_STATE_DB", str(tmp_path / "state.db"))
+    path = segment_data.write_csv(tmp_path / "members.csv", 500)
+    spec = make_spec(MAILCHIMP, segments=("vip", "winback"),
+                     source={"path": str(path), "segment_column": "segment", "segments": ["vip", "winback"], "chunk_size": 64})
+    summary = run(spec)
+    rows = [r for r in segment_data.rows(500) if r[-1] in ("vip", "winback")]
+    expected: dict[str, set[str]] = {}
+    for r in rows:
+        expected.setdefault(r[1], set()).add(r[-1])
+    members = mailchimp_members(sandbox.state(), MAILCHIMP_AUDIENCE_ID)
+    assert {e: set(m["tags"]) for e, m in members.items()} == expected
+    assert members[rows[0][1]]["merge_fields"]["FNAME"] == rows[0][2]
+    assert (summary.read, summary.accepted, summary.tags_added) == (len(rows), len(expected), len(rows))
+    assert run(spec).sent == 0  # the state remembered it: nothing changed, nothing sent
