@@ -165,3 +165,113 @@ def test_a_csv_export_filtered_by_segment_succeeds(tmp_path, sandbox, monkeypatc
     assert members[rows[0][1]]["merge_fields"]["FNAME"] == rows[0][2]
     assert (summary.read, summary.accepted, summary.tags_added) == (len(rows), len(expected), len(rows))
     assert run(spec).sent == 0  # the state remembered it: nothing changed, nothing sent
+
+
+# -- the mass-removal guard --------------------------------------------------------------------------------------
+
+def state_rows(db, export_id="sync_test"):
+    return sql(db, f"SELECT profile_key, fingerprint, segments FROM {STATE_TABLE} WHERE export_id = ? ORDER BY 1", (export_id,))
+
+
+def removal_requests(sandbox) -> dict[str, int]:
+    """Requests that could take a profile out: Mailchimp tag changes and member writes after the first run are
+    compared by the caller; Klaviyo list removals are their own endpoint."""
+    return {k: v for k, v in writes(sandbox).items() if "DELETE" in k or "segments/{segment_id}" in k}
+
+
+@pytest.mark.parametrize("on_leave", ["remove", "unsubscribe"])
+def test_an_empty_segment_against_a_full_state_stops_before_any_removal(segment_db, sandbox, on_leave):
+    from segment_export.exporter import MassLeaveError
+
+    spec = make_spec(MAILCHIMP, sync={"on_leave": on_leave})
+    run(spec)
+    members_before = mailchimp_members(sandbox.state(), MAILCHIMP_AUDIENCE_ID)
+    state_before, requests = state_rows(segment_db), writes(sandbox)
+    sql(segment_db, "UPDATE segment_members SET segment = 'vip_old' WHERE segment = 'vip'")  # e.g. a renamed segment
+    with pytest.raises(MassLeaveError) as info:
+        run(spec, run_id="empty")
+    n = len(vip())
+    message = str(info.value)
+    assert f"{n} of the {n} profiles the export remembers (100.0%: {n} left the segment" in message
+    assert "segment came back empty" in message and "export sync_test" in message and "allow_mass_leave" in message
+    assert info.value.summary.held_back == n and info.value.summary.removed == 0
+    assert mailchimp_members(sandbox.state(), MAILCHIMP_AUDIENCE_ID) == members_before  # every member, tag, status
+    assert writes(sandbox) == requests and state_rows(segment_db) == state_before
+    assert sql(segment_db, f"SELECT count(*) FROM {OUTCOMES_TABLE} WHERE run_id = 'empty' AND action = 'removed'") == [(0,)]
+    # Even with no share limit, an empty segment stops; asked for explicitly, the removal goes through.
+    with pytest.raises(MassLeaveError):
+        run(make_spec(MAILCHIMP, sync={"on_leave": on_leave, "max_leave_share": None}))
+    assert run(spec, allow_mass_leave=True).removed == n
+    members = mailchimp_members(sandbox.state(), MAILCHIMP_AUDIENCE_ID)
+    assert all(m["tags"] == [] for m in members.values()) and state_rows(segment_db) == []
+    if on_leave == "unsubscribe":
+        assert {m["status"] for m in members.values()} == {"unsubscribed"}
+
+
+def test_over_the_share_the_additions_go_out_and_the_removals_do_not(segment_db, sandbox):
+    from segment_export.exporter import MassLeaveError
+
+    spec = make_spec(KLAVIYO, sync={"on_leave": "remove"})
+    run(spec)
+    rows = vip()
+    gone = [r[1] for r in rows[: len(rows) // 4]]  # about 25%: over the default 20%
+    sql(segment_db, f"DELETE FROM segment_members WHERE email IN ({', '.join('?' * len(gone))})", gone)
+    sql(segment_db, "INSERT INTO segment_members (customer_id, email, first_name, segment) VALUES "
+                    "(90001, 'new.one@example.com', 'New', 'vip'), (90002, 'new.two@example.com', 'Two', 'vip')")
+    with pytest.raises(MassLeaveError, match=rf"would remove, untag or unsubscribe {len(gone)} of the {len(rows)} profiles "
+                                             rf"the export remembers \({len(gone) / len(rows):.1%}.*over the limit of 20.0% \(sync.max_leave_share\)"
+                       r".*2 profiles accepted") as info:
+        run(spec)
+    assert info.value.summary.accepted == 2 and info.value.summary.removed == 0
+    held = klaviyo_profiles(sandbox.state(), KLAVIYO_LIST_ID)
+    assert {"new.one@example.com", "new.two@example.com"} <= set(held)  # additions went out
+    assert set(gone) <= set(held) and len(held) == len(rows) + 2  # nobody was removed
+    assert "DELETE /api/lists/{id}/relationships/profiles" not in writes(sandbox)
+    # The next run stops again (the leavers are still remembered); a higher limit in the spec lets it through.
+    with pytest.raises(MassLeaveError):
+        run(spec)
+    relaxed = make_spec(KLAVIYO, sync={"on_leave": "remove", "max_leave_share": 0.3})
+    assert run(relaxed).removed == len(gone)
+    assert set(klaviyo_profiles(sandbox.state(), KLAVIYO_LIST_ID)) == {r[1] for r in rows[len(gone):]} | {
+        "new.one@example.com", "new.two@example.com"}
+
+
+def test_a_misspelt_segment_name_keeps_the_tags_of_profiles_that_stay(segment_db, sandbox):
+    from segment_export.exporter import MassLeaveError
+
+    good = make_spec(MAILCHIMP, segments=("vip", "newsletter"))
+    run(good)
+    tags_before = {e: sorted(m["tags"]) for e, m in mailchimp_members(sandbox.state(), MAILCHIMP_AUDIENCE_ID).items()}
+    state_before = state_rows(segment_db)
+    both = [e for e, t in tags_before.items() if t == ["newsletter", "vip"]]
+    assert both  # profiles in both segments: with the typo they stay (vip) but would lose the newsletter tag
+    typo = make_spec(MAILCHIMP, segments=("vip", "newsleter"))
+    with pytest.raises(MassLeaveError, match=rf"{len(both)} lost one of their segments") as info:
+        run(typo)
+    assert info.value.summary.held_back > 0.2 * len(tags_before)
+    after = {e: sorted(m["tags"]) for e, m in mailchimp_members(sandbox.state(), MAILCHIMP_AUDIENCE_ID).items()}
+    assert after == tags_before and state_rows(segment_db) == state_before
+    again = run(good)  # the state still matches the audience: nothing to send, add or remove
+    assert (again.sent, again.tags_added, again.tags_removed, again.removed) == (0, 0, 0, 0)
+
+
+def test_a_dry_run_reports_that_a_real_run_would_stop(segment_db, sandbox, caplog):
+    spec = make_spec(MAILCHIMP)
+    run(spec)
+    sql(segment_db, "DELETE FROM segment_members WHERE segment = 'vip'")
+    with caplog.at_level("WARNING"):
+        plan = run(spec, dry_run=True)
+    assert plan.removed == plan.held_back == len(vip())
+    assert "a real run would stop here" in caplog.text and "segment came back empty" in caplog.text
+
+
+def test_below_the_share_and_with_keep_nothing_stops(segment_db, sandbox):
+    spec = make_spec(MAILCHIMP)
+    run(spec)
+    rows = vip()
+    sql(segment_db, "DELETE FROM segment_members WHERE email = ?", (rows[0][1],))
+    assert run(spec).removed == 1
+    keep = make_spec(KLAVIYO)  # on_leave keep: an empty segment removes nothing, so nothing to stop
+    run(keep)
+    sql(segment_db, "DELETE FROM segment_members WHERE segment = 'vip'")
+    assert run(keep).removed == 0

@@ -68,6 +68,11 @@ class ExportError(RuntimeError):
         self.summary = summary
 
 
+class MassLeaveError(ExportError):
+    """The run would remove more of the export's remembered profiles than ``sync.max_leave_share`` allows (or the
+    segment came back empty): additions and updates were sent, removals were not."""
+
+
 class RejectedShareError(ExportError):
     """The run finished, but too much of the segment was invalid or rejected: fail so that alerting fires."""
 
@@ -304,7 +309,8 @@ class _Run:
         on_leave = self.spec.on_leave
         batcher = Batcher(destination.max_batch_profiles, destination.max_batch_bytes)
         sender = _Sender(destination, summary, self.log, expected, self._batch_done, self._batch_submitting, self._record_jobs)
-        leavers = 0
+        leavers = untagged = 0  # profiles that would leave (on_leave) / stay but lose a segment's tag or list
+        manages_segments = destination.manages_segments
         diff_phase = self.clock.switch("diff")
         try:
             for change in diff(self.staging.current(), self.staging.previous(), full_resync=self.options.full_resync):
@@ -313,10 +319,11 @@ class _Run:
                         leavers += 1
                         if dry:
                             self._count_tags(change)
-                        else:
+                        else:  # its tag changes are queued once the mass-removal guard lets them go
                             self.staging.queue_leaver(change.key, change.previous_segments)
-                            self._queue_tags(change)
                     continue
+                if change[5] and manages_segments and change.segments_removed:
+                    untagged += 1
                 if change.kind == "unchanged":
                     summary.unchanged += 1
                     if destination.manages_segments and (change.segments_added or change.segments_removed):
@@ -353,12 +360,53 @@ class _Run:
                 "an unknown outcome, are not counted as sent, and will be sent again by the next run",
                 summary,
             ) from sender.failure
+        stop = self._mass_leave(leavers, untagged)
         if dry:
             summary.removed = leavers  # would be removed
             summary.batches = -(-summary.planned // destination.max_batch_profiles)  # would be sent
+            if stop:
+                summary.held_back = leavers + untagged
+                self.log.warning("a real run would stop here: %s", stop)
             return
+        if stop:
+            self.staging.withhold_removals()
+        else:
+            self._queue_leaver_tags()
         self._apply_segments()
+        if stop:
+            summary.held_back = leavers + untagged
+            raise MassLeaveError(
+                f"{stop}. The run sent its additions and updates ({summary.accepted} profiles accepted, "
+                f"{summary.tags_added} tags added) and then stopped: nothing was removed, untagged or unsubscribed, "
+                "and the next run will stop again. If the removal is intended, trigger the run with "
+                "allow_mass_leave: true (or set sync.allow_mass_leave: true, or raise sync.max_leave_share)",
+                summary,
+            )
         self._apply_leavers(on_leave)
+
+    def _mass_leave(self, leavers: int, untagged: int) -> str | None:
+        """Why this run must not send its removals, or None. A typo in a segment name or filter, or a broken
+        upstream table, makes a segment look empty; sending that would strip every profile the export manages."""
+        spec, remembered = self.spec, self.staging.previous_rows
+        losing = leavers + untagged
+        if losing == 0 or remembered == 0 or self.options.allow_mass_leave or spec.sync.allow_mass_leave:
+            return None
+        share, limit = losing / remembered, spec.sync.max_leave_share
+        what = (f"export {spec.id}: this run would remove, untag or unsubscribe {losing} of the {remembered} profiles "
+                f"the export remembers ({share:.1%}: {leavers} left the segment, on_leave: {spec.on_leave}; "
+                f"{untagged} lost one of their segments)")
+        if self.staging.rows == 0:
+            return f"{what}, because the segment came back empty (0 valid profiles of {self.summary.read} rows read)"
+        if limit is not None and share > limit:
+            return f"{what}, over the limit of {limit:.1%} (sync.max_leave_share)"
+        return None
+
+    def _queue_leaver_tags(self) -> None:
+        """The tag (list) removals of the profiles that left: queued after the diff, once the guard agreed."""
+        if not self.destination.manages_segments:
+            return
+        for chunk in self.staging.leavers(5000):
+            self._queue_tags(*(tuple.__new__(Change, (key, "leave", None, None, (), segments)) for key, segments in chunk))
 
     def _remember(self, batch_number: int, change: Change) -> None:
         """Keep what the batch's outcome needs, without the payload (the batch holds it until it is sent): a

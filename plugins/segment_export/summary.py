@@ -61,6 +61,7 @@ class ExportSummary:
     skipped: int = 0  # the destination declined for a lasting reason (e.g. compliance state); not retried
     unchanged: int = 0  # in the segment, same as last accepted: not sent
     removed: int = 0  # left the segment and removed from what the export manages
+    held_back: int = 0  # removals the mass-removal guard did not send (sync.max_leave_share)
     tags_added: int = 0
     tags_removed: int = 0
     subscribed: int | None = None  # Klaviyo with destination.subscribe: consenting profiles asked to subscribe
@@ -117,6 +118,7 @@ class ExportSummary:
             "skipped": self.skipped,
             "unchanged": self.unchanged,
             "removed": self.removed,
+            "held_back": self.held_back,
             "subscribed": self.subscribed,
             "tags_added": self.tags_added,
             "tags_removed": self.tags_removed,
@@ -147,6 +149,7 @@ class ExportSummary:
             ("skipped by destination", self.skipped),
             ("unchanged (not sent)", self.unchanged),
             ("removed (left segment)", self.removed),
+            ("removals held back", self.held_back),
             ("subscribed (consent)", "n/a" if self.subscribed is None else self.subscribed),
             ("tags added / removed", f"{self.tags_added} / {self.tags_removed}"),
             ("batches", self.batches),
