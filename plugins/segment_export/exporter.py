@@ -16,7 +16,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import queue
-import re
 import time
 from contextlib import contextmanager
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
@@ -29,7 +28,7 @@ from segment_export.diff import Change, diff
 from segment_export.limit import decide_limit
 from segment_export.mapping import Rejection, RowMapper
 from segment_export.sources.base import Source, check_columns
-from segment_export.spec import ExportSpec
+from segment_export.spec import ExportSpec, MappingSpec
 from segment_export.staging import Staging
 from segment_export.state import StateStore
 from segment_export.summary import PHASES, BatchResult, ExportSummary
@@ -37,7 +36,9 @@ from segment_export.summary import PHASES, BatchResult, ExportSummary
 log = logging.getLogger(__name__)
 PROGRESS_EVERY_S = 5.0
 EXAMPLES = 3
-_EMAIL_LOCAL = re.compile(rb'"email(_address)?":"[^"@]*@')
+#: top-level payload fields that describe the request, not the person (kept in a dry run's examples)
+_STRUCTURAL = frozenset({"type", "status", "subscribe"})
+_EMAIL_FIELDS = frozenset({"email", "email_address"})
 
 
 @dataclass(frozen=True)
@@ -108,10 +109,33 @@ def fingerprint(fragment: bytes) -> str:
 
 
 def redacted_example(fragment: bytes) -> dict[str, Any]:
-    """A payload for the dry-run report, with the address's local part hidden."""
+    """A payload for the dry-run report (an XCom anyone who sees the DAG can read): its shape and field names,
+    with every mapped value masked (names, phone, external id, properties, merge fields...); an address keeps
+    only its domain. Only what describes the request itself (``type``, ``status``, ``subscribe``) is shown."""
     import json
 
-    return json.loads(_EMAIL_LOCAL.sub(lambda m: m.group(0)[: m.group(0).index(b":") + 2] + b"***@", fragment))
+    payload = json.loads(fragment)
+    return {k: v if k in _STRUCTURAL and not isinstance(v, (dict, list)) else _masked(k, v) for k, v in payload.items()}
+
+
+def _masked(key: str, value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _masked(k, v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_masked(key, v) for v in value]
+    if value is None:
+        return None
+    if key in _EMAIL_FIELDS and isinstance(value, str) and "@" in value:
+        return "***@" + value.rsplit("@", 1)[1]
+    return "***"
+
+
+def _action(key: str, change: Change, result: BatchResult) -> str:
+    """``created`` or ``updated`` as the destination answered (a profile new to this export may already have
+    been in the audience); the diff's kind only where the destination does not say (Klaviyo's bulk import)."""
+    if result.updated_keys is None:
+        return "created" if change.kind == "create" else "updated"
+    return "updated" if key in result.updated_keys else "created"
 
 
 class PhaseClock:
@@ -143,11 +167,15 @@ class PhaseClock:
 class _Sender:
     """Sends batches on a thread pool; folds each result into the summary and the state, in the caller's thread."""
 
-    def __init__(self, destination: Destination, summary: ExportSummary, logger: logging.Logger, expected: int,
+    def __init__(self, destination: Destination, summary: ExportSummary, logger: logging.Logger,
                  on_result: Callable[[Batch, BatchResult], None], on_submit: Callable[[Batch], None],
                  on_tick: Callable[[], None]):
         self.destination, self.summary, self.log = destination, summary, logger
-        self.expected, self.on_result, self.on_submit, self.on_tick = expected, on_result, on_submit, on_tick
+        self.on_result, self.on_submit, self.on_tick = on_result, on_submit, on_tick
+        # Profiles handed over in batches; how many the run sends is known once the diff has formed every batch
+        # (a segment's row count is not it: a profile in two segments is two rows, an unchanged one is not sent).
+        self.queued = 0
+        self.expected: int | None = None
         self.pool = ThreadPoolExecutor(max_workers=destination.concurrency, thread_name_prefix="segment-export")
         self.pending: dict[Future[BatchResult], Batch] = {}
         self.failure: BaseException | None = None
@@ -171,6 +199,7 @@ class _Sender:
         if self.failure is not None:
             raise self.failure
         self.on_submit(batch)
+        self.queued += len(batch)
         self.pending[self.pool.submit(self.destination.send, batch)] = batch
 
     def _collect(self, done: set[Future[BatchResult]]) -> None:
@@ -192,10 +221,11 @@ class _Sender:
                 continue
             self.last_log = now
             rate = self.summary.sent / max(now - self.started, 1e-6)
+            of = f"/{self.expected}" if self.expected is not None else f" of {self.queued} queued so far"
             self.log.info(
-                "batch %d: %d sent, %d accepted, %d rejected, %d skipped | total %d/%d sent, %.0f profiles/s",
+                "batch %d: %d sent, %d accepted, %d rejected, %d skipped | total %d%s profiles sent, %.0f profiles/s",
                 batch.number, len(batch), result.accepted, sum(result.rejected.values()),
-                sum(result.skipped.values()), self.summary.sent, self.expected, rate,
+                sum(result.skipped.values()), self.summary.sent, of, rate,
             )
 
     def drain(self) -> None:
@@ -251,6 +281,7 @@ class _Run:
         # Before anything is read or sent: each named column must be one of the source's real columns.
         check_columns(f"export {spec.id}: the {self.source.description}", spec_columns(spec), self.source.columns())
         mapper = RowMapper(spec.mapping, columns)
+        self._email_only = RowMapper(MappingSpec(email=spec.mapping.email), columns)
         seg_index = columns.index(segment_column) if segment_column else None
         default_segment = spec.id  # without a segment column, the export itself is the one segment
 
@@ -281,21 +312,28 @@ class _Run:
             if rows is None:
                 clock.switch(previous_phase)
                 break
+            first = summary.read
             summary.read += len(rows)
             profiles: list[tuple[str, str, bytes, str]] = []
-            for row in rows:
+            invalid: list[tuple[str, str, str]] = []
+            for i, row in enumerate(rows):
                 profile = mapper.map(row)
                 if isinstance(profile, Rejection):
                     summary.add_invalid(profile.reason)
+                    invalid.append((self._row_key(row, first + i + 1), "invalid", profile.reason))
                     continue
                 fragment = encode(profile)
                 if isinstance(fragment, Rejection):
                     summary.add_invalid(fragment.reason)
+                    invalid.append((profile.key, "invalid", fragment.reason))
                     continue
                 segment = str(row[seg_index]) if seg_index is not None else default_segment
                 profiles.append((profile.key, fingerprint(fragment), fragment, segment))
             clock.switch("stage")
             self.staging.add(profiles)
+            if invalid and self.state is not None and not options.dry_run:
+                with clock.phase("state"):  # per chunk: memory stays bounded however many rows are invalid
+                    self.state.record_outcomes(options.run_id, invalid)
             clock.switch(previous_phase)
         with clock.phase("stage"):
             if self.state is not None:
@@ -303,12 +341,19 @@ class _Run:
             self.staging.seal()
         return decision.read_limit or total
 
+    def _row_key(self, row: tuple[Any, ...], position: int) -> str:
+        """The outcome key of a row rejected before sending: its profile key (the lower-cased email) when the
+        address is valid, else ``row <n>`` (its position in the order this run read the source), so that the
+        outcomes table holds nothing personal beyond the keys the segment already has."""
+        profile = self._email_only.map(row)
+        return profile.key if not isinstance(profile, Rejection) else f"row {position}"
+
     # -- 3 + 4: diff and send --------------------------------------------------------------------------------
-    def send(self, expected: int) -> None:
+    def send(self) -> None:
         summary, destination, dry = self.summary, self.destination, self.options.dry_run
         on_leave = self.spec.on_leave
         batcher = Batcher(destination.max_batch_profiles, destination.max_batch_bytes)
-        sender = _Sender(destination, summary, self.log, expected, self._batch_done, self._batch_submitting, self._record_jobs)
+        sender = _Sender(destination, summary, self.log, self._batch_done, self._batch_submitting, self._record_jobs)
         leavers = untagged = 0  # profiles that would leave (on_leave) / stay but lose a segment's tag or list
         manages_segments = destination.manages_segments
         diff_phase = self.clock.switch("diff")
@@ -345,6 +390,7 @@ class _Run:
             last = batcher.flush()
             if last is not None:
                 sender.submit(last)
+            sender.expected = sender.queued
         except BaseException as exc:
             if exc is not sender.failure:
                 sender.drain()
@@ -468,7 +514,7 @@ class _Run:
                 # Segments are remembered once their tags are applied (Mailchimp); until then, the old ones.
                 remembered = change.previous_segments if self.destination.manages_segments else change.segments
                 accepted.append((key, change.fingerprint, remembered))
-                outcomes.append((key, "created" if change.kind == "create" else "updated", None))
+                outcomes.append((key, _action(key, change, result), None))
                 tagged.append(change)
             elif key in result.skipped_keys:
                 # A lasting refusal: remembered, so it is not retried until the row changes.
@@ -555,8 +601,8 @@ def run_export(
     run = _Run(spec, source, destination, state, options, logger)
     try:
         run.resume()
-        expected = run.stage()
-        run.send(expected)
+        run.stage()
+        run.send()
     finally:
         run.summary.seconds = clock() - started
         run.close()

@@ -29,6 +29,9 @@ class BatchResult:
     rejected_keys: dict[str, str] = field(default_factory=dict)
     skipped_keys: dict[str, str] = field(default_factory=dict)
     subscribed: int | None = None
+    #: the accepted profiles the destination says it updated (it already held them); the other accepted ones it
+    #: created. None: the destination does not say (Klaviyo's bulk import), then the diff's kind is reported.
+    updated_keys: set[str] | None = None
 
 
 #: The phases an export's CPU time is counted in (``ExportSummary.cpu_seconds``). All but the last are the
