@@ -275,3 +275,43 @@ def test_below_the_share_and_with_keep_nothing_stops(segment_db, sandbox):
     run(keep)
     sql(segment_db, "DELETE FROM segment_members WHERE segment = 'vip'")
     assert run(keep).removed == 0
+
+
+# -- what the operator says -----------------------------------------------------------------------------------
+
+def _operator(spec):
+    from segment_export.operators.export import SegmentExportOperator
+
+    return SegmentExportOperator(task_id="export", export=spec)
+
+
+def test_the_operator_says_a_rejected_share_failure_came_after_a_completed_run(tmp_path, sandbox, airflow_conn, capfd):
+    from segment_export.exporter import RejectedShareError
+
+    db = tmp_path / "r.db"
+    import sqlite3
+
+    with sqlite3.connect(db) as conn:
+        conn.execute("CREATE TABLE segment_members (email TEXT, first_name TEXT, segment TEXT)")
+        conn.executemany("INSERT INTO segment_members VALUES (?, 'A', 'vip')", [(f"ok{i}@example.com",) for i in range(9)] + [("nope",)])
+    airflow_conn("warehouse", conn_type="sqlite", host=str(db))
+    with pytest.raises(RejectedShareError):
+        _operator(make_spec(KLAVIYO)).execute({"run_id": "share"})
+    logged = "".join(capfd.readouterr())  # the task logger (structlog) writes to the console
+    assert "the run completed, then failed the rejected-share check" in logged and "export stopped" not in logged
+    assert len(klaviyo_profiles(sandbox.state(), KLAVIYO_LIST_ID)) == 9
+
+
+def test_the_trigger_forms_allow_mass_leave_lets_the_removal_through(segment_db, sandbox, capfd):
+    from segment_export.exporter import MassLeaveError
+
+    spec = make_spec(MAILCHIMP)
+    run(spec)
+    sql(segment_db, "DELETE FROM segment_members WHERE segment = 'vip'")
+    with pytest.raises(MassLeaveError):
+        _operator(spec).execute({"run_id": "guarded", "params": {}})
+    logged = "".join(capfd.readouterr())
+    assert "then stopped before any removal" in logged and "export stopped" not in logged
+    summary = _operator(spec).execute({"run_id": "allowed", "params": {"allow_mass_leave": True}})
+    assert summary["removed"] == len(vip()) and summary["held_back"] == 0
+    assert all(m["tags"] == [] for m in mailchimp_members(sandbox.state(), MAILCHIMP_AUDIENCE_ID).values())

@@ -8,7 +8,7 @@ from typing import Any, Sequence
 from airflow.sdk import BaseOperator
 
 from segment_export.destinations import destination_for
-from segment_export.exporter import ExportError, RunOptions, run_export
+from segment_export.exporter import ExportError, MassLeaveError, RejectedShareError, RunOptions, run_export
 from segment_export.sources import source_for
 from segment_export.spec import ExportSpec
 from segment_export.state import StateStore
@@ -41,6 +41,15 @@ class SegmentExportOperator(BaseOperator):
         self.log.info("sync state: %s", state.description)
         try:
             summary = run_export(spec, source, destination, state=state, options=options, logger=self.log)
+        except RejectedShareError as exc:
+            # Not a stop: every batch went out and is remembered; the share check fails the task so alerting fires.
+            self.log.error("the run completed, then failed the rejected-share check (limit.max_rejected_share): %s\n%s",
+                           exc, exc.summary.table())
+            raise
+        except MassLeaveError as exc:
+            self.log.error("the run sent its additions and updates, then stopped before any removal: %s\n%s",
+                           exc, exc.summary.table())
+            raise
         except ExportError as exc:
             self.log.error("export stopped; what the destination confirmed before:\n%s", exc.summary.table())
             raise
@@ -81,11 +90,12 @@ class SegmentExportOperator(BaseOperator):
     @staticmethod
     def run_options(context: Any) -> RunOptions:
         """On-demand options from the DAG run's params (the manual trigger form): ``dry_run``,
-        ``full_resync`` and ``max_profiles``; absent params mean a normal run."""
+        ``full_resync``, ``max_profiles`` and ``allow_mass_leave``; absent params mean a normal run."""
         params = (context or {}).get("params") or {}
         max_profiles = params.get("max_profiles")
         return RunOptions(
             dry_run=bool(params.get("dry_run", False)),
             full_resync=bool(params.get("full_resync", False)),
             max_profiles=int(max_profiles) if max_profiles not in (None, "", 0) else None,
+            allow_mass_leave=bool(params.get("allow_mass_leave", False)),
         )
