@@ -1,13 +1,17 @@
 """One export run: read → stage → diff against the last accepted state → send changes → remember what landed.
 
-1. Check (before anything is sent): the mapping's columns exist, the segment fits the limit, the target exists.
-2. Read the segment in chunks; map, validate and serialize each row; stage the profiles on local disk (a profile
-   in several segments is staged once, with all its segments).
+1. Check (before anything is sent): every column the spec names is one of the source's real columns, the
+   segment fits the limit, the target exists.
+2. Read the segment in chunks; map, validate and serialize each row (a row that cannot be sent gets an
+   ``invalid`` outcome row); stage the profiles on local disk (a profile in several segments is staged once,
+   with all its segments).
 3. Diff the staged segment against the export's state (what the destination accepted last time): new and
    changed profiles are sent, unchanged ones are not (unless a full resync is asked for), profiles that left
    get the export's ``on_leave``.
 4. Send the changes in batches, several at once; after each batch, remember the profiles the destination
-   confirmed and write one outcome row per profile. Then segment (tag) changes and leavers.
+   confirmed and write one outcome row per profile. Then segment (tag) changes and leavers, unless they would
+   take out more than ``sync.max_leave_share`` of the remembered profiles (or the segment came back empty):
+   then only tag additions go out and the run fails before any removal (the mass-removal guard).
 A dry run stops after step 3 and reports the plan.
 """
 
