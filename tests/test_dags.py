@@ -251,7 +251,7 @@ def test_mailchimp_dag_end_to_end(airflow_home, sandbox, segment_db, specs_dir):
 def test_missing_column_fails_the_task_before_sending(airflow_home, sandbox, segment_db, specs_dir):
     result = dags_test(airflow_home, sandbox, segment_db, specs_dir, "e2e_missing_column")
     output = result.stdout + result.stderr
-    assert "['email_address'] not found in the source" in output
+    assert "mapping.email: no column 'email_address'" in output
     assert "customer_id, email, first_name" in output
     assert "POST /api/profile-bulk-import-jobs" not in sandbox.state()["requests"]["by_endpoint"]
     assert "failed" in output.lower()

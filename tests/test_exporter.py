@@ -11,8 +11,8 @@ from segment_export.destinations import destination_for
 from segment_export.exporter import ExportError, run_export
 from segment_export.hooks.base import DestinationError
 from segment_export.limit import LimitExceededError
-from segment_export.mapping import MissingColumnsError
 from segment_export.sources import source_for
+from segment_export.sources.base import ColumnNotFoundError
 from segment_export.spec import ExportSpec
 
 
@@ -107,7 +107,7 @@ def test_rejected_rows_are_counted_with_reasons_and_never_reported_as_accepted(t
 
 def test_missing_column_fails_before_anything_is_sent(segment_db, sandbox):
     s = spec(KLAVIYO, mapping={"email": "email", "first_name": "given_name"})
-    with pytest.raises(MissingColumnsError, match=r"\['given_name'\] not found .* customer_id, email"):
+    with pytest.raises(ColumnNotFoundError, match=r"mapping.first_name: no column 'given_name'.* has: customer_id, email"):
         export(s)
     assert sandbox.state()["requests"]["count"] == 0
 

@@ -1,13 +1,17 @@
 """One export run: read → stage → diff against the last accepted state → send changes → remember what landed.
 
-1. Check (before anything is sent): the mapping's columns exist, the segment fits the limit, the target exists.
-2. Read the segment in chunks; map, validate and serialize each row; stage the profiles on local disk (a profile
-   in several segments is staged once, with all its segments).
+1. Check (before anything is sent): every column the spec names is one of the source's real columns, the
+   segment fits the limit, the target exists.
+2. Read the segment in chunks; map, validate and serialize each row (a row that cannot be sent gets an
+   ``invalid`` outcome row); stage the profiles on local disk (a profile in several segments is staged once,
+   with all its segments).
 3. Diff the staged segment against the export's state (what the destination accepted last time): new and
    changed profiles are sent, unchanged ones are not (unless a full resync is asked for), profiles that left
    get the export's ``on_leave``.
 4. Send the changes in batches, several at once; after each batch, remember the profiles the destination
-   confirmed and write one outcome row per profile. Then segment (tag) changes and leavers.
+   confirmed and write one outcome row per profile. Then segment (tag) changes and leavers, unless they would
+   take out more than ``sync.max_leave_share`` of the remembered profiles (or the segment came back empty):
+   then only tag additions go out and the run fails before any removal (the mass-removal guard).
 A dry run stops after step 3 and reports the plan.
 """
 
@@ -16,7 +20,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import queue
-import re
 import time
 from contextlib import contextmanager
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
@@ -28,8 +31,8 @@ from segment_export.destinations.base import Destination
 from segment_export.diff import Change, diff
 from segment_export.limit import decide_limit
 from segment_export.mapping import Rejection, RowMapper
-from segment_export.sources.base import Source
-from segment_export.spec import ExportSpec
+from segment_export.sources.base import Source, check_columns
+from segment_export.spec import ExportSpec, MappingSpec
 from segment_export.staging import Staging
 from segment_export.state import StateStore
 from segment_export.summary import PHASES, BatchResult, ExportSummary
@@ -37,7 +40,9 @@ from segment_export.summary import PHASES, BatchResult, ExportSummary
 log = logging.getLogger(__name__)
 PROGRESS_EVERY_S = 5.0
 EXAMPLES = 3
-_EMAIL_LOCAL = re.compile(rb'"email(_address)?":"[^"@]*@')
+#: top-level payload fields that describe the request, not the person (kept in a dry run's examples)
+_STRUCTURAL = frozenset({"type", "status", "subscribe"})
+_EMAIL_FIELDS = frozenset({"email", "email_address"})
 
 
 @dataclass(frozen=True)
@@ -68,6 +73,11 @@ class ExportError(RuntimeError):
         self.summary = summary
 
 
+class MassLeaveError(ExportError):
+    """The run would remove more of the export's remembered profiles than ``sync.max_leave_share`` allows (or the
+    segment came back empty): additions and updates were sent, removals were not."""
+
+
 class RejectedShareError(ExportError):
     """The run finished, but too much of the segment was invalid or rejected: fail so that alerting fires."""
 
@@ -86,16 +96,50 @@ def check_rejected_share(spec: ExportSpec, summary: ExportSummary) -> None:
     )
 
 
+def spec_columns(spec: ExportSpec) -> list[tuple[str, str]]:
+    """Every source column the spec names, with the field that names it (for errors that point at the spec)."""
+    mapping = spec.mapping
+    named = [("source.segment_column", spec.source.segment_column)]
+    named += [(f"mapping.{name}", getattr(mapping, name)) for name in (
+        "email", "first_name", "last_name", "phone_number", "external_id", "consent")]
+    named += [(f"mapping.attributes.{name}", column) for name, column in mapping.attributes.items()]
+    named.append(("limit.order_by", spec.limit.order_by))
+    return [(field, column) for field, column in named if column]
+
+
 def fingerprint(fragment: bytes) -> str:
     """What was sent, in 32 hex characters: any change to a mapped value (or to the mapping) changes it."""
     return hashlib.blake2b(fragment, digest_size=16).hexdigest()
 
 
 def redacted_example(fragment: bytes) -> dict[str, Any]:
-    """A payload for the dry-run report, with the address's local part hidden."""
+    """A payload for the dry-run report (an XCom anyone who sees the DAG can read): its shape and field names,
+    with every mapped value masked (names, phone, external id, properties, merge fields...); an address keeps
+    only its domain. Only what describes the request itself (``type``, ``status``, ``subscribe``) is shown."""
     import json
 
-    return json.loads(_EMAIL_LOCAL.sub(lambda m: m.group(0)[: m.group(0).index(b":") + 2] + b"***@", fragment))
+    payload = json.loads(fragment)
+    return {k: v if k in _STRUCTURAL and not isinstance(v, (dict, list)) else _masked(k, v) for k, v in payload.items()}
+
+
+def _masked(key: str, value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _masked(k, v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_masked(key, v) for v in value]
+    if value is None:
+        return None
+    if key in _EMAIL_FIELDS and isinstance(value, str) and "@" in value:
+        return "***@" + value.rsplit("@", 1)[1]
+    return "***"
+
+
+def _action(key: str, change: Change, result: BatchResult) -> str:
+    """``created`` or ``updated`` as the destination answered (a profile new to this export may already have
+    been in the audience); the diff's kind only where the destination does not say (Klaviyo's bulk import)."""
+    if result.updated_keys is None:
+        return "created" if change.kind == "create" else "updated"
+    return "updated" if key in result.updated_keys else "created"
 
 
 class PhaseClock:
@@ -127,11 +171,15 @@ class PhaseClock:
 class _Sender:
     """Sends batches on a thread pool; folds each result into the summary and the state, in the caller's thread."""
 
-    def __init__(self, destination: Destination, summary: ExportSummary, logger: logging.Logger, expected: int,
+    def __init__(self, destination: Destination, summary: ExportSummary, logger: logging.Logger,
                  on_result: Callable[[Batch, BatchResult], None], on_submit: Callable[[Batch], None],
                  on_tick: Callable[[], None]):
         self.destination, self.summary, self.log = destination, summary, logger
-        self.expected, self.on_result, self.on_submit, self.on_tick = expected, on_result, on_submit, on_tick
+        self.on_result, self.on_submit, self.on_tick = on_result, on_submit, on_tick
+        # Profiles handed over in batches; how many the run sends is known once the diff has formed every batch
+        # (a segment's row count is not it: a profile in two segments is two rows, an unchanged one is not sent).
+        self.queued = 0
+        self.expected: int | None = None
         self.pool = ThreadPoolExecutor(max_workers=destination.concurrency, thread_name_prefix="segment-export")
         self.pending: dict[Future[BatchResult], Batch] = {}
         self.failure: BaseException | None = None
@@ -155,6 +203,7 @@ class _Sender:
         if self.failure is not None:
             raise self.failure
         self.on_submit(batch)
+        self.queued += len(batch)
         self.pending[self.pool.submit(self.destination.send, batch)] = batch
 
     def _collect(self, done: set[Future[BatchResult]]) -> None:
@@ -176,10 +225,11 @@ class _Sender:
                 continue
             self.last_log = now
             rate = self.summary.sent / max(now - self.started, 1e-6)
+            of = f"/{self.expected}" if self.expected is not None else f" of {self.queued} queued so far"
             self.log.info(
-                "batch %d: %d sent, %d accepted, %d rejected, %d skipped | total %d/%d sent, %.0f profiles/s",
+                "batch %d: %d sent, %d accepted, %d rejected, %d skipped | total %d%s profiles sent, %.0f profiles/s",
                 batch.number, len(batch), result.accepted, sum(result.rejected.values()),
-                sum(result.skipped.values()), self.summary.sent, self.expected, rate,
+                sum(result.skipped.values()), self.summary.sent, of, rate,
             )
 
     def drain(self) -> None:
@@ -232,8 +282,10 @@ class _Run:
         segment_column = spec.source.segment_column
         if segment_column and segment_column not in columns:
             columns = columns + [segment_column]
-        RowMapper(spec.mapping, self.source.columns())  # fails here, naming the missing columns
+        # Before anything is read or sent: each named column must be one of the source's real columns.
+        check_columns(f"export {spec.id}: the {self.source.description}", spec_columns(spec), self.source.columns())
         mapper = RowMapper(spec.mapping, columns)
+        self._email_only = RowMapper(MappingSpec(email=spec.mapping.email), columns)
         seg_index = columns.index(segment_column) if segment_column else None
         default_segment = spec.id  # without a segment column, the export itself is the one segment
 
@@ -264,21 +316,28 @@ class _Run:
             if rows is None:
                 clock.switch(previous_phase)
                 break
+            first = summary.read
             summary.read += len(rows)
             profiles: list[tuple[str, str, bytes, str]] = []
-            for row in rows:
+            invalid: list[tuple[str, str, str]] = []
+            for i, row in enumerate(rows):
                 profile = mapper.map(row)
                 if isinstance(profile, Rejection):
                     summary.add_invalid(profile.reason)
+                    invalid.append((self._row_key(row, first + i + 1), "invalid", profile.reason))
                     continue
                 fragment = encode(profile)
                 if isinstance(fragment, Rejection):
                     summary.add_invalid(fragment.reason)
+                    invalid.append((profile.key, "invalid", fragment.reason))
                     continue
                 segment = str(row[seg_index]) if seg_index is not None else default_segment
                 profiles.append((profile.key, fingerprint(fragment), fragment, segment))
             clock.switch("stage")
             self.staging.add(profiles)
+            if invalid and self.state is not None and not options.dry_run:
+                with clock.phase("state"):  # per chunk: memory stays bounded however many rows are invalid
+                    self.state.record_outcomes(options.run_id, invalid)
             clock.switch(previous_phase)
         with clock.phase("stage"):
             if self.state is not None:
@@ -286,13 +345,21 @@ class _Run:
             self.staging.seal()
         return decision.read_limit or total
 
+    def _row_key(self, row: tuple[Any, ...], position: int) -> str:
+        """The outcome key of a row rejected before sending: its profile key (the lower-cased email) when the
+        address is valid, else ``row <n>`` (its position in the order this run read the source), so that the
+        outcomes table holds nothing personal beyond the keys the segment already has."""
+        profile = self._email_only.map(row)
+        return profile.key if not isinstance(profile, Rejection) else f"row {position}"
+
     # -- 3 + 4: diff and send --------------------------------------------------------------------------------
-    def send(self, expected: int) -> None:
+    def send(self) -> None:
         summary, destination, dry = self.summary, self.destination, self.options.dry_run
         on_leave = self.spec.on_leave
         batcher = Batcher(destination.max_batch_profiles, destination.max_batch_bytes)
-        sender = _Sender(destination, summary, self.log, expected, self._batch_done, self._batch_submitting, self._record_jobs)
-        leavers = 0
+        sender = _Sender(destination, summary, self.log, self._batch_done, self._batch_submitting, self._record_jobs)
+        leavers = untagged = 0  # profiles that would leave (on_leave) / stay but lose a segment's tag or list
+        manages_segments = destination.manages_segments
         diff_phase = self.clock.switch("diff")
         try:
             for change in diff(self.staging.current(), self.staging.previous(), full_resync=self.options.full_resync):
@@ -301,10 +368,11 @@ class _Run:
                         leavers += 1
                         if dry:
                             self._count_tags(change)
-                        else:
+                        else:  # its tag changes are queued once the mass-removal guard lets them go
                             self.staging.queue_leaver(change.key, change.previous_segments)
-                            self._queue_tags(change)
                     continue
+                if change[5] and manages_segments and change.segments_removed:
+                    untagged += 1
                 if change.kind == "unchanged":
                     summary.unchanged += 1
                     if destination.manages_segments and (change.segments_added or change.segments_removed):
@@ -326,6 +394,7 @@ class _Run:
             last = batcher.flush()
             if last is not None:
                 sender.submit(last)
+            sender.expected = sender.queued
         except BaseException as exc:
             if exc is not sender.failure:
                 sender.drain()
@@ -341,12 +410,53 @@ class _Run:
                 "an unknown outcome, are not counted as sent, and will be sent again by the next run",
                 summary,
             ) from sender.failure
+        stop = self._mass_leave(leavers, untagged)
         if dry:
             summary.removed = leavers  # would be removed
             summary.batches = -(-summary.planned // destination.max_batch_profiles)  # would be sent
+            if stop:
+                summary.held_back = leavers + untagged
+                self.log.warning("a real run would stop here: %s", stop)
             return
+        if stop:
+            self.staging.withhold_removals()
+        else:
+            self._queue_leaver_tags()
         self._apply_segments()
+        if stop:
+            summary.held_back = leavers + untagged
+            raise MassLeaveError(
+                f"{stop}. The run sent its additions and updates ({summary.accepted} profiles accepted, "
+                f"{summary.tags_added} tags added) and then stopped: nothing was removed, untagged or unsubscribed, "
+                "and the next run will stop again. If the removal is intended, trigger the run with "
+                "allow_mass_leave: true (or set sync.allow_mass_leave: true, or raise sync.max_leave_share)",
+                summary,
+            )
         self._apply_leavers(on_leave)
+
+    def _mass_leave(self, leavers: int, untagged: int) -> str | None:
+        """Why this run must not send its removals, or None. A typo in a segment name or filter, or a broken
+        upstream table, makes a segment look empty; sending that would strip every profile the export manages."""
+        spec, remembered = self.spec, self.staging.previous_rows
+        losing = leavers + untagged
+        if losing == 0 or remembered == 0 or self.options.allow_mass_leave or spec.sync.allow_mass_leave:
+            return None
+        share, limit = losing / remembered, spec.sync.max_leave_share
+        what = (f"export {spec.id}: this run would remove, untag or unsubscribe {losing} of the {remembered} profiles "
+                f"the export remembers ({share:.1%}: {leavers} left the segment, on_leave: {spec.on_leave}; "
+                f"{untagged} lost one of their segments)")
+        if self.staging.rows == 0:
+            return f"{what}, because the segment came back empty (0 valid profiles of {self.summary.read} rows read)"
+        if limit is not None and share > limit:
+            return f"{what}, over the limit of {limit:.1%} (sync.max_leave_share)"
+        return None
+
+    def _queue_leaver_tags(self) -> None:
+        """The tag (list) removals of the profiles that left: queued after the diff, once the guard agreed."""
+        if not self.destination.manages_segments:
+            return
+        for chunk in self.staging.leavers(5000):
+            self._queue_tags(*(tuple.__new__(Change, (key, "leave", None, None, (), segments)) for key, segments in chunk))
 
     def _remember(self, batch_number: int, change: Change) -> None:
         """Keep what the batch's outcome needs, without the payload (the batch holds it until it is sent): a
@@ -408,7 +518,7 @@ class _Run:
                 # Segments are remembered once their tags are applied (Mailchimp); until then, the old ones.
                 remembered = change.previous_segments if self.destination.manages_segments else change.segments
                 accepted.append((key, change.fingerprint, remembered))
-                outcomes.append((key, "created" if change.kind == "create" else "updated", None))
+                outcomes.append((key, _action(key, change, result), None))
                 tagged.append(change)
             elif key in result.skipped_keys:
                 # A lasting refusal: remembered, so it is not retried until the row changes.
@@ -508,8 +618,8 @@ def run_export(
     run = _Run(spec, source, destination, state, options, logger)
     try:
         run.resume()
-        expected = run.stage()
-        run.send(expected)
+        run.stage()
+        run.send()
     finally:
         run.summary.seconds = clock() - started
         run.close()

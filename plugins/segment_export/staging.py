@@ -40,12 +40,15 @@ class Staging:
             CREATE TABLE previous (key TEXT NOT NULL, fingerprint TEXT NOT NULL, segments TEXT NOT NULL);
             -- work queued while the diff streams: tag changes, profiles waiting on them, profiles that left
             CREATE TABLE tag_ops (segment TEXT NOT NULL, op TEXT NOT NULL, key TEXT NOT NULL);
-            CREATE TABLE pending (key TEXT PRIMARY KEY, fingerprint TEXT NOT NULL, segments TEXT NOT NULL) WITHOUT ROWID;
+            -- pending.removed: the segments its tag changes take away (kept when the mass-removal guard holds them)
+            CREATE TABLE pending (key TEXT PRIMARY KEY, fingerprint TEXT NOT NULL, segments TEXT NOT NULL,
+                                  removed TEXT NOT NULL) WITHOUT ROWID;
             CREATE TABLE leavers (key TEXT PRIMARY KEY, segments TEXT NOT NULL) WITHOUT ROWID;
             """
         )
         self.conn.execute("BEGIN")
         self.rows = 0
+        self.previous_rows = 0  # profiles the export's state remembers
         self.duplicates = 0  # rows that repeated a key already staged, counted by current()
 
     def add(self, profiles: list[tuple[str, str, bytes, str]]) -> None:
@@ -57,6 +60,7 @@ class Staging:
         """Copy the state's profiles (one row per key: the state's primary key)."""
         batch: list[tuple[str, str, str]] = []
         for row in rows:
+            self.previous_rows += 1
             batch.append((row.key, row.fingerprint, SEP.join(row.segments)))
             if len(batch) >= 10_000:
                 self.conn.executemany("INSERT INTO previous VALUES (?, ?, ?)", batch)
@@ -103,12 +107,26 @@ class Staging:
         ops = [(seg, op, key) for key, _, _, added, removed in changes for op, segs in (("+", added), ("-", removed)) for seg in segs]
         self.conn.executemany("INSERT INTO tag_ops VALUES (?, ?, ?)", ops)
         self.conn.executemany(
-            "INSERT OR REPLACE INTO pending VALUES (?, ?, ?)",
-            [(key, fp, SEP.join(segments)) for key, fp, segments, _, _ in changes if fp],
+            "INSERT OR REPLACE INTO pending VALUES (?, ?, ?, ?)",
+            [(key, fp, SEP.join(segments), SEP.join(removed)) for key, fp, segments, _, removed in changes if fp],
         )
+
+    def withhold_removals(self) -> None:
+        """Drop every queued tag removal (the mass-removal guard): additions still go out, and the profiles waiting
+        on them are remembered with the segments they keep (see ``pending``)."""
+        self.conn.execute("DELETE FROM tag_ops WHERE op = '-'")
+        self.withheld = True
+
+    withheld = False
 
     def queue_leaver(self, key: str, segments: tuple[str, ...]) -> None:
         self.conn.execute("INSERT OR REPLACE INTO leavers VALUES (?, ?)", (key, SEP.join(segments)))
+
+    def leavers(self, size: int) -> Iterator[list[tuple[str, tuple[str, ...]]]]:
+        """The queued leavers with the segments they were in, ``size`` at a time, by key."""
+        cursor = self.conn.cursor().execute("SELECT key, segments FROM leavers ORDER BY key")
+        while rows := cursor.fetchmany(size):
+            yield [(key, tuple(segments.split(SEP)) if segments else ()) for key, segments in rows]
 
     def tag_chunks(self, size: int) -> Iterator[tuple[str, str, list[str]]]:
         """(segment, "+" or "-", up to ``size`` keys) for every queued tag change, streamed."""
@@ -127,8 +145,13 @@ class Staging:
         return [r[0] for r in self.conn.execute("SELECT DISTINCT segment FROM tag_ops WHERE op = '+'")]
 
     def pending(self) -> Iterator[tuple[str, str, tuple[str, ...]]]:
-        for key, fingerprint, segments in self.conn.execute("SELECT key, fingerprint, segments FROM pending ORDER BY key"):
-            yield key, fingerprint, tuple(segments.split(SEP)) if segments else ()
+        for key, fingerprint, segments, removed in self.conn.execute(
+            "SELECT key, fingerprint, segments, removed FROM pending ORDER BY key"
+        ):
+            kept = segments.split(SEP) if segments else []
+            if self.withheld and removed:
+                kept = sorted({*kept, *removed.split(SEP)})
+            yield key, fingerprint, tuple(kept)
 
     def leaver_chunks(self, size: int) -> Iterator[list[str]]:
         cursor = self.conn.execute("SELECT key FROM leavers ORDER BY key")

@@ -31,6 +31,8 @@ class BatchResult:
     rejected_keys: dict[str, str] = field(default_factory=dict)
     skipped_keys: dict[str, str] = field(default_factory=dict)
     subscribed: int | None = None
+    #: the accepted profiles the destination says it updated (it already held them); the other accepted ones it
+    #: created. None: the destination does not say (Klaviyo's bulk import), then the diff's kind is reported.
     updated_keys: set[str] | None = None
     #: Klaviyo's profile id of accepted (and skipped) profiles, where known: remembered in the state, so that
     #: removals and list moves go by id
@@ -69,6 +71,7 @@ class ExportSummary:
     skipped: int = 0  # the destination declined for a lasting reason (e.g. compliance state); not retried
     unchanged: int = 0  # in the segment, same as last accepted: not sent
     removed: int = 0  # left the segment and removed from what the export manages
+    held_back: int = 0  # removals the mass-removal guard did not send (sync.max_leave_share)
     tags_added: int = 0
     tags_removed: int = 0
     subscribed: int | None = None  # Klaviyo with destination.subscribe: consenting profiles asked to subscribe
@@ -128,6 +131,7 @@ class ExportSummary:
             "skipped": self.skipped,
             "unchanged": self.unchanged,
             "removed": self.removed,
+            "held_back": self.held_back,
             "subscribed": self.subscribed,
             "pending": self.pending,
             "tags_added": self.tags_added,
@@ -159,6 +163,7 @@ class ExportSummary:
             ("skipped by destination", self.skipped),
             ("unchanged (not sent)", self.unchanged),
             ("removed (left segment)", self.removed),
+            ("removals held back", self.held_back),
             ("subscribed (consent)", "n/a" if self.subscribed is None else self.subscribed),
             *([("pending (double opt-in)", self.pending)] if self.pending is not None else []),
             ("tags added / removed", f"{self.tags_added} / {self.tags_removed}"),

@@ -69,3 +69,23 @@ def test_csv_bytes_that_are_not_utf8_cost_their_row_only(tmp_path):
     assert results[0].first_name == "Ana"
     assert results[1] == Rejection("a mapped field is not valid UTF-8")
     assert results[2] == Rejection("email is not valid UTF-8")
+
+
+def test_segment_column_asked_for_as_the_exporter_asks_is_read_once(segment_file):
+    # The exporter reads the mapped columns plus the segment column (to know each row's segment); the source
+    # filters on that same column. Asked for twice, CSV crashed ("'DataFrame' object has no attribute 'str'").
+    spec = SourceSpec(path=str(segment_file), segment_column="segment", segments=["vip", "winback"], chunk_size=64)
+    source = source_for(spec)
+    expected = [(r[1], r[2], r[-1]) for r in segment_data.rows(500) if r[-1] in ("vip", "winback")]
+    assert all_rows(source, ["email", "first_name", "segment"]) == expected
+    assert all_rows(source, ["segment", "email"]) == [(r[2], r[0]) for r in expected]
+    keep = all_rows(source, ["email", "segment"], order_by="segment", tie_breaker="email", limit=5)
+    assert sorted(keep) == sorted((r[0], r[2]) for r in expected)[:5]
+
+
+def test_segment_column_first_in_the_file_counts(tmp_path):
+    path = tmp_path / "first.csv"
+    path.write_text("segment,email\nvip,a@example.com\nother,b@example.com\nvip,c@example.com\n")
+    source = source_for(SourceSpec(path=str(path), segment_column="segment", segments=["vip"]))
+    assert source.count() == 2
+    assert all_rows(source, ["email", "segment"]) == [("a@example.com", "vip"), ("c@example.com", "vip")]

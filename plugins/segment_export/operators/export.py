@@ -8,7 +8,7 @@ from typing import Any, Sequence
 from airflow.sdk import BaseOperator
 
 from segment_export.destinations import destination_for
-from segment_export.exporter import ExportError, RunOptions, run_export
+from segment_export.exporter import ExportError, MassLeaveError, RejectedShareError, RunOptions, run_export
 from segment_export.sources import source_for
 from segment_export.spec import ExportSpec
 from segment_export.state import StateStore
@@ -41,6 +41,15 @@ class SegmentExportOperator(BaseOperator):
         self.log.info("sync state: %s", state.description)
         try:
             summary = run_export(spec, source, destination, state=state, options=options, logger=self.log)
+        except RejectedShareError as exc:
+            # Not a stop: every batch went out and is remembered; the share check fails the task so alerting fires.
+            self.log.error("the run completed, then failed the rejected-share check (limit.max_rejected_share): %s\n%s",
+                           exc, exc.summary.table())
+            raise
+        except MassLeaveError as exc:
+            self.log.error("the run sent its additions and updates, then stopped before any removal: %s\n%s",
+                           exc, exc.summary.table())
+            raise
         except ExportError as exc:
             self.log.error("export stopped; what the destination confirmed before:\n%s", exc.summary.table())
             raise

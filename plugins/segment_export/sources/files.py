@@ -29,15 +29,27 @@ class FileSource(Source):
     def _raw_chunks(self, columns: Sequence[str]) -> Iterator[list[Row]]:
         raise NotImplementedError
 
+    def _unique_chunks(self, columns: Sequence[str]) -> Iterator[list[Row]]:
+        """``_raw_chunks`` for columns that may repeat (the exporter asks for the segment column alongside the
+        mapped ones, and a mapped column may be the segment or order column too): each is read once."""
+        unique = list(dict.fromkeys(columns))
+        if len(unique) == len(columns):
+            yield from self._raw_chunks(columns)
+            return
+        positions = [unique.index(c) for c in columns]
+        for rows in self._raw_chunks(unique):
+            yield [tuple(r[i] for i in positions) for r in rows]
+
     def _segment_rows(self, columns: Sequence[str]) -> Iterator[list[Row]]:
-        """Chunks of ``columns`` rows, filtered to the spec's segments (the segment column read alongside)."""
+        """Chunks of ``columns`` rows, filtered to the spec's segments (the segment column read alongside,
+        once, whether or not it is one of ``columns``)."""
         seg_col = self.spec.segment_column
         if not seg_col:
-            yield from self._raw_chunks(columns)
+            yield from self._unique_chunks(columns)
             return
         wanted = set(self.spec.segments or [])
         cols = list(columns) + [seg_col]
-        for rows in self._raw_chunks(cols):
+        for rows in self._unique_chunks(cols):
             kept = [r[:-1] for r in rows if r[-1] in wanted]
             if kept:
                 yield kept

@@ -1,7 +1,9 @@
 """SQL sources: a table or a query behind any Airflow SQL connection (common-sql ``DbApiHook``).
 
 Identifiers from the spec are quoted with the connection's own escape format (``"…"`` by default,
-``escape_word_format`` in the connection extra otherwise); segment names are bound parameters. Nothing
+``escape_word_format`` in the connection extra otherwise; on SQLite without one, ```…```, because SQLite reads
+an unknown ``"…"`` as a string literal), and every one is checked against the source's real columns before
+it is used: a misspelt column is an error, never a constant. Segment names are bound parameters. Nothing
 from the spec is pasted into SQL unquoted, except a ``query``, which is the user's own SQL by design.
 Rows are fetched with ``fetchmany`` on a server-side cursor where the driver has one (PostgreSQL), so a
 large segment is never held in memory.
@@ -13,7 +15,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
 
-from segment_export.sources.base import Row, Source, SourceError
+from segment_export.sources.base import Row, Source, SourceError, check_columns
 from segment_export.spec import SourceSpec
 
 
@@ -35,6 +37,22 @@ class SqlDialect:
 
     def q(self, name: str) -> str:
         return quote_identifier(name, self.escape_format)
+
+    @classmethod
+    def of(cls, hook: Any) -> SqlDialect:
+        """The connection's quoting (common-sql's ``escape_word_format``) and placeholder. SQLite reads an unknown
+        double-quoted identifier as a string literal, so there, unless the connection says otherwise, names are
+        quoted with backticks, which SQLite only ever reads as identifiers (an unknown one is an error)."""
+        escape = getattr(hook, "escape_word_format", None) or '"{}"'
+        placeholder = getattr(hook, "placeholder", None) or "%s"
+        try:
+            explicit = (hook.connection_extra or {}).get("escape_word_format")
+            sqlite = hook.dialect_name == "sqlite"
+        except Exception:  # noqa: BLE001 - a hook without common-sql's connection helpers: its own format then
+            explicit, sqlite = escape, False
+        if sqlite and not explicit:
+            escape = "`{}`"
+        return cls(escape_format=escape, placeholder=placeholder)
 
 
 def build_from(spec: SourceSpec, dialect: SqlDialect) -> tuple[str, list[Any]]:
@@ -76,13 +94,11 @@ class SqlSource(Source):
     def __init__(self, spec: SourceSpec, hook: Any):
         self.spec, self.hook = spec, hook
         self.chunk_size = spec.chunk_size
-        self.dialect = SqlDialect(
-            escape_format=getattr(hook, "escape_word_format", '"{}"') or '"{}"',
-            placeholder=getattr(hook, "placeholder", "%s") or "%s",
-        )
+        self.dialect = SqlDialect.of(hook)
         what = f"table {spec.table}" if spec.table else "query"
         self.description = f"{what} on connection {spec.conn_id}"
         self._conn: Any = None
+        self._columns: list[str] | None = None
 
     @classmethod
     def from_spec(cls, spec: SourceSpec) -> SqlSource:
@@ -117,14 +133,26 @@ class SqlSource(Source):
         return cursor
 
     def columns(self) -> list[str]:
-        from_sql, params = build_from(self.spec, self.dialect)
-        cursor = self._execute(f"SELECT * {from_sql} AND 1 = 0" if params else f"SELECT * {from_sql} WHERE 1 = 0", params)
-        try:
-            return [d[0] for d in cursor.description]
-        finally:
-            cursor.close()
+        """The relation's columns, from a query that returns no row (without the segment filter, whose column
+        is checked against them)."""
+        if self._columns is None:
+            relation = build_from(self.spec.model_copy(update={"segment_column": None, "segments": None}), self.dialect)[0]
+            cursor = self._execute(f"SELECT * {relation} WHERE 1 = 0", [])
+            try:
+                self._columns = [str(d[0]) for d in cursor.description]
+            finally:
+                cursor.close()
+        return self._columns
+
+    def _check(self, columns: Sequence[str] = (), order_by: str | None = None, tie_breaker: str | None = None) -> None:
+        """Every identifier a statement will quote must be a real column (see the module's docstring)."""
+        named = [("requested column", c) for c in columns] + [("order_by", c) for c in (order_by, tie_breaker) if c]
+        if self.spec.segment_column:
+            named.insert(0, ("source.segment_column", self.spec.segment_column))
+        check_columns(f"the {self.description}", named, self.columns())
 
     def count(self) -> int:
+        self._check()
         from_sql, params = build_from(self.spec, self.dialect)
         cursor = self._execute(f"SELECT COUNT(*) {from_sql}", params)
         try:
@@ -133,6 +161,7 @@ class SqlSource(Source):
             cursor.close()
 
     def chunks(self, columns, *, order_by=None, tie_breaker=None, limit=None) -> Iterator[list[Row]]:
+        self._check(columns, order_by, tie_breaker)
         sql, params = build_select(self.spec, self.dialect, columns, order_by=order_by, tie_breaker=tie_breaker, limit=limit)
         cursor = self._execute(sql, params, stream=True)
         try:
