@@ -73,6 +73,25 @@ def export_ids(env: dict[str, str]) -> list[str]:
     return [s.id for s in specs]
 
 
+def held_addresses(state: dict) -> dict[str, list[str]]:
+    """Every list's and audience's addresses (lower-cased, sorted), by target."""
+    (klaviyo,) = state["klaviyo"]["accounts"].values()
+    (mailchimp,) = state["mailchimp"]["accounts"].values()
+    held = {f"klaviyo {list_id}": sorted(klaviyo["profiles"][pid]["email"].lower() for pid in lst["profile_ids"])
+            for list_id, lst in klaviyo["lists"].items()}
+    held.update({f"mailchimp {audience_id}": sorted(m["email_address"].lower() for m in audience["members"].values())
+                 for audience_id, audience in mailchimp["audiences"].items()})
+    return held
+
+
+def held_digest(state: dict) -> str:
+    """One digest of who is held where, to compare whole demo runs (e.g. under other sandbox behaviours)."""
+    import hashlib
+    import json
+
+    return hashlib.sha256(json.dumps(held_addresses(state), sort_keys=True).encode()).hexdigest()[:16]
+
+
 def held(state: dict, summary: dict) -> int:
     """How many profiles the sandbox holds in the export's list or audience."""
     if summary["destination"] == "klaviyo":
@@ -129,6 +148,7 @@ def main() -> int:
     print("\n'held' is what the sandbox holds in the list or audience now (for the rerun: the audience, whose tags the")
     print("5 leavers lost); Klaviyo does not say created vs updated. State and per-row outcomes: tables")
     print("segment_export_state and segment_export_outcomes in .demo/segments.db.")
+    print(f"Held profiles digest (who is in every list and audience): {held_digest(state)}")
     print("Task logs: .demo/logs/. Open the UI with `make airflow`.")
     return 1 if failed else 0
 

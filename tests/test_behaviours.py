@@ -21,11 +21,11 @@ import signal
 import sqlite3
 import subprocess
 import sys
-import time
 
 import pytest
 import segment_data
 from sandbox_state import klaviyo_profiles, mailchimp_members
+from test_faults import wait_for
 from segment_export_sandbox import KLAVIYO_LIST_ID, MAILCHIMP_AUDIENCE_ID
 from segment_export_sandbox.config import BEHAVIOURS
 
@@ -86,15 +86,6 @@ def run(spec: ExportSpec, run_id: str):
 def sql(db, statement, params=()):
     with sqlite3.connect(db) as conn:
         return conn.execute(statement, params).fetchall()
-
-
-def wait_for(predicate, timeout=60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.05)
-    raise AssertionError("timed out")
 
 
 def requests_to(sandbox, endpoint: str) -> int:
