@@ -95,7 +95,7 @@ def test_a_failing_export_fails_its_run_and_calls_the_spec_callback(airflow_depl
     run_id = dep.trigger("e2e_celery_failing")
     assert dep.wait_for_run("e2e_celery_failing", run_id)["state"] == "failed"
     log = dep.task_log("e2e_celery_failing", run_id)
-    assert "['no_such_column'] not found in the source" in log
+    assert "mapping.email: no column 'no_such_column'" in log
     (alert,) = [json.loads(line) for line in dep.alerts_file.read_text().splitlines()]
     assert (alert["dag_id"], alert["task_id"], alert["run_id"]) == ("e2e_celery_failing", "export", run_id)
     assert "no_such_column" in alert["exception"]

@@ -198,3 +198,11 @@ def test_adaptive_concurrency_bounds_requests_in_flight():
     third.join(2)
     assert not third.is_alive()
     limit.release(held[1], None)
+
+
+def test_hook_errors_never_carry_a_customer_address(airflow_conn):
+    from segment_export.hooks.klaviyo import KlaviyoHook
+
+    airflow_conn("klaviyo_x", conn_type="klaviyo", host="http://127.0.0.1:9", password="pk_x")
+    error = KlaviyoHook("klaviyo_x").error("400 invalid: 'ada.lovelace.1@example.com' is not a valid email")
+    assert "example.com" not in str(error) and "<email>" in str(error) and "klaviyo_x" in str(error)

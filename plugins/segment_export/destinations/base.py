@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import re
 from abc import ABC, abstractmethod
 from typing import Any, Callable
 
 import msgspec
 
 from segment_export.batching import Batch
+from segment_export.hooks.base import redact_emails  # noqa: F401 - the destinations' one redaction
 from segment_export.mapping import Profile, Rejection
 from segment_export.summary import BatchResult
 
@@ -33,12 +33,6 @@ def dump_bytes(value: Any) -> bytes:
     return _encode(value)
 
 
-_EMAIL_IN_TEXT = re.compile(r"[^\s@\"'<>()]+@[^\s@\"'<>()]+")
-
-
-def redact_emails(text: str) -> str:
-    """A destination's message with any address it quotes replaced, so it can be logged and counted."""
-    return _EMAIL_IN_TEXT.sub("<email>", text)
 
 
 class Destination(ABC):

@@ -5,8 +5,8 @@ options, with two deliberate differences:
 
 - connection extras are never copied into request headers (``HttpHook`` does that by default, which would
   leak configuration to the destination), only the transport options it knows (timeout, proxies, verify...);
-- requests go through :meth:`DestinationHook.request`, which paces each endpoint to the destination's
-  documented rate limits, retries what can succeed later (throttling, 5xx, timeouts, dropped connections,
+- requests go through one exchange (:meth:`DestinationHook.request_json` and its siblings), which paces each
+  endpoint to the destination's documented rate limits, retries what can succeed later (throttling, 5xx, timeouts, dropped connections,
   and a success answer whose body is not the JSON the API always sends, e.g. a proxy's HTML page) with
   backoff, jitter and ``Retry-After``, and fails at once, with the destination's own message, on what
   cannot (401, 403 that is not throttling, 404, validation errors);
@@ -15,13 +15,15 @@ options, with two deliberate differences:
   connection cap with other apps instead of failing on it.
 
 Every error a hook raises starts with ``<Destination> connection '<conn_id>':`` so a user with several
-connections knows which one to fix; no message carries the API key or a request's query string (Klaviyo's
+connections knows which one to fix; no message carries the API key, an email address (``redact_emails``:
+answers and request bodies may quote customers' addresses) or a request's query string (Klaviyo's
 pagination links repeat the email filter).
 """
 
 from __future__ import annotations
 
 import random
+import re
 import threading
 import time
 from collections import deque
@@ -35,6 +37,14 @@ from requests.adapters import HTTPAdapter
 from airflow.providers.http.hooks.http import HttpHook, _process_extra_options_from_connection
 
 from airflow.sdk.log import mask_secret
+
+_EMAIL_IN_TEXT = re.compile(r"[^\s@\"'<>()]+@[^\s@\"'<>()]+")
+
+
+def redact_emails(text: str) -> str:
+    """A destination's message with any address it quotes replaced, so it can be logged and counted (every
+    error a hook raises goes through it: answers and request bodies may quote customers' addresses)."""
+    return _EMAIL_IN_TEXT.sub("<email>", text)
 
 _decode = msgspec.json.decode
 
@@ -234,7 +244,7 @@ class DestinationHook(HttpHook):
     # -- requests ----------------------------------------------------------------------------------------
     def error(self, text: str, **kwargs: Any) -> DestinationError:
         """An error naming this hook's connection (never its key): ``Klaviyo connection 'x': <text>``."""
-        return DestinationError(f"{self.hook_name} connection {self.conn_id!r}: {text}", **kwargs)
+        return DestinationError(f"{self.hook_name} connection {self.conn_id!r}: {redact_emails(text)}", **kwargs)
 
     def error_message(self, response: requests.Response) -> str:
         """The destination's own explanation of a failed response."""
@@ -245,21 +255,6 @@ class DestinationHook(HttpHook):
         if response.status_code == 429:
             return THROTTLED
         return RETRY if response.status_code in RETRYABLE_STATUS else FAIL
-
-    def request(
-        self,
-        method: str,
-        endpoint: str,
-        *,
-        limit_key: str | None = None,
-        json: Any = None,
-        data: bytes | None = None,
-        params: dict[str, Any] | None = None,
-        headers: dict[str, str] | None = None,
-    ) -> requests.Response:
-        """Send one request with pacing and bounded retries; return the successful response (body unread)."""
-        return self._exchange(method, endpoint, _raw, limit_key=limit_key, json=json, data=data, params=params,
-                              headers=headers)[0]
 
     def request_json(self, method: str, endpoint: str, **kwargs: Any) -> Any:
         """The decoded JSON answer (``None`` when empty); a success answer that is not JSON is retried."""
@@ -350,10 +345,6 @@ class DestinationHook(HttpHook):
 
     def test_connection(self) -> tuple[bool, str]:
         raise NotImplementedError
-
-
-def _raw(response: requests.Response) -> None:
-    return None
 
 
 def _json_body(response: requests.Response) -> Any:
