@@ -243,13 +243,14 @@ def test_a_slow_batch_job_is_polled_with_backoff_and_one_never_finished_fails_th
     assert mailchimp_members(sandbox.state(), AUD)["old@example.com"]["status"] == "pending"
 
 
-def test_the_results_archive_is_downloaded_without_the_api_key(sandbox, monkeypatch):
-    """``response_body_url`` is a download link of its own (pre-signed storage on Mailchimp): the key stays home."""
+def test_the_results_archive_is_downloaded_without_the_api_key_and_a_truncated_one_is_retried(sandbox):
+    """``response_body_url`` is a download link of its own (pre-signed storage on Mailchimp): the key stays home.
+    A download cut short is not a Mailchimp answer to give up on: it is fetched again, like a 5xx."""
     import io
     import json
     import tarfile
-
-    import requests
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
     from segment_export.hooks.mailchimp import MailchimpHook
 
@@ -260,16 +261,27 @@ def test_the_results_archive_is_downloaded_without_the_api_key(sandbox, monkeypa
             info = tarfile.TarInfo(name)
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
-    seen = []
+    archive, seen = buffer.getvalue(), []
 
-    def fake_get(url, **kwargs):
-        seen.append((url, kwargs))
-        response = requests.Response()
-        response.status_code, response._content = 200, buffer.getvalue()
-        return response
+    class Storage(BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 - http.server's name
+            seen.append(self.headers.get("Authorization"))
+            body = archive[: len(archive) // 2] if len(seen) == 1 else archive  # the first download is cut short
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
 
-    monkeypatch.setattr(requests, "get", fake_get)
-    hook = MailchimpHook()
-    assert hook.batch_results("https://storage.example/b.tar.gz") == [{"status_code": 200, "operation_id": "x", "response": "{}"}]
-    ((url, kwargs),) = seen
-    assert url == "https://storage.example/b.tar.gz" and "auth" not in kwargs and "headers" not in kwargs
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Storage)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        hook = MailchimpHook()
+        hook.retry_base_seconds = 0.01
+        url = f"http://127.0.0.1:{server.server_port}/b.tar.gz"
+        assert hook.batch_results(url) == [{"status_code": 200, "operation_id": "x", "response": "{}"}]
+    finally:
+        server.shutdown()
+    assert seen == [None, None] and hook.retries == 1  # never the key; the cut download fetched once more

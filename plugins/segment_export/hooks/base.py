@@ -66,8 +66,16 @@ class DestinationError(RuntimeError):
         self.status, self.retryable, self.throttled = status, retryable or throttled, throttled
 
 
-class NotJSONError(ValueError):
+class UnreadableAnswer(ValueError):
+    """A success answer whose body is not what the API sends (a proxy's page, a truncated download): retried."""
+
+    what = "could not be read"
+
+
+class NotJSONError(UnreadableAnswer):
     """A success answer whose body is not JSON: a proxy, load balancer or maintenance page answered."""
+
+    what = "is not JSON"
 
 
 class AdaptiveConcurrency:
@@ -261,15 +269,17 @@ class DestinationHook(HttpHook):
         return self._exchange(method, endpoint, _json_body, **kwargs)[1]
 
     def _exchange(self, method: str, endpoint: str, read: Any, *, limit_key: str | None = None,
+                  url: str | None = None, session: requests.Session | None = None,
                   **send: Any) -> tuple[requests.Response, Any]:
         """The retry loop: ``(response, read(response))`` of the first answer that succeeds.
 
         Throttled answers are retried for as long as ``max_retry_seconds`` allows (they were not applied and
         say "later"); other transient failures at most ``max_retries`` times within that time. Time spent
         waiting for a connection slot (adaptive concurrency) is not counted: it is the export being polite.
+        ``url`` and ``session`` replace the API's (a download link of its own, fetched without the API key).
         """
-        session = self.session
-        url = self.url_from_endpoint(endpoint)
+        session = session or self.session
+        url = url or self.url_from_endpoint(endpoint)
         where = f"{method} {endpoint.split('?', 1)[0]}"  # never the query: Klaviyo's links repeat the email filter
         limiter = self._limiters.get(limit_key) if limit_key else None
         spent = 0.0
@@ -291,9 +301,9 @@ class DestinationHook(HttpHook):
                     if response.status_code < 400:
                         try:
                             result = read(response)
-                        except NotJSONError:
+                        except UnreadableAnswer as exc:
                             failure = self.error(
-                                f"{where}: the answer (HTTP {response.status_code}) is not JSON "
+                                f"{where}: the answer (HTTP {response.status_code}) {exc.what} "
                                 f"({response.text[:200]!r})", status=response.status_code, retryable=True,
                             )
                         else:

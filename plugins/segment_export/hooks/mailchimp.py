@@ -18,13 +18,13 @@ import hashlib
 import io
 import json
 import tarfile
-import time
+from functools import cached_property
 from typing import Any
 
 import requests
 from requests.auth import HTTPBasicAuth
 
-from segment_export.hooks.base import FAIL, RETRYABLE_STATUS, THROTTLED, DestinationError, DestinationHook
+from segment_export.hooks.base import FAIL, THROTTLED, DestinationError, DestinationHook, UnreadableAnswer
 
 MAX_CONNECTIONS_PER_KEY = 10  # Mailchimp refuses the 11th simultaneous connection of an API key
 #: words of Mailchimp's throttling answer ("Too Many Requests": "... limit of 10 simultaneous connections.")
@@ -169,36 +169,14 @@ class MailchimpHook(DestinationHook):
 
         The URL is a download link of its own (on Mailchimp, pre-signed storage on another host), so it is fetched
         without the API key, with this connection's transport options, retried like an API call."""
-        response = self._download(url)
-        results: list[dict[str, Any]] = []
-        try:
-            with tarfile.open(fileobj=io.BytesIO(response.content), mode="r:gz") as archive:
-                for info in archive.getmembers():
-                    handle = archive.extractfile(info) if info.isfile() else None
-                    if handle is not None:
-                        results.extend(json.load(handle))
-        except (tarfile.TarError, OSError, ValueError) as exc:
-            raise self.error(f"the batch results archive could not be read ({exc})", retryable=True) from exc
-        return results
+        return self._exchange("GET", "batch results archive", _read_results, url=url, session=self._anonymous)[1]
 
-    def _download(self, url: str) -> requests.Response:
-        session = self.session
-        attempt = 0
-        while True:
-            attempt += 1
-            try:
-                response = requests.get(url, timeout=self.timeout, proxies=session.proxies, verify=session.verify,
-                                        cert=session.cert)
-                if response.status_code < 400:
-                    return response
-                failure = self.error(f"batch results download failed: HTTP {response.status_code}",
-                                           status=response.status_code, retryable=response.status_code in RETRYABLE_STATUS)
-            except (requests.ConnectionError, requests.Timeout) as exc:
-                failure = self.error(f"batch results download: {type(exc).__name__}", retryable=True)
-            if not failure.retryable or attempt > self.max_retries:
-                raise failure
-            self.retries += 1
-            time.sleep(min(30.0, 0.5 * 2 ** (attempt - 1)))
+    @cached_property
+    def _anonymous(self) -> requests.Session:
+        """A session with this connection's transport options (proxies, TLS) and no API key."""
+        session, anonymous = self.session, requests.Session()
+        anonymous.proxies, anonymous.verify, anonymous.cert = session.proxies, session.verify, session.cert
+        return anonymous
 
     def find_member(self, audience_id: str, email: str, fields: str = "status,tags") -> dict[str, Any] | None:
         """One member by address (its subscriber hash), or None when the audience has no such member."""
@@ -212,3 +190,17 @@ class MailchimpHook(DestinationHook):
 
 #: what the exporter reads of a batch's status
 BATCH_FIELDS = "id,status,total_operations,finished_operations,errored_operations,response_body_url"
+
+
+def _read_results(response: requests.Response) -> list[dict[str, Any]]:
+    """The results in a batch's archive; a truncated or garbled download is retried like a proxy's page."""
+    results: list[dict[str, Any]] = []
+    try:
+        with tarfile.open(fileobj=io.BytesIO(response.content), mode="r:gz") as archive:
+            for info in archive.getmembers():
+                handle = archive.extractfile(info) if info.isfile() else None
+                if handle is not None:
+                    results.extend(json.load(handle))
+    except (tarfile.TarError, OSError, EOFError, ValueError) as exc:
+        raise UnreadableAnswer(f"batch results archive: {type(exc).__name__}") from exc
+    return results
