@@ -111,13 +111,14 @@ class Staging:
             [(key, fp, SEP.join(segments), SEP.join(removed)) for key, fp, segments, _, removed in changes if fp],
         )
 
+    #: True once the mass-removal guard held the run's removals back (``withhold_removals``)
+    withheld = False
+
     def withhold_removals(self) -> None:
         """Drop every queued tag removal (the mass-removal guard): additions still go out, and the profiles waiting
         on them are remembered with the segments they keep (see ``pending``)."""
         self.conn.execute("DELETE FROM tag_ops WHERE op = '-'")
         self.withheld = True
-
-    withheld = False
 
     def queue_leaver(self, key: str, segments: tuple[str, ...]) -> None:
         self.conn.execute("INSERT OR REPLACE INTO leavers VALUES (?, ?)", (key, SEP.join(segments)))
@@ -154,9 +155,9 @@ class Staging:
             yield key, fingerprint, tuple(kept)
 
     def leaver_chunks(self, size: int) -> Iterator[list[str]]:
-        cursor = self.conn.execute("SELECT key FROM leavers ORDER BY key")
-        while rows := cursor.fetchmany(size):
-            yield [r[0] for r in rows]
+        """The queued leavers' keys, ``size`` at a time."""
+        for chunk in self.leavers(size):
+            yield [key for key, _ in chunk]
 
     def close(self) -> None:
         try:
