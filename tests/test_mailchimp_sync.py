@@ -285,3 +285,22 @@ def test_the_results_archive_is_downloaded_without_the_api_key_and_a_truncated_o
     finally:
         server.shutdown()
     assert seen == [None, None] and hook.retries == 1  # never the key; the cut download fetched once more
+
+
+@pytest.mark.parametrize("lists_tagged", [True, False])
+def test_re_tagging_members_who_have_the_tag_counts_them_whatever_members_added_lists(lists_tagged, segment_db, sandbox):
+    """After a lost state every member is sent and tagged again, though it has the tag: whether Mailchimp then
+    lists it in ``members_added`` is not documented (switch ``mailchimp_tag_add_lists_already_tagged``)."""
+    from test_sync import MAILCHIMP, make_spec as sync_spec, run as sync_run
+
+    sandbox.configure(behaviour={"mailchimp_tag_add_lists_already_tagged": lists_tagged})
+    spec = sync_spec(MAILCHIMP)
+    first = sync_run(spec)
+    state = StateStore.open(spec.state_conn_id, spec.id, AUD)
+    state.clear()  # the state is lost: the next run is a first run again
+    state.close()
+    again = sync_run(spec)
+    assert again.sent == first.sent and again.tags_added == first.tags_added  # each tag counted, none failed
+    members = mailchimp_members(sandbox.state(), AUD)
+    assert len(members) == first.accepted and all(m["tags"] == ["vip"] for m in members.values())
+    assert sync_run(spec).sent == 0  # everything remembered again: no tag is retried

@@ -137,6 +137,8 @@ BEHAVIOURS: dict[str, tuple[Any, ...]] = {
     "mailchimp_throttle_status": (429, 403),
     # double: Bulk Subscribe sends a confirmation; the profile is subscribed only once it confirms
     "klaviyo_list_opt_in": ("single", "double"),
+    # false: a static-segment (tag) add leaves members that already had the tag out of ``members_added``
+    "mailchimp_tag_add_lists_already_tagged": (True, False),
 }
 
 

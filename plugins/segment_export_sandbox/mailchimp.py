@@ -88,7 +88,7 @@ Modelled behaviour (and where it comes from)
   <= 500 each; addresses not on the audience "will be ignored", reference: they
   are left out of ``members_added``/``members_removed`` and are not ``errors``;
   a member added that already has the tag is listed in ``members_added``
-  (*guess*)),
+  (*guess*, with the switch ``behaviour.mailchimp_tag_add_lists_already_tagged``: false leaves it out)),
   ``GET .../segments/{segment_id}/members``, ``POST
   /lists/{id}/members/{hash}/tags`` (active/inactive).
 * Paging: ``count`` (default 10, max 1000 -> over: 400) and ``offset``.
@@ -1114,11 +1114,15 @@ class MailchimpService:
         added, removed = [], []
         # "Any emails provided that are not present on the list will be ignored" (reference, members_to_add and
         # members_to_remove): not an error, just not in members_added / members_removed.
+        # Whether a member that already has the tag is listed in members_added is not documented: a switch.
+        lists_tagged = self.config.behaviour.get("mailchimp_tag_add_lists_already_tagged", True)
         for email in to_add:
             member = au.members.get(subscriber_hash(email))
             if member is not None:
+                already = member.id in seg.member_ids
                 seg.member_ids[member.id] = None
-                added.append(self._member_json(req, au, member))
+                if lists_tagged or not already:
+                    added.append(self._member_json(req, au, member))
         for email in to_remove:
             member = au.members.get(subscriber_hash(email))
             if member is not None and member.id in seg.member_ids:
