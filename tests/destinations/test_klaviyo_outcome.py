@@ -58,7 +58,21 @@ def test_unnamed_failures_are_settled_by_the_jobs_profiles_relationship():
     result = outcome(hook, job(completed=4, failed=1))
     assert hook.asked == ["import-errors", "profiles"]
     assert result.accepted_keys == {"a@x.io", "c@x.io", "d@x.io"} and result.profile_ids == {"a@x.io": "01A", "c@x.io": "01C", "d@x.io": "01D"}
-    assert result.rejected_keys == {"b@x.io": "invalid: A profile must have at least one identifier."}
+    reason = ("not imported: Klaviyo reported 1 error(s) it did not attribute to a profile: "
+              "invalid: A profile must have at least one identifier.")
+    assert result.rejected_keys == {"b@x.io": reason}
+
+
+def test_unnamed_errors_are_not_pinned_to_arbitrary_profiles():
+    """Two unnamed errors, two rows not imported: which error was whose is unknown, so neither row gets another
+    one's text; both get one generic reason naming the count and the first (redacted) detail."""
+    hook = FakeHook([error(None, "A profile must have at least one identifier."), error(None, "Invalid email 'ann@x.io'.")],
+                    {"a@x.io": "01A", "c@x.io": "01C"})
+    result = outcome(hook, job(completed=4, failed=2))
+    reason = ("not imported: Klaviyo reported 2 error(s) it did not attribute to a profile: "
+              "invalid: A profile must have at least one identifier.")
+    assert result.rejected_keys == {"b@x.io": reason, "d@x.io": reason} and result.rejected == {reason: 2}
+    assert "ann@x.io" not in str(result.rejected)
 
 
 def test_a_cancelled_job_accepts_only_what_it_imported():

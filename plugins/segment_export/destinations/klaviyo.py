@@ -277,9 +277,12 @@ class KlaviyoDestination(Destination):
             accepted_keys = set(profile_ids)
         rejected: Counter[str] = Counter(rejected_keys.values())
         fallback = "job cancelled by Klaviyo" if attrs["status"] == "cancelled" else "not confirmed by Klaviyo"
+        if unnamed:  # which profile an unnamed error was about is unknown: one reason for all, not another's text
+            fallback = (f"not imported: Klaviyo reported {len(unnamed)} error(s) it did not attribute to a profile: "
+                        f"{unnamed[0]}")
         for key in keys:
             if key not in accepted_keys and key not in rejected_keys:
-                reason = unnamed.pop() if unnamed else fallback
+                reason = fallback
                 rejected[reason] += 1
                 rejected_keys[key] = reason
         return BatchResult(accepted=len(accepted_keys), rejected=rejected, accepted_keys=accepted_keys,
