@@ -174,6 +174,22 @@ def test_a_leaver_merged_with_a_member_by_phone_does_not_take_the_member_off_the
         assert set(members) == {"p2@example.com"}
 
 
+@pytest.mark.parametrize("status", [400, 404])
+def test_a_leaver_remembered_by_a_stale_id_is_removed_by_email(status, tmp_path, sandbox, airflow_conn):
+    """An id Klaviyo no longer has (switch klaviyo_unknown_profile_id: 400 or 404): the removal is made again by
+    email, not failed for the whole chunk."""
+    sandbox.configure(behaviour={"klaviyo_unknown_profile_id": status})
+    db = scenario_db(tmp_path, airflow_conn)
+    sql(db, "DELETE FROM segment_members WHERE email NOT IN ('p1@example.com', 'p2@example.com')")
+    main, _ = specs()
+    run(main)
+    sql(db, f"UPDATE {STATE_TABLE} SET profile_id = '01STALE0000000000000000000' WHERE profile_key = 'p1@example.com'")
+    sql(db, "DELETE FROM segment_members WHERE email = 'p1@example.com'")
+    third = run(main, allow_mass_leave=True)
+    assert third.consistent and third.removed == 1
+    assert set(klaviyo_profiles(sandbox.state(), KLAVIYO_LIST_ID)) == {"p2@example.com"}
+
+
 class _Killed(BaseException):
     """The task dies while its job runs (what a SIGKILL leaves: a submitted job, recorded, never awaited)."""
 

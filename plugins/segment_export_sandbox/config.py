@@ -139,6 +139,9 @@ BEHAVIOURS: dict[str, tuple[Any, ...]] = {
     "klaviyo_list_opt_in": ("single", "double"),
     # false: a static-segment (tag) add leaves members that already had the tag out of ``members_added``
     "mailchimp_tag_add_lists_already_tagged": (True, False),
+    # the status a list relationship call (add/remove profiles) answers when it names a profile id Klaviyo does
+    # not have: the spec lists only 4XX
+    "klaviyo_unknown_profile_id": (400, 404),
 }
 
 

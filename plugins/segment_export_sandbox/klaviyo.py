@@ -89,7 +89,9 @@ Modelled behaviour (and where it comes from)
 * ``POST /api/profile-import``: one profile, 201 created / 200 updated; 100 KB cap
   (-> 413); invalid email/phone or no identifier -> 400 (not an import error).
 * ``GET/POST/DELETE /api/lists/{id}/relationships/profiles``: <= 1,000 ids per
-  call (-> 400), unknown profile ids -> 400 pointing at the id (*guess*), 204.
+  call (-> 400), unknown profile ids -> 400 pointing at the id (*guess*: the spec, Add Profiles to List /
+  Remove Profiles from List, lists only ``4XX``), 204.  Switch ``klaviyo_unknown_profile_id``: ``400``
+  (default) or ``404`` (``not_found``, naming the id).
 * Cursor pagination: ``page[size]`` (spec min/max/default per endpoint), opaque
   ``page[cursor]``, ``links.self/next/prev``; bad values -> 400.
 * Rate limits (per account, per endpoint, fixed windows) are the spec's
@@ -981,7 +983,10 @@ class KlaviyoService:
             raise invalid(f"Too many profiles: {len(items)}. At most {MAX_RELATIONSHIP_IDS} profiles can be sent per request.", "/data")
         for i, item in enumerate(items):
             if item["id"] not in acc.profiles:
-                raise invalid(f"A profile with id {item['id']} does not exist.", f"/data/{i}/id")
+                detail = f"A profile with id {item['id']} does not exist."
+                if self.config.behaviour["klaviyo_unknown_profile_id"] == 404:
+                    raise not_found(detail)
+                raise invalid(detail, f"/data/{i}/id")
         return [item["id"] for item in items]
 
     def add_list_profiles(self, req: ApiRequest) -> ApiResponse:

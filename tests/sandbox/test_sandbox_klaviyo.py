@@ -295,6 +295,15 @@ def test_list_relationships_add_remove_and_cap(sb):
     assert_klaviyo_error(k(sb, "POST", "/api/lists/zzz/relationships/profiles", json={"data": []}), 404, "not_found")
 
 
+def test_an_unknown_profile_id_in_a_list_call_can_be_answered_404(sb):
+    """Switch klaviyo_unknown_profile_id: the spec lists only 4XX for a list call naming an id it does not have."""
+    sb.configure(behaviour={"klaviyo_unknown_profile_id": 404})
+    path = f"/api/lists/{KLAVIYO_SECOND_LIST_ID}/relationships/profiles"
+    for method in ("POST", "DELETE"):
+        r = k(sb, method, path, json={"data": [{"type": "profile", "id": "01UNKNOWN"}]})
+        assert "01UNKNOWN" in assert_klaviyo_error(r, 404, "not_found")["detail"]
+
+
 def test_suppressed_profile_updated_but_consent_untouched(sb):
     sb.suppress_klaviyo_email("Quiet@example.com")
     job_id = k(sb, "POST", JOBS, json=job_body([{"email": "quiet@example.com", "first_name": "Q"}])).json()["data"]["id"]

@@ -38,6 +38,9 @@ MAX_JOB_PROFILES = 10_000
 MAX_JOB_BYTES = 5_000_000  # "5 MB" per job; decimal megabytes, to stay clear of the cap either way
 MAX_PROFILE_BYTES = 100_000  # "100 KB" per profile
 FINAL_STATUSES = ("complete", "cancelled")
+# A list call naming a profile id Klaviyo no longer has (a remembered id gone stale): the spec lists only 4XX, so both
+# the likely answers are read as that and the call is made again by email (a list that is gone fails again: raised).
+STALE_ID_STATUSES = (400, 404)
 # With destination.subscribe, a fragment ends with whether the row consents. The marker is part of the fingerprint
 # (a consent that flips from false to true makes the row "changed", so the next run acts on it) and of the dry
 # run's example, and is cut off before the profile goes into a job body (see :func:`without_consent`).
@@ -308,14 +311,14 @@ class KlaviyoDestination(Destination):
 
     def _change_list(self, list_id: str, op: str, keys: list[str], known: dict[str, str | None]) -> set[str]:
         """Add or remove profiles by id: the remembered ones, else found by email; a key known with None (its
-        profile is another remembered row's too) is left alone. A call Klaviyo refuses (an id it no longer has)
-        is made once more with every id found again by email."""
+        profile is another remembered row's too) is left alone. A call Klaviyo refuses (an id it no longer has:
+        400 or 404, the spec says only 4XX) is made once more with every id found again by email."""
         ids: dict[str, str] = {k: pid for k in keys if (pid := known.get(k))}
         unknown = [k for k in keys if k not in known]
         try:
             self._by_ids(list_id, op, ids, unknown)
         except DestinationError as exc:
-            if exc.status != 400 or not ids:
+            if exc.status not in STALE_ID_STATUSES or not ids:
                 raise
             ids = {}
             self._by_ids(list_id, op, ids, [k for k in keys if k not in known or known[k]])
