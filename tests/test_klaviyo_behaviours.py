@@ -165,13 +165,19 @@ def test_a_leaver_merged_with_a_member_by_phone_does_not_take_the_member_off_the
     held = remembered(db, "sync_test")
     sql(db, "DELETE FROM segment_members WHERE email = 'p1@example.com'")
     third = run(main, allow_mass_leave=True)  # 1 of 3 is over the mass-removal guard's 20 %
-    assert third.consistent and third.removed == 1
     members = klaviyo_profiles(sandbox.state(), KLAVIYO_LIST_ID)
+    outcome = sql(db, f"SELECT action, reason FROM {OUTCOMES_TABLE} WHERE profile_key = 'p1@example.com' "
+                      "ORDER BY recorded_at DESC, rowid DESC LIMIT 1")
+    assert "p1@example.com" not in remembered(db, "sync_test")  # the leaver is forgotten either way
     if conflict == "merge":
         assert held["p1.new@example.com"] == held["p1@example.com"]  # one Klaviyo profile for both rows ...
         assert set(members) == {"p1.new@example.com", "p2@example.com"}  # ... kept for the row still in the segment
+        # ... so the leaver was not removed, and is not reported removed
+        assert third.consistent and third.removed == 0
+        assert outcome == [("skipped", "kept in the list: shares a Klaviyo profile with a row still in the segment")]
     else:
         assert set(members) == {"p2@example.com"}
+        assert third.consistent and third.removed == 1 and outcome[0][0] == "removed"
 
 
 @pytest.mark.parametrize("status", [400, 404])

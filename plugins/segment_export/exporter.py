@@ -579,11 +579,15 @@ class _Run:
     def _apply_leavers(self, on_leave: str) -> None:
         for keys in self.staging.leaver_chunks(1000):
             failed = self.destination.remove(keys, on_leave, **self._ids(keys, exclusive=True))
+            # Left in place on purpose (Klaviyo: the profile is also a row's still in the segment): not removed,
+            # but forgotten all the same: the row left the segment.
+            kept: dict[str, str] = getattr(self.destination, "kept", None) or {}
             done = [k for k in keys if k not in failed]
-            self.summary.removed += len(done)
+            outcomes = [(k, "skipped", kept[k]) if k in kept else (k, "removed", f"left the segment ({on_leave})") for k in done]
+            self.summary.removed += sum(1 for _, outcome, _ in outcomes if outcome == "removed")
             if self.state is not None:
                 self.state.save([], forgotten=done)
-                self.state.record_outcomes(self.options.run_id, [(k, "removed", f"left the segment ({on_leave})") for k in done])
+                self.state.record_outcomes(self.options.run_id, outcomes)
 
     def _ids(self, keys: list[str], exclusive: bool = False) -> dict[str, Any]:
         """``profile_ids=`` the destination's remembered ids of these profiles, for a destination that acts by id
