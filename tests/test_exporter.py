@@ -174,7 +174,7 @@ def test_unreachable_destination_fails_clearly_after_bounded_retries(segment_db,
 
 
 def test_a_failed_batch_stops_the_export_and_the_summary_matches_the_destination(segment_db, sandbox):
-    from segment_export.destinations.klaviyo import KlaviyoDestination
+    from segment_export.destinations.klaviyo.destination import KlaviyoDestination
 
     class FailsOnBatchThree(KlaviyoDestination):
         max_batch_profiles = 50

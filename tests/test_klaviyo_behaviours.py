@@ -256,7 +256,7 @@ def test_two_new_rows_with_one_phone_number_count_one_accepted_and_one_rejected(
 
 @pytest.mark.parametrize("includes_failed", [False, True])
 def test_import_errors_without_their_payload_are_settled_by_the_jobs_profiles(includes_failed, tmp_path, sandbox, airflow_conn, monkeypatch):
-    from segment_export.hooks.klaviyo import KlaviyoHook
+    from segment_export.destinations.klaviyo.hook import KlaviyoHook
 
     sandbox.configure(behaviour={"klaviyo_completed_count_includes_failed": includes_failed})
     real = KlaviyoHook.iter_import_errors

@@ -16,7 +16,7 @@ from sandbox_state import mailchimp_members
 from segment_export_sandbox import MAILCHIMP_AUDIENCE_ID, subscriber_hash
 
 from segment_export.destinations import destination_for
-from segment_export.destinations.mailchimp import MailchimpDestination
+from segment_export.destinations.mailchimp.destination import MailchimpDestination
 from segment_export.exporter import RunOptions, run_export
 from segment_export.sources import source_for
 from segment_export.spec import ExportSpec
@@ -252,7 +252,7 @@ def test_the_results_archive_is_downloaded_without_the_api_key_and_a_truncated_o
     import threading
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-    from segment_export.hooks.mailchimp import MailchimpHook
+    from segment_export.destinations.mailchimp.hook import MailchimpHook
 
     buffer = io.BytesIO()
     with tarfile.open(fileobj=buffer, mode="w:gz") as tar:

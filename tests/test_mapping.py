@@ -68,7 +68,7 @@ def test_numpy_scalars_and_str_subclasses_are_sent_as_plain_json():
 
     import numpy as np
 
-    from segment_export.destinations.klaviyo import profile_fragment
+    from segment_export.destinations.klaviyo.destination import profile_fragment
 
     class Code(str):
         pass

@@ -12,8 +12,8 @@ import pytest
 
 from segment_export.batching import Batch
 from segment_export.destinations.base import Destination, dump_bytes
-from segment_export.destinations.klaviyo import profile_fragment, with_consent
-from segment_export.destinations.mailchimp import member_fragment
+from segment_export.destinations.klaviyo.destination import profile_fragment, with_consent
+from segment_export.destinations.mailchimp.destination import member_fragment
 from segment_export.exporter import RunOptions, redacted_example, run_export
 from segment_export.mapping import Profile
 from segment_export.sources.base import Source

@@ -24,8 +24,8 @@ def get_provider_info() -> dict[str, Any]:
             {"integration-name": "Mailchimp", "external-doc-url": "https://mailchimp.com/developer/marketing/", "tags": ["service"]},
         ],
         "hooks": [
-            {"integration-name": "Klaviyo", "python-modules": ["segment_export.hooks.klaviyo"]},
-            {"integration-name": "Mailchimp", "python-modules": ["segment_export.hooks.mailchimp"]},
+            {"integration-name": "Klaviyo", "python-modules": ["segment_export.destinations.klaviyo.hook"]},
+            {"integration-name": "Mailchimp", "python-modules": ["segment_export.destinations.mailchimp.hook"]},
         ],
         "operators": [
             {"integration-name": "Klaviyo", "python-modules": ["segment_export.operators.export"]},
@@ -42,7 +42,7 @@ def get_provider_info() -> dict[str, Any]:
         "connection-types": [
             {
                 "connection-type": "klaviyo",
-                "hook-class-name": "segment_export.hooks.klaviyo.KlaviyoHook",
+                "hook-class-name": "segment_export.destinations.klaviyo.hook.KlaviyoHook",
                 "hook-name": "Klaviyo",
                 "ui-field-behaviour": {
                     "hidden-fields": ["schema", "port", "login"],
@@ -53,7 +53,7 @@ def get_provider_info() -> dict[str, Any]:
             },
             {
                 "connection-type": "mailchimp",
-                "hook-class-name": "segment_export.hooks.mailchimp.MailchimpHook",
+                "hook-class-name": "segment_export.destinations.mailchimp.hook.MailchimpHook",
                 "hook-name": "Mailchimp",
                 "ui-field-behaviour": {
                     "hidden-fields": ["schema", "port", "login"],

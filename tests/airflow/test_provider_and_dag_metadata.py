@@ -49,8 +49,8 @@ def test_connection_types_come_from_provider_info_without_deprecated_hook_method
     assert "segment-export" in pm.providers
     assert our_warnings == []  # no "get_ui_field_behaviour is deprecated" for our hooks
     for conn_type, hook_class, key_label in [
-        ("klaviyo", "segment_export.hooks.klaviyo.KlaviyoHook", "Private API key"),
-        ("mailchimp", "segment_export.hooks.mailchimp.MailchimpHook", "API key"),
+        ("klaviyo", "segment_export.destinations.klaviyo.hook.KlaviyoHook", "Private API key"),
+        ("mailchimp", "segment_export.destinations.mailchimp.hook.MailchimpHook", "API key"),
     ]:
         meta = {m.connection_type: m for m in pm.iter_connection_type_hook_ui_metadata()}[conn_type]
         assert meta.hook_class_name == hook_class

@@ -6,7 +6,7 @@ import logging
 
 import pytest
 
-from segment_export.destinations.klaviyo import KlaviyoDestination, import_error_reason
+from segment_export.destinations.klaviyo.destination import KlaviyoDestination, import_error_reason
 
 
 class FakeHook:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 
-from segment_export.destinations.klaviyo import job_envelope, profile_fragment
-from segment_export.destinations.mailchimp import MailchimpDestination, batch_body, member_fragment, upsert_body
+from segment_export.destinations.klaviyo.destination import job_envelope, profile_fragment
+from segment_export.destinations.mailchimp.destination import MailchimpDestination, batch_body, member_fragment, upsert_body
 from segment_export.mapping import Profile, Rejection
 
 
@@ -41,8 +41,8 @@ def test_mailchimp_refuses_merge_values_over_255_characters():
 
 
 def test_mailchimp_upsert_operation_sends_status_if_new_and_no_status():
-    from segment_export.destinations.mailchimp import operations_body, upsert_body, upsert_operation
-    from segment_export.hooks.mailchimp import subscriber_hash
+    from segment_export.destinations.mailchimp.destination import operations_body, upsert_body, upsert_operation
+    from segment_export.destinations.mailchimp.hook import subscriber_hash
 
     p = Profile(email="Ada@Example.com", key="ada@example.com", first_name="Ada", attributes={"NOTE": 'x,"status":"y"'})
     fragment = member_fragment(p, "transactional")

@@ -6,8 +6,8 @@ import pytest
 from segment_export_sandbox import KLAVIYO_API_KEY, MAILCHIMP_API_KEY
 
 from segment_export.hooks.base import DestinationError
-from segment_export.hooks.klaviyo import KLAVIYO_REVISION, KlaviyoHook
-from segment_export.hooks.mailchimp import MailchimpHook, data_center, subscriber_hash
+from segment_export.destinations.klaviyo.hook import KLAVIYO_REVISION, KlaviyoHook
+from segment_export.destinations.mailchimp.hook import MailchimpHook, data_center, subscriber_hash
 
 
 def test_klaviyo_test_connection(sandbox):
@@ -116,7 +116,7 @@ def test_api_key_is_masked_in_airflow_logs(airflow_conn):
 def test_mailchimp_batch_subscribe_asks_for_fields(sandbox):
     from segment_export_sandbox import MAILCHIMP_AUDIENCE_ID
 
-    from segment_export.destinations.mailchimp import BATCH_ANSWER_FIELDS, batch_body
+    from segment_export.destinations.mailchimp.destination import BATCH_ANSWER_FIELDS, batch_body
 
     body = batch_body([b'{"email_address":"f@example.com","status":"subscribed"}', b'{"email_address":"bad","status":"subscribed"}'], False)
     answer = MailchimpHook().batch_subscribe(MAILCHIMP_AUDIENCE_ID, body, fields=BATCH_ANSWER_FIELDS)

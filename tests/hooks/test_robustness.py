@@ -11,8 +11,8 @@ import requests
 from segment_export_sandbox import KLAVIYO_LIST_ID, MAILCHIMP_API_KEY, MAILCHIMP_AUDIENCE_ID
 
 from segment_export.hooks.base import FAIL, RETRY, THROTTLED, AdaptiveConcurrency, DestinationError
-from segment_export.hooks.klaviyo import KlaviyoHook
-from segment_export.hooks.mailchimp import MailchimpHook
+from segment_export.destinations.klaviyo.hook import KlaviyoHook
+from segment_export.destinations.mailchimp.hook import MailchimpHook
 
 
 def fast(hook):
@@ -201,7 +201,7 @@ def test_adaptive_concurrency_bounds_requests_in_flight():
 
 
 def test_hook_errors_never_carry_a_customer_address(airflow_conn):
-    from segment_export.hooks.klaviyo import KlaviyoHook
+    from segment_export.destinations.klaviyo.hook import KlaviyoHook
 
     airflow_conn("klaviyo_x", conn_type="klaviyo", host="http://127.0.0.1:9", password="pk_x")
     error = KlaviyoHook("klaviyo_x").error("400 invalid: 'ada.lovelace.1@example.com' is not a valid email")

@@ -12,9 +12,9 @@ if TYPE_CHECKING:
 def destination_for(spec: ExportSpec) -> Destination:
     """The destination an export sends to, with its hook (no request is made here)."""
     if spec.destination.type == "klaviyo":
-        from segment_export.destinations.klaviyo import KlaviyoDestination
+        from segment_export.destinations.klaviyo.destination import KlaviyoDestination
 
         return KlaviyoDestination.from_spec(spec)
-    from segment_export.destinations.mailchimp import MailchimpDestination
+    from segment_export.destinations.mailchimp.destination import MailchimpDestination
 
     return MailchimpDestination.from_spec(spec)

@@ -45,7 +45,7 @@ from typing import Any
 from segment_export.batching import Batch
 from segment_export.destinations.base import Destination, dump_bytes, redact_emails
 from segment_export.hooks.base import DestinationError
-from segment_export.hooks.mailchimp import MAX_CONNECTIONS_PER_KEY, MailchimpHook, subscriber_hash
+from segment_export.destinations.mailchimp.hook import MAX_CONNECTIONS_PER_KEY, MailchimpHook, subscriber_hash
 from segment_export.mapping import Profile, Rejection
 from segment_export.spec import ExportSpec, MappingSpec
 from segment_export.summary import BatchResult

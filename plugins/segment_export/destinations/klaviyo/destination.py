@@ -29,7 +29,7 @@ from typing import Any, Iterable
 from segment_export.batching import Batch
 from segment_export.destinations.base import Destination, dump_bytes, redact_emails
 from segment_export.hooks.base import DestinationError
-from segment_export.hooks.klaviyo import MAX_FILTER_EMAILS, MAX_SUBSCRIBE_PROFILES, KlaviyoHook
+from segment_export.destinations.klaviyo.hook import MAX_FILTER_EMAILS, MAX_SUBSCRIBE_PROFILES, KlaviyoHook
 from segment_export.mapping import Profile
 from segment_export.spec import ExportSpec
 from segment_export.summary import BatchResult
