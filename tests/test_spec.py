@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from segment_export.spec import DEFAULT_MAX_PROFILES, load_specs, parse_spec_file
+from segment_export.destinations import destination_type
+from segment_export.spec import load_specs, parse_spec_file
 
 GOOD = """
 exports:
@@ -37,7 +38,7 @@ def test_good_spec_gets_defaults(tmp_path):
     (spec,) = specs
     assert spec.id == "vip_to_klaviyo"
     assert spec.destination.connection_id == "klaviyo_default"
-    assert spec.max_profiles == DEFAULT_MAX_PROFILES["klaviyo"] == 100_000
+    assert spec.max_profiles == destination_type("klaviyo").max_profiles == 100_000
     assert spec.limit.on_exceed == "fail"
     assert spec.mapping.columns() == ["email", "first_name", "tier"]
     assert spec.source.kind == "table"

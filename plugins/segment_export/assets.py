@@ -1,4 +1,4 @@
-"""Airflow asset URIs for the destinations: ``klaviyo://<list_id>`` and ``mailchimp://<audience_id>``.
+"""Airflow asset URIs for the destinations: ``<destination type>://<target id>``, e.g. ``klaviyo://<list_id>``.
 
 Registered in the provider info (``asset-uris``), so Airflow validates and normalises them like any provider's
 scheme: the list or audience id is the URI's authority, case kept (ids are case-sensitive), nothing after it.
@@ -12,15 +12,21 @@ from typing import TYPE_CHECKING, Any
 
 from airflow.sdk import Asset
 
+from segment_export.destinations.registry import destination_types
+
 if TYPE_CHECKING:
     from urllib.parse import SplitResult
 
-SCHEMES = ("klaviyo", "mailchimp")
-_KIND = {"klaviyo": "list", "mailchimp": "audience"}
+
+
+def schemes() -> list[str]:
+    """One URI scheme per destination type (the provider info registers them)."""
+    return list(destination_types())
 
 
 def sanitize_uri(uri: SplitResult) -> SplitResult:
-    kind = _KIND.get(uri.scheme, "id")
+    known = destination_types().get(uri.scheme)
+    kind = known.target_kind if known else "id"
     if not uri.netloc or "@" in uri.netloc or ":" in uri.netloc:
         raise ValueError(f"URI format {uri.scheme}://<{kind} id> must name the {kind} id, and nothing else")
     if uri.path not in ("", "/") or uri.query:
@@ -29,17 +35,14 @@ def sanitize_uri(uri: SplitResult) -> SplitResult:
 
 
 def destination_targets(spec: Any) -> list[str]:
-    """The ids an export writes to: its list or audience, or each of its per-segment Klaviyo lists."""
-    lists = getattr(spec.destination, "lists", None)
-    if lists:
-        return sorted(set(lists.values()))
-    return [spec.destination.target_id]
+    """The ids an export writes to: its list or audience, or each list it spreads segments over."""
+    return spec.destination.targets
 
 
 def create_asset(*, destination: str, target_id: str, extra: dict[str, Any] | None = None) -> Asset:
-    """The asset of a Klaviyo list (``destination='klaviyo'``) or a Mailchimp audience."""
-    if destination not in SCHEMES:
-        raise ValueError(f"destination must be one of {SCHEMES}, not {destination!r}")
+    """The asset of one target (a list, an audience) of the destination type ``destination``."""
+    if destination not in destination_types():
+        raise ValueError(f"destination must be one of {schemes()}, not {destination!r}")
     uri = f"{destination}://{target_id}"
     return Asset(uri=uri, name=uri, extra=extra or {"destination": destination, "target_id": target_id})
 
@@ -50,7 +53,5 @@ def convert_asset_to_openlineage(asset: Asset, lineage_context: Any) -> Any:
 
     from airflow.providers.common.compat.openlineage.facet import Dataset
 
-    from segment_export.lineage import DEFAULT_API_HOSTS
-
     parsed = urlsplit(asset.uri)
-    return Dataset(namespace=f"{parsed.scheme}://{DEFAULT_API_HOSTS[parsed.scheme]}", name=parsed.netloc)
+    return Dataset(namespace=f"{parsed.scheme}://{destination_types()[parsed.scheme].api_host}", name=parsed.netloc)

@@ -55,7 +55,6 @@ def _cell(value: object) -> str:
 def doc_md(spec: ExportSpec) -> str:
     """The DAG's documentation in the UI: what goes where, as a table."""
     dest, src = spec.destination, spec.source
-    target_kind = "list" if dest.type == "klaviyo" else "audience"
     if src.kind == "table":
         source = f"table `{src.table}` (connection `{src.conn_id}`)"
     elif src.kind == "query":
@@ -64,12 +63,7 @@ def doc_md(spec: ExportSpec) -> str:
         source = f"{src.file_format.upper()} file `{src.path}`"
     if src.segment_column:
         source += f", rows whose `{src.segment_column}` is " + ", ".join(f"`{s}`" for s in src.segments or [])
-    lists = getattr(dest, "lists", None)
-    if lists:
-        target_kind = "lists"
-        destination_text = ", ".join(f"`{lid}` (segment `{seg}`)" for seg, lid in lists.items())
-    else:
-        destination_text = f"`{dest.target_id}`"
+    target_kind, destination_text = dest.describe_targets()
     mapping = ", ".join(f"`{col}` → {field}" for field, col in mapped_fields(spec))
     limit = f"{spec.max_profiles:,} profiles, on exceed: {spec.limit.on_exceed}"
     if spec.limit.on_exceed == "truncate":
@@ -79,15 +73,14 @@ def doc_md(spec: ExportSpec) -> str:
     else:
         schedule = f"`{spec.schedule}`" if spec.schedule else "on demand only (trigger by hand)"
     rows = [
-        ("Destination", f"{dest.type.capitalize()} {target_kind} {destination_text} (connection `{dest.connection_id}`)"),
+        ("Destination", f"{dest.kind.display_name} {target_kind} {destination_text} (connection `{dest.connection_id}`)"),
         ("Source", source),
         ("Mapping", mapping),
         ("Limit", limit),
         ("Schedule", schedule),
         ("Owner", spec.owner),
     ]
-    if dest.type == "mailchimp":
-        rows.insert(1, ("New members' status", f"`{dest.new_member_status}` (existing members' status is never changed)"))
+    rows[1:1] = dest.doc_rows()
     if spec.alerts:
         who = [f"e-mail to {len(spec.alerts.email)} address(es)"] if spec.alerts.email else []
         who += [f"`{spec.alerts.callback}`"] if spec.alerts.callback else []
@@ -140,7 +133,8 @@ def source_asset(spec: ExportSpec) -> Asset | None:
 
 
 def destination_assets(spec: ExportSpec) -> list[Asset]:
-    """``klaviyo://<list_id>`` (one per list) or ``mailchimp://<audience_id>``: downstream DAGs can schedule on them."""
+    """``<destination type>://<target id>``, one per target (e.g. ``klaviyo://<list_id>``): downstream DAGs can
+    schedule on them."""
     return [create_asset(destination=spec.destination.type, target_id=t) for t in destination_targets(spec)]
 
 
@@ -156,7 +150,7 @@ def export_dag(spec: ExportSpec) -> DAG:
 
     callbacks = failure_callbacks(spec)
     dest = spec.destination
-    target = f"{dest.type} {'list' if dest.type == 'klaviyo' else 'audience'} {dest.target_id}"
+    target = f"{dest.type} {dest.kind.target_kind} {dest.target_id}"
     inlet = source_asset(spec)
     outlets = destination_assets(spec)
     dag = DAG(  # not a context manager: see the module docstring

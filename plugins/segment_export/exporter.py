@@ -98,11 +98,11 @@ def check_rejected_share(spec: ExportSpec, summary: ExportSummary) -> None:
 
 def spec_columns(spec: ExportSpec) -> list[tuple[str, str]]:
     """Every source column the spec names, with the field that names it (for errors that point at the spec)."""
-    mapping = spec.mapping
     named = [("source.segment_column", spec.source.segment_column)]
-    named += [(f"mapping.{name}", getattr(mapping, name)) for name in (
-        "email", "first_name", "last_name", "phone_number", "external_id", "consent")]
-    named += [(f"mapping.attributes.{name}", column) for name, column in mapping.attributes.items()]
+    fields = spec.mapping.fields()  # the standard fields, then the attributes; consent (never sent) between them
+    standard = [(f"mapping.{name}", column) for name, column in fields if not name.startswith("attributes.")]
+    named += standard + [("mapping.consent", spec.mapping.consent)]
+    named += [(f"mapping.{name}", column) for name, column in fields[len(standard):]]
     named.append(("limit.order_by", spec.limit.order_by))
     return [(field, column) for field, column in named if column]
 

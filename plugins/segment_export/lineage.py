@@ -1,8 +1,8 @@
 """OpenLineage for an export: where customer data came from and where it went.
 
-Input: the segment (a SQL table or query, or a file). Output: the Klaviyo list or Mailchimp audience, as a
-dataset in its own namespace (``klaviyo://<api host>``, ``mailchimp://<api host>``) named by the list or
-audience id. Facets carry the mapped fields (names only) and, after a run, how many profiles the destination
+Input: the segment (a SQL table or query, or a file). Output: the destination's list or audience, as a
+dataset in the destination's namespace (``<destination type>://<api host>``, e.g. ``klaviyo://a.klaviyo.com``)
+named by the list or audience id. Facets carry the mapped fields (names only) and, after a run, how many profiles the destination
 accepted. Used only when ``apache-airflow-providers-openlineage`` is installed; pure otherwise.
 """
 
@@ -13,12 +13,10 @@ from urllib.parse import urlsplit
 
 from segment_export.spec import ExportSpec
 
-DEFAULT_API_HOSTS = {"klaviyo": "a.klaviyo.com", "mailchimp": "api.mailchimp.com"}
-
 
 def output_namespace(spec: ExportSpec, api_base_url: str | None = None) -> str:
     host = urlsplit(api_base_url).netloc if api_base_url else ""
-    return f"{spec.destination.type}://{host or DEFAULT_API_HOSTS[spec.destination.type]}"
+    return f"{spec.destination.type}://{host or spec.destination.kind.api_host}"
 
 
 def input_dataset(spec: ExportSpec) -> tuple[str, str]:
@@ -33,11 +31,7 @@ def input_dataset(spec: ExportSpec) -> tuple[str, str]:
 
 def mapped_fields(spec: ExportSpec) -> list[tuple[str, str]]:
     """(destination field, source column) pairs: what leaves the warehouse."""
-    m = spec.mapping
-    pairs = [("email", m.email), ("first_name", m.first_name), ("last_name", m.last_name),
-             ("phone_number", m.phone_number), ("external_id", m.external_id)]
-    pairs += [(f"attributes.{k}", v) for k, v in m.attributes.items()]
-    return [(dest, col) for dest, col in pairs if col]
+    return spec.mapping.fields()
 
 
 def operator_lineage(spec: ExportSpec, summary: dict[str, Any] | None, api_base_url: str | None = None):

@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from datetime import date, datetime, time
 from decimal import Decimal
 from typing import Any, Sequence
 
-from segment_export.spec import MappingSpec
+from segment_export.spec import PROFILE_FIELDS, MappingSpec
 
 # Pragmatic address check: what both destinations would refuse anyway, caught before it is sent.
 _EMAIL_RE = re.compile(r"^[^@\s\"<>(),;:\\\[\]]+@[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?)+$")
@@ -166,7 +166,7 @@ def normalise_email(value: Any) -> str | None:
 class RowMapper:
     """Compiled mapping for one source's column order: ``map(row)`` turns a row tuple into a profile."""
 
-    _TEXT_FIELDS = ("first_name", "last_name", "phone_number", "external_id")
+    _TEXT_FIELDS = PROFILE_FIELDS[1:]  # every standard field but the email, which is checked apart
 
     def __init__(self, mapping: MappingSpec, columns: Sequence[str]):
         index = {name: i for i, name in enumerate(columns)}
@@ -240,11 +240,11 @@ class RowMapper:
             "        return Rejection('a mapped number is infinite')",
         ]
         consent = f"to_consent(row[{self._consent}])" if self._consent is not None else "None"
-        texts = {name: f"t{n}" for n, (name, _) in enumerate(self._text)}  # positional: cheaper than keywords
-        lines.append(
-            f"    return Profile(email, email.lower(), {', '.join(texts.get(f, 'None') for f in self._TEXT_FIELDS)}, "
-            f"attributes, {consent})"
-        )
+        # Positional (cheaper than keywords per row), in the order of Profile's own fields.
+        values = {"email": "email", "key": "email.lower()", "attributes": "attributes", "consent": consent}
+        values.update({name: f"t{n}" for n, (name, _) in enumerate(self._text)})
+        arguments = ", ".join(values.get(f.name, "None") for f in fields(Profile))
+        lines.append(f"    return Profile({arguments})")
         scope = {
             "Rejection": Rejection, "Profile": Profile, "normalise_email": normalise_email, "to_text": to_text,
             "to_json_value": to_json_value, "to_consent": to_consent, "MAX_EMAIL_LENGTH": MAX_EMAIL_LENGTH, "email_match": _EMAIL_RE.match,

@@ -1,39 +1,40 @@
-"""Provider metadata, as data: what Airflow's providers manager reads through the entry point."""
+"""Provider metadata, as data: what Airflow's providers manager reads through the entry point.
+
+Built from the destination registry: each destination brings its integration, hook, connection form and asset
+scheme (see ``destinations/registry.py``).
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
 from segment_export import __version__
-
-_TIMEOUT_FIELD = {
-    "label": "Request timeout (seconds)",
-    "description": "How long one request may take before it is retried. Default 120.",
-    "schema": {"type": ["number", "null"], "minimum": 1},
-}
+from segment_export.destinations.registry import destination_types
 
 
 def get_provider_info() -> dict[str, Any]:
+    kinds = list(destination_types().values())
+    names = ", ".join(kind.display_name for kind in kinds)
     return {
         "package-name": "segment-export",
-        "name": "Segment export (Klaviyo, Mailchimp)",
-        "description": "Export customer segments from a warehouse to Klaviyo lists and Mailchimp audiences.",
+        "name": f"Segment export ({names})",
+        "description": "Export customer segments from a warehouse to "
+        + " and ".join(f"{kind.display_name} {kind.target_kind}s" for kind in kinds) + ".",
         "versions": [__version__],
         "integrations": [
-            {"integration-name": "Klaviyo", "external-doc-url": "https://developers.klaviyo.com/", "tags": ["service"]},
-            {"integration-name": "Mailchimp", "external-doc-url": "https://mailchimp.com/developer/marketing/", "tags": ["service"]},
+            {"integration-name": kind.display_name, "external-doc-url": kind.doc_url, "tags": ["service"]}
+            for kind in kinds
         ],
         "hooks": [
-            {"integration-name": "Klaviyo", "python-modules": ["segment_export.destinations.klaviyo.hook"]},
-            {"integration-name": "Mailchimp", "python-modules": ["segment_export.destinations.mailchimp.hook"]},
+            {"integration-name": kind.display_name, "python-modules": [kind.hook.rpartition(".")[0]]} for kind in kinds
         ],
         "operators": [
-            {"integration-name": "Klaviyo", "python-modules": ["segment_export.operators.export"]},
-            {"integration-name": "Mailchimp", "python-modules": ["segment_export.operators.export"]},
+            {"integration-name": kind.display_name, "python-modules": ["segment_export.operators.export"]}
+            for kind in kinds
         ],
         "asset-uris": [
             {
-                "schemes": ["klaviyo", "mailchimp"],
+                "schemes": [kind.name for kind in kinds],
                 "handler": "segment_export.assets.sanitize_uri",
                 "factory": "segment_export.assets.create_asset",
                 "to_openlineage_converter": "segment_export.assets.convert_asset_to_openlineage",
@@ -41,26 +42,12 @@ def get_provider_info() -> dict[str, Any]:
         ],
         "connection-types": [
             {
-                "connection-type": "klaviyo",
-                "hook-class-name": "segment_export.destinations.klaviyo.hook.KlaviyoHook",
-                "hook-name": "Klaviyo",
-                "ui-field-behaviour": {
-                    "hidden-fields": ["schema", "port", "login"],
-                    "relabeling": {"password": "Private API key", "host": "API base URL (optional)"},
-                    "placeholders": {"password": "pk_…", "host": "https://a.klaviyo.com"},
-                },
-                "conn-fields": {"timeout": _TIMEOUT_FIELD},
-            },
-            {
-                "connection-type": "mailchimp",
-                "hook-class-name": "segment_export.destinations.mailchimp.hook.MailchimpHook",
-                "hook-name": "Mailchimp",
-                "ui-field-behaviour": {
-                    "hidden-fields": ["schema", "port", "login"],
-                    "relabeling": {"password": "API key", "host": "API base URL (optional)"},
-                    "placeholders": {"password": "0123…-us6", "host": "https://us6.api.mailchimp.com/3.0"},
-                },
-                "conn-fields": {"timeout": _TIMEOUT_FIELD},
-            },
+                "connection-type": kind.name,
+                "hook-class-name": kind.hook,
+                "hook-name": kind.display_name,
+                "ui-field-behaviour": kind.connection_form,
+                "conn-fields": kind.connection_fields,
+            }
+            for kind in kinds
         ],
     }

@@ -10,15 +10,19 @@ import os
 import re
 from datetime import date, datetime
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import yaml
 from croniter import croniter
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel, ConfigDict, Field, PrivateAttr, SerializeAsAny, ValidationError, field_validator, model_validator,
+)
 
-# The destinations' documented per-export caps (the seed product's limits), used when a spec gives none.
-DEFAULT_MAX_PROFILES = {"klaviyo": 100_000, "mailchimp": 1_000_000}
-DEFAULT_CONN_IDS = {"klaviyo": "klaviyo_default", "mailchimp": "mailchimp_default"}
+if TYPE_CHECKING:
+    from segment_export.destinations.registry import DestinationType
+
+#: the standard profile fields every destination may take, in the order a Profile holds them (mapping.Profile)
+PROFILE_FIELDS = ("email", "first_name", "last_name", "phone_number", "external_id")
 
 # What Airflow refuses, restated so the spec stays free of Airflow imports (tests/test_dags.py checks each one
 # against the installed Airflow, so a new Airflow that changes them fails a test instead of a parse):
@@ -50,8 +54,6 @@ _YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 # A dag_id: Airflow allows word characters, '.' and '-' up to 250 (airflow.sdk.definitions._internal.node
 # validate_key); ASCII and 200 keep ids portable (URLs, log paths, the state table's key).
 _ID_RE = re.compile(r"[A-Za-z0-9_.-]{1,200}")
-# Mailchimp merge tags: letters, digits and underscores, at most 10 characters.
-_MERGE_TAG_RE = re.compile(r"^[A-Z0-9_]{1,10}$")
 # Airflow asset URIs: a scheme, '://', something after it; no whitespace.
 _ASSET_URI_RE = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://\S+$")
 # ISO 3166-1 alpha-2, as the phonenumbers library names regions.
@@ -144,81 +146,59 @@ class SourceSpec(_Strict):
         return "csv" if Path(self.path or "").suffix.lower() == ".csv" else "parquet"
 
 
-class _DestinationBase(_Strict):
+class DestinationSpec(_Strict):
+    """The spec's ``destination`` block: ``type`` picks the destination (see ``destinations/registry.py``), whose
+    own model (a subclass declared in its package) holds the rest of the block."""
+
+    type: str = Field(description="The destination: one of the registered destination types.")
     conn_id: str | None = Field(None, description="Airflow connection id; defaults to '<type>_default'.")
 
     @property
+    def kind(self) -> DestinationType:
+        from segment_export.destinations.registry import destination_type
+
+        return destination_type(self.type)
+
+    @property
     def connection_id(self) -> str:
-        return self.conn_id or DEFAULT_CONN_IDS[self.type]  # type: ignore[attr-defined]
-
-
-class KlaviyoDestinationSpec(_DestinationBase):
-    type: Literal["klaviyo"]
-    list_id: str | None = Field(None, min_length=1, description="The Klaviyo list that receives every profile.")
-    lists: dict[str, str] | None = Field(
-        None, description="One list per segment instead: segment name → list id (profiles move with their segments)."
-    )
-    subscribe: bool = Field(
-        False,
-        description=(
-            "Explicit opt-in: subscribe rows whose mapping.consent column is true to email marketing (Bulk Subscribe "
-            "Profiles), unless Klaviyo suppresses them or they unsubscribed. Without it, profiles only join the list, "
-            "which is not consent. Nobody is ever unsubscribed by an export."
-        ),
-    )
-    report_suppressed: bool | None = Field(
-        None,
-        description=(
-            "After each import job, look up the accepted profiles (one request per 100, at Klaviyo's 750/min) and "
-            "report the ones Klaviyo suppresses as skipped with its reason. Default: only with subscribe, which "
-            "needs it; on a large first run the lookups, not the imports, bound the export (a minute per 75,000 "
-            "profiles), so it is opt-in otherwise. Without it suppressed profiles are counted as accepted."
-        ),
-    )
-
-    @property
-    def checks_suppression(self) -> bool:
-        return self.subscribe if self.report_suppressed is None else self.report_suppressed
-
-    @model_validator(mode="after")
-    def _one_way(self) -> KlaviyoDestinationSpec:
-        if (self.list_id is None) == (self.lists is None):
-            raise ValueError("give either 'list_id' (one list for the export) or 'lists' (one list per segment)")
-        if self.lists is not None and not self.lists:
-            raise ValueError("'lists' needs at least one segment: list id pair")
-        if self.subscribe and self.report_suppressed is False:
-            raise ValueError(
-                "'subscribe' needs 'report_suppressed' (the lookup that keeps suppressed and unsubscribed profiles "
-                "from being subscribed again)"
-            )
-        return self
+        return self.conn_id or self.kind.default_conn_id
 
     @property
     def target_id(self) -> str:
-        """The list, or the lists joined with '+': the state and the asset are kept per target."""
-        return self.list_id or "+".join(sorted(set((self.lists or {}).values())))
-
-
-class MailchimpDestinationSpec(_DestinationBase):
-    type: Literal["mailchimp"]
-    audience_id: str = Field(min_length=1, description="The Mailchimp audience (list) id.")
-    new_member_status: Literal["subscribed", "pending", "unsubscribed", "transactional"] = Field(
-        description=(
-            "Status given to members the export creates. Required: adding a person to an audience is a consent "
-            "decision. Existing members' status is never changed by an export."
-        )
-    )
-    status_without_consent: Literal["pending", "unsubscribed", "transactional"] = Field(
-        "transactional",
-        description="With mapping.consent: the status of a new member whose consent column is not true.",
-    )
+        """What the export writes to (a list id, an audience id): the state and the outcomes are kept per target."""
+        raise NotImplementedError
 
     @property
-    def target_id(self) -> str:
-        return self.audience_id
+    def targets(self) -> list[str]:
+        """Every id the export writes to (its outlets' assets): one, unless the destination spreads segments."""
+        return [self.target_id]
+
+    def describe_targets(self) -> tuple[str, str]:
+        """(kind, Markdown text) of the targets, for the DAG's documentation."""
+        return self.kind.target_kind, f"`{self.target_id}`"
+
+    def doc_rows(self) -> list[tuple[str, str]]:
+        """Extra rows for the DAG's documentation table (settings a reader of the DAG must see)."""
+        return []
+
+    def check_export(self, export: ExportSpec) -> None:
+        """Rules across the export (mapping, source, sync) this destination imposes: raise ValueError naming the
+        field, as the YAML spells it."""
 
 
-DestinationSpec = Annotated[KlaviyoDestinationSpec | MailchimpDestinationSpec, Field(discriminator="type")]
+def _destination_block(value: Any) -> DestinationSpec:
+    """Validate a ``destination`` block with its type's model: errors keep the block's own field paths."""
+    if isinstance(value, DestinationSpec):
+        return value
+    from segment_export.destinations.registry import destination_types
+
+    known = destination_types()
+    kind = value.get("type") if isinstance(value, dict) else None
+    if kind not in known:
+        names = ", ".join(repr(name) for name in known)
+        what = "is missing" if kind is None else f"{kind!r} is not a destination"
+        raise ValueError(f"destination.type {what}; give one of {names}")
+    return known[kind].spec_model.model_validate(value)
 
 
 class MappingSpec(_Strict):
@@ -259,11 +239,19 @@ class MappingSpec(_Strict):
             raise ValueError("'phone_region' applies to 'phone_number', which is not mapped")
         return self
 
+    def fields(self) -> list[tuple[str, str]]:
+        """(profile field, source column) of every mapped field that is sent: the standard fields
+        (``PROFILE_FIELDS``), then ``attributes.<name>``. ``consent`` is read, never sent, so it is not here."""
+        pairs = [(name, getattr(self, name)) for name in PROFILE_FIELDS]
+        pairs += [(f"attributes.{name}", column) for name, column in self.attributes.items()]
+        return [(name, column) for name, column in pairs if column]
+
     def columns(self) -> list[str]:
         """Every source column the mapping reads, in a stable order, without repeats."""
-        cols = [self.email, self.first_name, self.last_name, self.phone_number, self.external_id, self.consent]
-        cols += list(self.attributes.values())
-        return list(dict.fromkeys(c for c in cols if c))
+        cols = [column for _, column in self.fields()]
+        if self.consent:
+            cols.insert(len([n for n in PROFILE_FIELDS if getattr(self, n)]), self.consent)
+        return list(dict.fromkeys(cols))
 
 
 class LimitSpec(_Strict):
@@ -329,8 +317,8 @@ class SyncSpec(_Strict):
         None,
         description=(
             "A profile exported before that is no longer in the segment: 'keep' it, 'remove' it from what the "
-            "export manages (the Klaviyo list; the Mailchimp tags of its segments), or for Mailchimp 'unsubscribe' "
-            "it (explicit opt-in). Default: keep for Klaviyo, remove for Mailchimp. Nothing is ever deleted."
+            "export manages (a list; the tags of its segments), or 'unsubscribe' it (explicit opt-in, where the "
+            "destination supports it). The default and the choices are the destination's. Nothing is ever deleted."
         ),
     )
     dry_run: bool = Field(False, description="Every run only plans and reports; nothing is sent.")
@@ -369,7 +357,7 @@ class ExportSpec(_Strict):
         )
     )
     source: SourceSpec
-    destination: DestinationSpec
+    destination: SerializeAsAny[DestinationSpec]  # its type's own model: see _destination_block
     mapping: MappingSpec
     limit: LimitSpec = Field(default_factory=LimitSpec)
     sync: SyncSpec = Field(default_factory=SyncSpec)
@@ -442,6 +430,11 @@ class ExportSpec(_Strict):
                 )
         return v
 
+    @field_validator("destination", mode="wrap")
+    @classmethod
+    def _destination_by_type(cls, value: Any, handler: Any) -> DestinationSpec:
+        return _destination_block(value)
+
     @field_validator("schedule")
     @classmethod
     def _valid_schedule(cls, v: str | None) -> str | None:
@@ -456,40 +449,18 @@ class ExportSpec(_Strict):
                 raise ValueError("schedule_on_source_asset: give either 'schedule' or this option, not both")
             if self.source.asset_uri is None:
                 raise ValueError("schedule_on_source_asset: the source has no asset; set 'source.asset' (a URI)")
-        if self.destination.type == "klaviyo" and self.destination.lists is not None:
-            missing = sorted(set(self.source.segments or []) - set(self.destination.lists))
-            if not self.source.segment_column or missing:
-                raise ValueError(
-                    "destination.lists: every exported segment needs a list "
-                    + (f"(no list for {missing})" if missing else "(and source.segment_column/segments must be set)")
-                )
-        if self.destination.type == "klaviyo" and bool(self.mapping.consent) != self.destination.subscribe:
+        choices = self.destination.kind.on_leave
+        if self.sync.on_leave is not None and self.sync.on_leave not in choices:
             raise ValueError(
-                "mapping.consent: a Klaviyo export subscribes people only when asked twice: set both "
-                "'destination.subscribe: true' and 'mapping.consent' (the column that is true where the person "
-                "consented), or neither (profiles then only join the list, which is not consent)"
+                f"sync.on_leave: {self.destination.kind.display_name} exports take {' or '.join(map(repr, choices))}, "
+                f"not {self.sync.on_leave!r}"
             )
-        if self.destination.type == "klaviyo" and self.sync.on_leave == "unsubscribe":
-            raise ValueError(
-                "sync.on_leave: 'unsubscribe' is for Mailchimp; for Klaviyo use 'remove' (list membership only, "
-                "consent untouched) or 'keep'"
-            )
-        if self.destination.type == "mailchimp":
-            if self.mapping.external_id:
-                raise ValueError(
-                    "mapping.external_id: Mailchimp has no external id; map the column to a merge field in "
-                    "'mapping.attributes' instead"
-                )
-            bad = [tag for tag in self.mapping.attributes if not _MERGE_TAG_RE.match(tag)]
-            if bad:
-                raise ValueError(
-                    f"mapping.attributes: {bad} are not Mailchimp merge tags (A-Z, 0-9, '_', at most 10 characters)"
-                )
+        self.destination.check_export(self)
         return self
 
     @property
     def on_leave(self) -> str:
-        return self.sync.on_leave or ("remove" if self.destination.type == "mailchimp" else "keep")
+        return self.sync.on_leave or self.destination.kind.on_leave[0]
 
     @property
     def state_conn_id(self) -> str | None:
@@ -497,7 +468,7 @@ class ExportSpec(_Strict):
 
     @property
     def max_profiles(self) -> int:
-        return self.limit.max_profiles or DEFAULT_MAX_PROFILES[self.destination.type]
+        return self.limit.max_profiles or self.destination.kind.max_profiles
 
     @property
     def display_name(self) -> str:
@@ -551,9 +522,7 @@ class SpecError(ValueError):
 
 
 def _field_path(loc: tuple[Any, ...]) -> str:
-    # Drop pydantic's discriminator tags ("klaviyo"/"mailchimp") so the path reads as the YAML does.
-    parts = [str(p) for p in loc if p not in ("klaviyo", "mailchimp")]
-    return ".".join(parts)
+    return ".".join(str(p) for p in loc)
 
 
 def _errors_from_validation(file: Path, export_id: str | None, exc: ValidationError) -> list[SpecError]:

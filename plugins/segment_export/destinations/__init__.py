@@ -1,8 +1,15 @@
-"""Destinations: payload building (pure) and batch sending (through the hooks) for Klaviyo and Mailchimp."""
+"""Destinations: one package each (spec block, hook, payloads, sending, declaration), listed in registry.py."""
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
+
+from segment_export.destinations.registry import (  # noqa: F401 - the public seam
+    DestinationType,
+    destination_type,
+    destination_types,
+    register,
+)
 
 if TYPE_CHECKING:
     from segment_export.destinations.base import Destination
@@ -11,10 +18,4 @@ if TYPE_CHECKING:
 
 def destination_for(spec: ExportSpec) -> Destination:
     """The destination an export sends to, with its hook (no request is made here)."""
-    if spec.destination.type == "klaviyo":
-        from segment_export.destinations.klaviyo.destination import KlaviyoDestination
-
-        return KlaviyoDestination.from_spec(spec)
-    from segment_export.destinations.mailchimp.destination import MailchimpDestination
-
-    return MailchimpDestination.from_spec(spec)
+    return spec.destination.kind.build(spec)
