@@ -22,9 +22,8 @@ from functools import cached_property
 from typing import Any
 
 import requests
-from requests.auth import HTTPBasicAuth
 
-from segment_export.hooks.base import FAIL, THROTTLED, DestinationError, DestinationHook, UnreadableAnswer
+from segment_export.hooks.base import FAIL, THROTTLED, DestinationApi, DestinationError, DestinationHook, UnreadableAnswer
 
 MAX_CONNECTIONS_PER_KEY = 10  # Mailchimp refuses the 11th simultaneous connection of an API key
 #: words of Mailchimp's throttling answer ("Too Many Requests": "... limit of 10 simultaneous connections.")
@@ -47,7 +46,7 @@ def data_center(api_key: str) -> str:
     return dc
 
 
-def is_throttling_403(response: requests.Response) -> bool:
+def is_throttling_403(response: Any) -> bool:
     """Whether a 403 answer is Mailchimp throttling rather than an auth, permission or account refusal."""
     try:
         body = response.json()
@@ -59,22 +58,16 @@ def is_throttling_403(response: requests.Response) -> bool:
     return any(word in text for word in THROTTLING_WORDS)
 
 
-class MailchimpHook(DestinationHook):
-    """Talks to the Mailchimp Marketing API 3.0 with an API key (connection password).
+class MailchimpApi(DestinationApi):
+    """A Mailchimp request: HTTP basic auth with the API key (connection password), problem+json errors, the
+    throttling 403 told from a refusal (see the module).
 
     The base URL is ``https://<dc>.api.mailchimp.com/3.0`` from the key's suffix, unless the connection's host
-    gives one (e.g. the sandbox's ``http://127.0.0.1:PORT/3.0``).
-
-    :param conn_id: Airflow connection of type ``mailchimp`` (default ``mailchimp_default``).
-    """
+    gives one (e.g. the sandbox's ``http://127.0.0.1:PORT/3.0``)."""
 
     default_conn_name = "mailchimp_default"
     conn_type = "mailchimp"
     hook_name = "Mailchimp"
-    adaptive_concurrency = True  # the cap is on connections, and other apps on the account hold some of them
-
-    def __init__(self, conn_id: str | None = None, *, max_concurrency: int = MAX_CONNECTIONS_PER_KEY, **kwargs: Any):
-        super().__init__(conn_id, max_concurrency=min(max_concurrency, MAX_CONNECTIONS_PER_KEY), **kwargs)
 
     def default_base_url(self, connection: Any) -> str:
         key = self.api_key(connection)
@@ -83,12 +76,13 @@ class MailchimpHook(DestinationHook):
         except DestinationError as exc:
             raise self.error(str(exc)) from None
 
-    def _configure_session_from_auth(self, session: requests.Session, connection: Any) -> requests.Session:
-        session.auth = HTTPBasicAuth(connection.login or "segment-export", self.api_key(connection))
-        session.headers.update({"Accept": "application/json"})
-        return session
+    def auth_headers(self, connection: Any) -> dict[str, str]:
+        return {"Accept": "application/json"}
 
-    def error_message(self, response: requests.Response) -> str:
+    def basic_auth(self, connection: Any) -> tuple[str, str] | None:
+        return connection.login or "segment-export", self.api_key(connection)
+
+    def error_message(self, response: Any) -> str:
         try:
             body = response.json()
             text = f"{body['title']}: {body.get('detail', '')}".rstrip(": ")
@@ -99,11 +93,23 @@ class MailchimpHook(DestinationHook):
         except (ValueError, KeyError, TypeError):
             return super().error_message(response)
 
-    def classify(self, response: requests.Response) -> str:
+    def classify(self, response: Any) -> str:
         """A 403 is throttling when its problem document says so, or when it has none (see the module)."""
         if response.status_code != 403:
             return super().classify(response)
         return THROTTLED if is_throttling_403(response) else FAIL
+
+
+class MailchimpHook(MailchimpApi, DestinationHook):
+    """Talks to the Mailchimp Marketing API 3.0 with an API key (connection password).
+
+    :param conn_id: Airflow connection of type ``mailchimp`` (default ``mailchimp_default``).
+    """
+
+    adaptive_concurrency = True  # the cap is on connections, and other apps on the account hold some of them
+
+    def __init__(self, conn_id: str | None = None, *, max_concurrency: int = MAX_CONNECTIONS_PER_KEY, **kwargs: Any):
+        super().__init__(conn_id, max_concurrency=min(max_concurrency, MAX_CONNECTIONS_PER_KEY), **kwargs)
 
     # -- API ---------------------------------------------------------------------------------------------
     def test_connection(self) -> tuple[bool, str]:
