@@ -139,3 +139,18 @@ def test_the_rate_limiter_paces_threads_and_event_loops_alike():
     ticks = asyncio.run(third_while_the_loop_runs())
     assert 0.9 <= time.monotonic() - started < 2  # the third waits for the window...
     assert ticks >= 10  # ...without blocking the event loop meanwhile
+
+
+def test_the_async_client_sends_the_same_basic_auth_as_the_session(airflow_conn):
+    from requests.auth import _basic_auth_str
+
+    from segment_export.destinations.mailchimp.hook import MailchimpAsyncHook
+
+    airflow_conn("m_basic", conn_type="mailchimp", login="me", password=MAILCHIMP_API_KEY)
+
+    async def client_headers():
+        async with await MailchimpAsyncHook("m_basic").client() as client:
+            return dict(client.headers)
+
+    headers = asyncio.run(client_headers())
+    assert headers["Authorization"] == _basic_auth_str("me", MAILCHIMP_API_KEY) and headers["Accept"] == "application/json"

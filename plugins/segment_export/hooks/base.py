@@ -29,6 +29,7 @@ pagination links repeat the email filter).
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import random
 import re
@@ -541,12 +542,14 @@ class DestinationAsyncHook(DestinationApi, BaseHook):
     on Airflows whose connection API would block the event loop): reading it and masking the key talk to the
     supervisor synchronously, which must not happen on the triggerer's event loop. Requests run one
     ``aiohttp.ClientSession`` per :meth:`client` (a polling round), never shared across event loops.
-    There is no adaptive concurrency here: a trigger's requests are few and paced by the rate limits."""
+    There is no adaptive concurrency here: a trigger's requests are few, paced by the rate limits, and the
+    client never opens more than ``max_concurrency`` connections."""
 
-    def __init__(self, conn_id: str | None = None, *, timeout: float = 120.0, max_retries: int = 6,
-                 max_retry_seconds: float = 300.0) -> None:
+    def __init__(self, conn_id: str | None = None, *, max_concurrency: int = 10, timeout: float = 120.0,
+                 max_retries: int = 6, max_retry_seconds: float = 300.0) -> None:
         super().__init__()
         self._init_api(conn_id, timeout, max_retries, max_retry_seconds)
+        self.max_concurrency = max(1, max_concurrency)
         self._settings: RequestSettings | None = None
 
     async def settings(self) -> RequestSettings:
@@ -563,12 +566,14 @@ class DestinationAsyncHook(DestinationApi, BaseHook):
         import aiohttp
 
         settings = await self.settings()
+        headers = dict(settings.headers)
+        if settings.auth:  # aiohttp 3.14 deprecates auth=BasicAuth; the header is the same on every version
+            headers["Authorization"] = "Basic " + base64.b64encode(":".join(settings.auth).encode()).decode("ascii")
         return aiohttp.ClientSession(
-            headers=settings.headers,
-            auth=aiohttp.BasicAuth(*settings.auth) if settings.auth else None,
+            headers=headers,
             timeout=aiohttp.ClientTimeout(total=settings.timeout),
             trust_env=settings.trust_env,
-            connector=aiohttp.TCPConnector(ssl=_ssl_option(settings)),
+            connector=aiohttp.TCPConnector(ssl=_ssl_option(settings), limit=self.max_concurrency),
         )
 
     async def request_json(self, client: Any, method: str, endpoint: str, limit_key: str | None = None,
@@ -607,7 +612,25 @@ class DestinationAsyncHook(DestinationApi, BaseHook):
         return self.data_of(body, method, endpoint, key)
 
     async def pending_jobs(self, job_ids: list[str]) -> list[str]:
-        """The ids, among ``job_ids``, of the jobs the destination has not finished yet (what a trigger polls)."""
+        """The ids, among ``job_ids`` and in their order, of the jobs the destination has not finished yet (what
+        :class:`~segment_export.triggers.jobs.DestinationJobsTrigger` polls).
+
+        The jobs are asked for concurrently (at most ``max_concurrency`` connections, paced by the rate limits);
+        a failure that outlives the retries is raised once every request has ended."""
+        async with await self.client() as client:
+            jobs = await asyncio.gather(*(self.get_job(client, job_id) for job_id in job_ids),
+                                        return_exceptions=True)  # every request ends before the client closes
+        failed = next((job for job in jobs if isinstance(job, BaseException)), None)
+        if failed is not None:
+            raise failed
+        return [job_id for job_id, job in zip(job_ids, jobs) if not self.job_finished(job)]
+
+    async def get_job(self, client: Any, job_id: str) -> dict[str, Any]:
+        """One job as the destination describes it (the same request as the synchronous hook's)."""
+        raise NotImplementedError
+
+    def job_finished(self, job: dict[str, Any]) -> bool:
+        """Whether a job will not change any more (the destination's definition, shared with the export)."""
         raise NotImplementedError
 
 

@@ -10,7 +10,6 @@ a 200 is then retried instead of being taken for Klaviyo's acceptance.
 
 from __future__ import annotations
 
-import asyncio
 import json
 from typing import Any, Iterator, Sequence
 
@@ -177,21 +176,12 @@ class KlaviyoAsyncHook(KlaviyoApi, DestinationAsyncHook):
     :param conn_id: Airflow connection of type ``klaviyo`` (default ``klaviyo_default``).
     """
 
-    async def get_bulk_import_job(self, client: Any, job_id: str) -> dict[str, Any]:
+    async def get_job(self, client: Any, job_id: str) -> dict[str, Any]:
+        """One bulk import job (``GET /api/profile-bulk-import-jobs/{id}``), as :meth:`KlaviyoHook.get_bulk_import_job`."""
         return await self.request_data(client, *bulk_import_job_call(job_id))
 
-    async def pending_jobs(self, job_ids: list[str]) -> list[str]:
-        """The ids of the bulk import jobs that are not finished yet (:func:`bulk_import_finished`), in order.
-
-        The jobs are asked for concurrently, paced by the ``bulk-import-read`` limit; any failure that outlives
-        the retries is raised, once all the requests have ended (the trigger turns it into an error event)."""
-        async with await self.client() as client:
-            jobs = await asyncio.gather(*(self.get_bulk_import_job(client, job_id) for job_id in job_ids),
-                                        return_exceptions=True)  # every request ends before the client closes
-        failed = next((job for job in jobs if isinstance(job, BaseException)), None)
-        if failed is not None:
-            raise failed
-        return [job_id for job_id, job in zip(job_ids, jobs) if not bulk_import_finished(job)]
+    def job_finished(self, job: dict[str, Any]) -> bool:
+        return bulk_import_finished(job)
 
 
 def _by_email(profiles: Iterator[dict[str, Any]]) -> Iterator[tuple[str, dict[str, Any]]]:

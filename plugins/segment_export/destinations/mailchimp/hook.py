@@ -23,7 +23,9 @@ from typing import Any
 
 import requests
 
-from segment_export.hooks.base import FAIL, THROTTLED, DestinationApi, DestinationError, DestinationHook, UnreadableAnswer
+from segment_export.hooks.base import (
+    FAIL, THROTTLED, Call, DestinationApi, DestinationAsyncHook, DestinationError, DestinationHook, UnreadableAnswer,
+)
 
 MAX_CONNECTIONS_PER_KEY = 10  # Mailchimp refuses the 11th simultaneous connection of an API key
 #: words of Mailchimp's throttling answer ("Too Many Requests": "... limit of 10 simultaneous connections.")
@@ -167,7 +169,7 @@ class MailchimpHook(MailchimpApi, DestinationHook):
         return self.request_json("POST", "/batches", data=body, headers={"Content-Type": "application/json"})
 
     def get_batch(self, batch_id: str) -> dict[str, Any]:
-        return self.request_json("GET", f"/batches/{batch_id}", params={"fields": BATCH_FIELDS})
+        return self.request_json(*batch_call(batch_id))
 
     def batch_results(self, url: str) -> list[dict[str, Any]]:
         """Every result in a finished batch's archive (``response_body_url``): a gzipped tar of JSON files, each an
@@ -196,6 +198,36 @@ class MailchimpHook(MailchimpApi, DestinationHook):
 
 #: what the exporter reads of a batch's status
 BATCH_FIELDS = "id,status,total_operations,finished_operations,errored_operations,response_body_url"
+#: a batch operations job's status once every operation has run (before: pending, preprocessing, started...)
+BATCH_FINISHED = "finished"
+
+
+def batch_call(batch_id: str) -> Call:
+    """GET one batch operations job's status (only the fields the exporter reads)."""
+    return Call("GET", f"/batches/{batch_id}", None, {"fields": BATCH_FIELDS})
+
+
+def batch_finished(batch: dict[str, Any]) -> bool:
+    """Whether a batch operations job has run all its operations: its results archive can be read."""
+    return batch.get("status") == BATCH_FINISHED
+
+
+class MailchimpAsyncHook(MailchimpApi, DestinationAsyncHook):
+    """Mailchimp from the triggerer: which batch operations jobs are still running, by the same requests and
+    retry rules as :class:`MailchimpHook` (throttling 429/403 waited out), within the key's connection cap.
+
+    :param conn_id: Airflow connection of type ``mailchimp`` (default ``mailchimp_default``).
+    """
+
+    def __init__(self, conn_id: str | None = None, *, max_concurrency: int = MAX_CONNECTIONS_PER_KEY, **kwargs: Any):
+        super().__init__(conn_id, max_concurrency=min(max_concurrency, MAX_CONNECTIONS_PER_KEY), **kwargs)
+
+    async def get_job(self, client: Any, job_id: str) -> dict[str, Any]:
+        """One batch (``GET /batches/{id}``), as :meth:`MailchimpHook.get_batch`."""
+        return await self.request_json(client, *batch_call(job_id))
+
+    def job_finished(self, job: dict[str, Any]) -> bool:
+        return batch_finished(job)
 
 
 def _read_results(response: requests.Response) -> list[dict[str, Any]]:
