@@ -1,4 +1,8 @@
-"""Klaviyo hook: API-key auth, the pinned revision, JSON:API errors, bulk profile import and subscription jobs.
+"""Klaviyo hooks: API-key auth, the pinned revision, JSON:API errors, bulk profile import and subscription jobs.
+
+:class:`KlaviyoApi` is what a Klaviyo request is (base URL, headers, error messages, pacing, which job statuses
+are final), shared by :class:`KlaviyoHook` (the task's, synchronous) and :class:`KlaviyoAsyncHook` (the
+triggerer's: polls bulk import jobs until they are finished).
 
 Writes whose documented answer is empty (202/204) still go through ``request_json``: a proxy's HTML page with
 a 200 is then retried instead of being taken for Klaviyo's acceptance.
@@ -9,21 +13,29 @@ from __future__ import annotations
 import json
 from typing import Any, Iterator, Sequence
 
-import requests
-
-from segment_export.hooks.base import DestinationError, DestinationHook
+from segment_export.hooks.base import Call, DestinationApi, DestinationAsyncHook, DestinationError, DestinationHook
 
 KLAVIYO_REVISION = "2026-07-15"
 JSON_API = "application/vnd.api+json"
 MAX_FILTER_EMAILS = 100  # addresses per any(email,[...]) lookup: one page of GET /api/profiles (page[size] max 100)
 MAX_SUBSCRIBE_PROFILES = 1_000  # "Maximum number of profiles can be submitted for subscription: 1000"
+#: the statuses of a bulk profile import job that will not change any more (the others: queued, processing)
+BULK_IMPORT_FINAL_STATUSES = ("complete", "cancelled")
 
 
-class KlaviyoHook(DestinationHook):
-    """Talks to Klaviyo with a private API key (connection password); host defaults to https://a.klaviyo.com.
+def bulk_import_finished(job: dict[str, Any]) -> bool:
+    """Whether a bulk import job resource is finished: its outcome can be read, polling it again is useless."""
+    return job["attributes"]["status"] in BULK_IMPORT_FINAL_STATUSES
 
-    :param conn_id: Airflow connection of type ``klaviyo`` (default ``klaviyo_default``).
-    """
+
+def bulk_import_job_call(job_id: str) -> Call:
+    """GET one bulk profile import job (its status and counts)."""
+    return Call("GET", f"/api/profile-bulk-import-jobs/{job_id}", "bulk-import-read")
+
+
+class KlaviyoApi(DestinationApi):
+    """A Klaviyo request: private API key (connection password) in the ``Authorization`` header, the pinned
+    ``revision``, JSON:API; host defaults to https://a.klaviyo.com."""
 
     default_conn_name = "klaviyo_default"
     conn_type = "klaviyo"
@@ -42,19 +54,15 @@ class KlaviyoHook(DestinationHook):
     def default_base_url(self, connection: Any) -> str:
         return "https://a.klaviyo.com"
 
-    def _configure_session_from_auth(self, session: requests.Session, connection: Any) -> requests.Session:
-        session.auth = None
-        session.headers.update(
-            {
-                "Authorization": f"Klaviyo-API-Key {self.api_key(connection)}",
-                "revision": KLAVIYO_REVISION,
-                "Accept": JSON_API,
-                "Content-Type": JSON_API,
-            }
-        )
-        return session
+    def auth_headers(self, connection: Any) -> dict[str, str]:
+        return {
+            "Authorization": f"Klaviyo-API-Key {self.api_key(connection)}",
+            "revision": KLAVIYO_REVISION,
+            "Accept": JSON_API,
+            "Content-Type": JSON_API,
+        }
 
-    def error_message(self, response: requests.Response) -> str:
+    def error_message(self, response: Any) -> str:
         try:
             errors = response.json()["errors"]
             parts = [f"{e.get('title') or e.get('code')}: {e.get('detail', '')}".rstrip(": ") for e in errors]
@@ -65,6 +73,13 @@ class KlaviyoHook(DestinationHook):
             return f"HTTP {response.status_code} {text}"
         except (ValueError, KeyError, TypeError, AttributeError):
             return super().error_message(response)
+
+
+class KlaviyoHook(KlaviyoApi, DestinationHook):
+    """Talks to Klaviyo with a private API key (connection password); host defaults to https://a.klaviyo.com.
+
+    :param conn_id: Airflow connection of type ``klaviyo`` (default ``klaviyo_default``).
+    """
 
     # -- API ---------------------------------------------------------------------------------------------
     def test_connection(self) -> tuple[bool, str]:
@@ -84,7 +99,7 @@ class KlaviyoHook(DestinationHook):
         return self.request_data("POST", "/api/profile-bulk-import-jobs", data=body, limit_key="bulk-import")
 
     def get_bulk_import_job(self, job_id: str) -> dict[str, Any]:
-        return self.request_data("GET", f"/api/profile-bulk-import-jobs/{job_id}", limit_key="bulk-import-read")
+        return self.request_data(*bulk_import_job_call(job_id))
 
     def iter_import_errors(self, job_id: str) -> Iterator[dict[str, Any]]:
         """Every import error of a job (100 per page)."""
@@ -152,11 +167,21 @@ class KlaviyoHook(DestinationHook):
         body = {"data": [{"type": "profile", "id": pid} for pid in profile_ids]}
         self.request_json("DELETE", f"/api/lists/{list_id}/relationships/profiles", json=body, limit_key="lists-write")
 
-    def url_from_endpoint(self, endpoint: str | None) -> str:
-        # Pagination links are absolute URLs; keep them as Klaviyo gave them.
-        if endpoint and "://" in endpoint:
-            return endpoint
-        return super().url_from_endpoint(endpoint)
+
+
+class KlaviyoAsyncHook(KlaviyoApi, DestinationAsyncHook):
+    """Klaviyo from the triggerer: which bulk import jobs are still running, by the same requests, pacing and
+    retry rules as :class:`KlaviyoHook` (a 429 is waited out, ``Retry-After`` honoured).
+
+    :param conn_id: Airflow connection of type ``klaviyo`` (default ``klaviyo_default``).
+    """
+
+    async def get_job(self, client: Any, job_id: str) -> dict[str, Any]:
+        """One bulk import job (``GET /api/profile-bulk-import-jobs/{id}``), as :meth:`KlaviyoHook.get_bulk_import_job`."""
+        return await self.request_data(client, *bulk_import_job_call(job_id))
+
+    def job_finished(self, job: dict[str, Any]) -> bool:
+        return bulk_import_finished(job)
 
 
 def _by_email(profiles: Iterator[dict[str, Any]]) -> Iterator[tuple[str, dict[str, Any]]]:

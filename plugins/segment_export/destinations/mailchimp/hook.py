@@ -22,9 +22,10 @@ from functools import cached_property
 from typing import Any
 
 import requests
-from requests.auth import HTTPBasicAuth
 
-from segment_export.hooks.base import FAIL, THROTTLED, DestinationError, DestinationHook, UnreadableAnswer
+from segment_export.hooks.base import (
+    FAIL, THROTTLED, Call, DestinationApi, DestinationAsyncHook, DestinationError, DestinationHook, UnreadableAnswer,
+)
 
 MAX_CONNECTIONS_PER_KEY = 10  # Mailchimp refuses the 11th simultaneous connection of an API key
 #: words of Mailchimp's throttling answer ("Too Many Requests": "... limit of 10 simultaneous connections.")
@@ -47,7 +48,7 @@ def data_center(api_key: str) -> str:
     return dc
 
 
-def is_throttling_403(response: requests.Response) -> bool:
+def is_throttling_403(response: Any) -> bool:
     """Whether a 403 answer is Mailchimp throttling rather than an auth, permission or account refusal."""
     try:
         body = response.json()
@@ -59,22 +60,16 @@ def is_throttling_403(response: requests.Response) -> bool:
     return any(word in text for word in THROTTLING_WORDS)
 
 
-class MailchimpHook(DestinationHook):
-    """Talks to the Mailchimp Marketing API 3.0 with an API key (connection password).
+class MailchimpApi(DestinationApi):
+    """A Mailchimp request: HTTP basic auth with the API key (connection password), problem+json errors, the
+    throttling 403 told from a refusal (see the module).
 
     The base URL is ``https://<dc>.api.mailchimp.com/3.0`` from the key's suffix, unless the connection's host
-    gives one (e.g. the sandbox's ``http://127.0.0.1:PORT/3.0``).
-
-    :param conn_id: Airflow connection of type ``mailchimp`` (default ``mailchimp_default``).
-    """
+    gives one (e.g. the sandbox's ``http://127.0.0.1:PORT/3.0``)."""
 
     default_conn_name = "mailchimp_default"
     conn_type = "mailchimp"
     hook_name = "Mailchimp"
-    adaptive_concurrency = True  # the cap is on connections, and other apps on the account hold some of them
-
-    def __init__(self, conn_id: str | None = None, *, max_concurrency: int = MAX_CONNECTIONS_PER_KEY, **kwargs: Any):
-        super().__init__(conn_id, max_concurrency=min(max_concurrency, MAX_CONNECTIONS_PER_KEY), **kwargs)
 
     def default_base_url(self, connection: Any) -> str:
         key = self.api_key(connection)
@@ -83,12 +78,13 @@ class MailchimpHook(DestinationHook):
         except DestinationError as exc:
             raise self.error(str(exc)) from None
 
-    def _configure_session_from_auth(self, session: requests.Session, connection: Any) -> requests.Session:
-        session.auth = HTTPBasicAuth(connection.login or "segment-export", self.api_key(connection))
-        session.headers.update({"Accept": "application/json"})
-        return session
+    def auth_headers(self, connection: Any) -> dict[str, str]:
+        return {"Accept": "application/json"}
 
-    def error_message(self, response: requests.Response) -> str:
+    def basic_auth(self, connection: Any) -> tuple[str, str] | None:
+        return connection.login or "segment-export", self.api_key(connection)
+
+    def error_message(self, response: Any) -> str:
         try:
             body = response.json()
             text = f"{body['title']}: {body.get('detail', '')}".rstrip(": ")
@@ -99,11 +95,23 @@ class MailchimpHook(DestinationHook):
         except (ValueError, KeyError, TypeError):
             return super().error_message(response)
 
-    def classify(self, response: requests.Response) -> str:
+    def classify(self, response: Any) -> str:
         """A 403 is throttling when its problem document says so, or when it has none (see the module)."""
         if response.status_code != 403:
             return super().classify(response)
         return THROTTLED if is_throttling_403(response) else FAIL
+
+
+class MailchimpHook(MailchimpApi, DestinationHook):
+    """Talks to the Mailchimp Marketing API 3.0 with an API key (connection password).
+
+    :param conn_id: Airflow connection of type ``mailchimp`` (default ``mailchimp_default``).
+    """
+
+    adaptive_concurrency = True  # the cap is on connections, and other apps on the account hold some of them
+
+    def __init__(self, conn_id: str | None = None, *, max_concurrency: int = MAX_CONNECTIONS_PER_KEY, **kwargs: Any):
+        super().__init__(conn_id, max_concurrency=min(max_concurrency, MAX_CONNECTIONS_PER_KEY), **kwargs)
 
     # -- API ---------------------------------------------------------------------------------------------
     def test_connection(self) -> tuple[bool, str]:
@@ -161,7 +169,7 @@ class MailchimpHook(DestinationHook):
         return self.request_json("POST", "/batches", data=body, headers={"Content-Type": "application/json"})
 
     def get_batch(self, batch_id: str) -> dict[str, Any]:
-        return self.request_json("GET", f"/batches/{batch_id}", params={"fields": BATCH_FIELDS})
+        return self.request_json(*batch_call(batch_id))
 
     def batch_results(self, url: str) -> list[dict[str, Any]]:
         """Every result in a finished batch's archive (``response_body_url``): a gzipped tar of JSON files, each an
@@ -190,6 +198,36 @@ class MailchimpHook(DestinationHook):
 
 #: what the exporter reads of a batch's status
 BATCH_FIELDS = "id,status,total_operations,finished_operations,errored_operations,response_body_url"
+#: a batch operations job's status once every operation has run (before: pending, preprocessing, started...)
+BATCH_FINISHED = "finished"
+
+
+def batch_call(batch_id: str) -> Call:
+    """GET one batch operations job's status (only the fields the exporter reads)."""
+    return Call("GET", f"/batches/{batch_id}", None, {"fields": BATCH_FIELDS})
+
+
+def batch_finished(batch: dict[str, Any]) -> bool:
+    """Whether a batch operations job has run all its operations: its results archive can be read."""
+    return batch.get("status") == BATCH_FINISHED
+
+
+class MailchimpAsyncHook(MailchimpApi, DestinationAsyncHook):
+    """Mailchimp from the triggerer: which batch operations jobs are still running, by the same requests and
+    retry rules as :class:`MailchimpHook` (throttling 429/403 waited out), within the key's connection cap.
+
+    :param conn_id: Airflow connection of type ``mailchimp`` (default ``mailchimp_default``).
+    """
+
+    def __init__(self, conn_id: str | None = None, *, max_concurrency: int = MAX_CONNECTIONS_PER_KEY, **kwargs: Any):
+        super().__init__(conn_id, max_concurrency=min(max_concurrency, MAX_CONNECTIONS_PER_KEY), **kwargs)
+
+    async def get_job(self, client: Any, job_id: str) -> dict[str, Any]:
+        """One batch (``GET /batches/{id}``), as :meth:`MailchimpHook.get_batch`."""
+        return await self.request_json(client, *batch_call(job_id))
+
+    def job_finished(self, job: dict[str, Any]) -> bool:
+        return batch_finished(job)
 
 
 def _read_results(response: requests.Response) -> list[dict[str, Any]]:

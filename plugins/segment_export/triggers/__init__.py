@@ -1,0 +1,1 @@
+"""Triggers: what deferred export tasks wait on, on the triggerer."""
