@@ -191,7 +191,8 @@ class Executor:
             self.ctx.summary.add_batch(len(batch), result)
         else:
             self.ctx.summary.resumed += len(batch)
-        log.info("resumed a job of an earlier pass: %d accepted, %d rejected, %d skipped",
+        log.info("resumed job %s of %s: %d accepted, %d rejected, %d skipped", self.inflight.handles[batch.number],  # type: ignore[union-attr]
+                 "this run's submit pass" if count else "an interrupted run",
                  result.accepted, sum(result.rejected.values()), sum(result.skipped.values()))
         self._fold(batch, result)
 
