@@ -179,10 +179,10 @@ def test_a_failed_batch_stops_the_export_and_the_summary_matches_the_destination
     class FailsOnBatchThree(KlaviyoDestination):
         max_batch_profiles = 50
 
-        def send(self, batch):
+        def submit(self, batch):
             if batch.number == 3:
                 raise DestinationError("Klaviyo POST /api/profile-bulk-import-jobs failed: HTTP 503", status=503)
-            return super().send(batch)
+            return super().submit(batch)
 
     s = spec(KLAVIYO)
     base = destination_for(s)
@@ -271,3 +271,119 @@ def test_only_mapped_fields_leave(segment_db, sandbox, destination):
     held = json.dumps(sandbox.state()["klaviyo" if destination is KLAVIYO else "mailchimp"])
     assert "+1415" not in held and "platinum" not in held and "lifetime" not in held
     assert vip_rows()[0][2] in held  # a mapped first name did arrive
+
+
+# -- deferrable mode: a submit-only pass, then a pass that awaits the handles ------------------------------------
+
+def _deferred_pass(s: ExportSpec, batch_profiles: int | None = None, **options):
+    """One pass of a run with the export's state (a fresh destination each time, as a task after a deferral)."""
+    from segment_export.exporter import RunOptions
+    from segment_export.state import StateStore
+
+    source, destination = source_for(s.source), destination_for(s)
+    if batch_profiles is not None:
+        destination.max_batch_profiles = batch_profiles
+    state = StateStore.open(s.state_conn_id, s.id, destination.target_id)
+    try:
+        return run_export(s, source, destination, state=state, options=RunOptions(**options))
+    finally:
+        source.close()
+        state.close()
+
+
+def _inflight(s: ExportSpec) -> dict:
+    from segment_export.state import StateStore
+
+    state = StateStore.open(s.state_conn_id, s.id, KLAVIYO_LIST_ID)
+    try:
+        return state.inflight()
+    finally:
+        state.close()
+
+
+def _klaviyo_jobs(sandbox) -> dict:
+    (account,) = sandbox.state()["klaviyo"]["accounts"].values()
+    return account["jobs"]
+
+
+def test_a_deferred_run_submits_every_batch_then_its_second_pass_awaits_them_and_reads_like_one_run(segment_db, sandbox):
+    import json
+
+    s = spec(KLAVIYO)
+    expected = {r[1] for r in vip_rows()}
+    first = _deferred_pass(s, batch_profiles=50, run_id="deferred", submit_only=True)
+    jobs = -(-len(expected) // 50)
+    assert (first.submitted, len(first.handles), first.sent, first.batches) == (len(expected), jobs, 0, 0)
+    assert json.loads(json.dumps(first.as_dict()))["handles"] == first.handles  # what the operator hands a trigger
+    # Every handle is recorded with its batch; nothing is remembered as accepted yet, nothing else was sent.
+    inflight = _inflight(s)
+    assert sorted(handle for handle, _ in inflight.values()) == sorted(first.handles) == sorted(_klaviyo_jobs(sandbox))
+    assert {row[0] for _, rows in inflight.values() for row in rows} == expected
+
+    second = _deferred_pass(s, run_id="deferred", resume_counts=True)
+    assert set(klaviyo_profiles(sandbox.state(), KLAVIYO_LIST_ID)) == expected
+    assert len(_klaviyo_jobs(sandbox)) == jobs  # the handles were awaited, not one profile sent again
+    assert second.sent == second.accepted + second.rejected + second.skipped == len(expected)
+    assert (second.batches, second.resumed, second.submitted, second.unchanged) == (jobs, 0, 0, len(expected))
+    assert _inflight(s) == {}
+
+    third = _deferred_pass(s, run_id="later")
+    assert (third.sent, third.unchanged) == (0, len(expected)) and len(_klaviyo_jobs(sandbox)) == jobs
+
+
+def test_a_deferred_run_applies_its_leavers_only_in_the_pass_that_awaits_its_jobs(segment_db, sandbox):
+    import sqlite3
+
+    s = spec(KLAVIYO, sync={"on_leave": "remove"})
+    rows = vip_rows()
+    _deferred_pass(s, run_id="first")
+    leaver, changed = rows[0][1], rows[1][1]
+    with sqlite3.connect(segment_db) as conn:
+        conn.execute("DELETE FROM segment_members WHERE email = ?", (leaver,))
+        conn.execute("UPDATE segment_members SET first_name = 'Changed' WHERE email = ?", (changed,))
+    submit = _deferred_pass(s, run_id="deferred", submit_only=True)
+    assert (submit.submitted, len(submit.handles), submit.removed) == (1, 1, 0)
+    assert leaver in klaviyo_profiles(sandbox.state(), KLAVIYO_LIST_ID)  # leavers wait for the second pass
+
+    finish = _deferred_pass(s, run_id="deferred", resume_counts=True)
+    held = klaviyo_profiles(sandbox.state(), KLAVIYO_LIST_ID)
+    assert leaver not in held and held[changed]["first_name"] == "Changed"
+    assert (finish.sent, finish.accepted, finish.removed) == (1, 1, 1) and finish.consistent
+
+
+def test_a_killed_runs_jobs_are_counted_as_resumed_not_as_this_runs_sends(segment_db, sandbox):
+    s = spec(KLAVIYO)
+    expected = {r[1] for r in vip_rows()}
+    _deferred_pass(s, run_id="killed", submit_only=True)  # what a run killed after submitting leaves behind
+    rerun = _deferred_pass(s, run_id="rerun")
+    assert (rerun.resumed, rerun.sent, rerun.unchanged) == (len(expected), 0, len(expected))
+    assert set(klaviyo_profiles(sandbox.state(), KLAVIYO_LIST_ID)) == expected and _inflight(s) == {}
+
+
+def test_submit_only_needs_an_asynchronous_destination_and_a_state(segment_db, sandbox):
+    from segment_export.exporter import RunOptions
+
+    for s, with_state in ((spec(MAILCHIMP), True), (spec(KLAVIYO), False)):
+        with pytest.raises(ValueError, match="submit_only needs an asynchronous destination and a sync state"):
+            if with_state:
+                _deferred_pass(s, submit_only=True)
+            else:
+                run_export(s, source_for(s.source), destination_for(s), options=RunOptions(submit_only=True))
+    assert not [k for k in sandbox.state()["requests"]["by_endpoint"] if not k.startswith("GET ")]
+
+
+def test_an_asynchronous_destination_sends_a_batch_by_submitting_it_and_awaiting_its_result(segment_db, sandbox):
+    from segment_export.batching import Batcher
+    from segment_export.mapping import RowMapper
+
+    s = spec(KLAVIYO)
+    destination = destination_for(s)
+    mapper = RowMapper(s.mapping, ["email", "first_name", "last_name"])
+    batcher = Batcher(destination.max_batch_profiles, destination.max_batch_bytes)
+    for row in vip_rows()[:3]:
+        profile = mapper.map((row[1], row[2], row[3]))
+        batcher.add(profile.key, destination.encode(profile))
+    batch = batcher.flush()
+    result = destination.send(batch)
+    assert result.accepted_keys == set(batch.keys) == set(klaviyo_profiles(sandbox.state(), KLAVIYO_LIST_ID))
+    assert destination.result("no-such-job", batch.keys) is None  # a handle Klaviyo does not know: sent again

@@ -77,6 +77,10 @@ class ExportSummary:
     subscribed: int | None = None  # Klaviyo with destination.subscribe: consenting profiles asked to subscribe
     pending: int | None = None  # Klaviyo, double opt-in list: asked to subscribe, confirmation sent, not subscribed yet
     resumed: int = 0  # profiles of jobs an interrupted run had submitted, awaited instead of sent again
+    # A submit-only pass (deferrable mode, RunOptions.submit_only): profiles submitted and the handles (job ids) of
+    # their jobs, not awaited; the next pass of the run awaits them and counts them as sent
+    submitted: int = 0
+    handles: list[str] = field(default_factory=list)
     batches: int = 0
     seconds: float = 0.0
     dry_run: bool = False
@@ -137,6 +141,8 @@ class ExportSummary:
             "tags_added": self.tags_added,
             "tags_removed": self.tags_removed,
             "resumed": self.resumed,
+            "submitted": self.submitted,
+            "handles": list(self.handles),
             "batches": self.batches,
             "seconds": round(self.seconds, 3),
             "dry_run": self.dry_run,
@@ -167,6 +173,7 @@ class ExportSummary:
             ("subscribed (consent)", "n/a" if self.subscribed is None else self.subscribed),
             *([("pending (double opt-in)", self.pending)] if self.pending is not None else []),
             ("tags added / removed", f"{self.tags_added} / {self.tags_removed}"),
+            *([("submitted (awaited later)", self.submitted), ("jobs submitted", len(self.handles))] if self.submitted else []),
             ("batches", self.batches),
             ("seconds", f"{self.seconds:.1f}"),
         ]

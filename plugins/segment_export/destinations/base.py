@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Any, Callable
+from typing import Any
 
 import msgspec
 
@@ -35,6 +35,14 @@ def dump_bytes(value: Any) -> bytes:
 
 
 
+def settled(destination: Destination, handle: str, keys: list[str]) -> BatchResult:
+    """The result of a batch submitted in this process: that the destination forgot it at once is an error."""
+    result = destination.result(handle, keys)
+    if result is None:
+        raise RuntimeError(f"{destination.type} does not know the job {handle} it was just given")
+    return result
+
+
 class Destination(ABC):
     """One Klaviyo list or Mailchimp audience: what a batch may hold, how a profile is written, how it is sent."""
 
@@ -63,19 +71,31 @@ class Destination(ABC):
             return Rejection(f"profile is larger than the {self.type} limit of {self.max_profile_bytes:,} bytes")
         return fragment
 
-    @abstractmethod
     def send(self, batch: Batch) -> BatchResult:
-        """Send one batch and return what the destination accepted and rejected, with reasons."""
+        """Send one batch and return what the destination accepted and rejected, with reasons.
+
+        Synchronous destinations implement it. An asynchronous one gets ``result(submit(batch))``: the engine calls
+        the two itself (to record the handle in between), this is for callers with no state."""
+        if not self.asynchronous:
+            raise NotImplementedError(f"{type(self).__name__} implements neither send nor submit/result")
+        return settled(self, self.submit(batch), batch.keys)
 
     #: True when the destination shows segments itself (Mailchimp tags), so segment changes must be sent
     manages_segments: bool = False
-    #: True when a batch is a job the destination finishes later (Klaviyo): a killed run can resume it
+    #: True when a batch is a job the destination finishes later (Klaviyo): it implements ``submit`` and
+    #: ``result``, and a run killed (or deferred) between the two awaits the job instead of sending it again
     asynchronous: bool = False
-    #: called from the sending thread with (batch, job id) as soon as an asynchronous batch is accepted for work
-    on_submitted: Callable[[Batch, str], None] | None = None
 
-    def resume(self, job_id: str, keys: list[str]) -> BatchResult | None:
-        """The outcome of a job an interrupted run submitted (None when the destination no longer knows it)."""
+    def submit(self, batch: Batch) -> str:
+        """Hand a batch over for work and return its handle at once: a short JSON-serialisable string (Klaviyo's
+        job id) that names the work to this destination in any process, for ``result``. May release
+        ``batch.fragments`` (the request holds the payloads)."""
+        raise NotImplementedError(f"{self.type} batches are not asynchronous")
+
+    def result(self, handle: str, keys: list[str]) -> BatchResult | None:
+        """Await the work ``submit`` returned ``handle`` for (in this process or an earlier one) and return each of
+        ``keys``' outcome (``keys``: the batch's profile keys, in its order). None when the destination no longer
+        knows the handle, or cannot tell the outcome: the profiles are then sent again."""
         raise NotImplementedError(f"{self.type} batches are not asynchronous")
 
     def prepare_segments(self, names: list[str]) -> None:

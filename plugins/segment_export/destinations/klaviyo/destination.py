@@ -151,6 +151,8 @@ class KlaviyoDestination(Destination):
         #: leavers :meth:`remove` left in the list on purpose (key → why): their profile is a remembered row's
         #: still in the segment (merged by a shared phone number). The exporter reports them skipped, not removed.
         self.kept: dict[str, str] = {}
+        #: jobs this process submitted and has not awaited yet: job id → (Klaviyo's first answer, consenting keys)
+        self._submitted: dict[str, tuple[dict[str, Any], set[str]]] = {}
 
     @classmethod
     def from_spec(cls, spec: ExportSpec) -> KlaviyoDestination:
@@ -179,31 +181,40 @@ class KlaviyoDestination(Destination):
 
     asynchronous = True
 
-    def send(self, batch: Batch) -> BatchResult:
+    def submit(self, batch: Batch) -> str:
+        """Submit the batch as a bulk import job; its handle is the job id. The job's first answer and the rows'
+        consent stay in this process for :meth:`result` (only keys are kept in flight)."""
         body = self.job_body(batch)
         consenting = {k for k, f in zip(batch.keys, batch.fragments) if f.endswith(_CONSENTS)} if self.subscribe else set()
         # The body holds the payloads now; a job in flight (up to a minute) keeps only its keys.
         batch.fragments = []
         job = self.hook.submit_bulk_import(body)
         del body
-        if self.on_submitted is not None:
-            self.on_submitted(batch, job["id"])
-        result = self._outcome(self._await(job), batch.keys)
-        return self._settle(result, consenting)
+        self._submitted[job["id"]] = (job, consenting)
+        return job["id"]
 
-    def resume(self, job_id: str, keys: list[str]) -> BatchResult | None:
-        """Await a job an interrupted run submitted, instead of importing its profiles again.
+    def result(self, handle: str, keys: list[str]) -> BatchResult | None:
+        """Await the job ``handle`` (polling, backing off) and read each profile's outcome.
 
-        A subscribing export does not know the job's rows' consent any more (only keys are kept in flight): it
-        awaits the job, then answers None so that the profiles are sent again, and subscribed, by this run."""
-        try:
-            job = self.hook.get_bulk_import_job(job_id)
-        except DestinationError as exc:
-            if exc.status == 404:
-                return None
-            raise
+        A job submitted by another process (an interrupted or deferred run's) is looked up first (None when
+        Klaviyo no longer knows it). A subscribing export does not know such a job's rows' consent any more (only
+        keys are kept in flight): it awaits the job, then answers None so that the profiles are sent again, and
+        subscribed, by this run."""
+        submitted = self._submitted.pop(handle, None)
+        if submitted is None:
+            try:
+                job = self.hook.get_bulk_import_job(handle)
+            except DestinationError as exc:
+                if exc.status == 404:
+                    return None
+                raise
+            consenting = None
+        else:
+            job, consenting = submitted
         result = self._outcome(self._await(job), keys)
-        return None if self.subscribe else self._settle(result, set())
+        if consenting is None:
+            return None if self.subscribe else self._settle(result, set())
+        return self._settle(result, consenting)
 
     def _settle(self, result: BatchResult, consenting: set[str]) -> BatchResult:
         """Learn the accepted profiles' ids; move those Klaviyo suppresses to ``skipped``; subscribe the consenting
