@@ -1,12 +1,10 @@
-"""segment-export: an Apache Airflow provider that exports customer segments to Klaviyo and Mailchimp.
+"""segment-export: an Apache Airflow provider that exports customer segments to marketing platforms
+(Klaviyo, Mailchimp).
 
-Words used everywhere in this package:
-
-- **export**: one configured destination for one or more segments; one export is one DAG.
-- **segment**: a named set of customers (rows of the segment table whose segment column holds that name).
-- **profile**: one customer as the destination will hold it (email plus mapped attributes).
-- **batch**: the profiles that go out in one request (a Klaviyo job, a Mailchimp batch-subscribe call).
-- **destination**: a Klaviyo list or a Mailchimp audience.
+Words used everywhere in this package (the README's "Words" has them whole): **export** (one YAML entry, one
+DAG), **destination** (a service written to, one package under ``destinations/``), **target** (what one export
+writes to there: a list, an audience), **segment**, **profile**, **plan** (what a run will do), **batch** (the
+profiles of one request) and **job** (a batch the destination finishes later; its handle is kept until then).
 
 The pure core (``spec``, ``mapping``, ``batching``, ``limit``, ``summary`` and the payload builders) does no I/O;
 hooks own HTTP; operators wire the two.

@@ -364,6 +364,12 @@ class ExportSpec(_Strict):
     schedule_on_source_asset: bool = Field(
         False, description="Run whenever the source's asset is updated (instead of 'schedule')."
     )
+    deferrable: bool = Field(
+        False,
+        description="Wait for the destination's jobs on Airflow's triggerer, not in the task: the task submits its "
+        "batches, frees its worker slot while the destination works, and resumes to record outcomes, tags and "
+        "leavers. Needs a running triggerer, and a destination whose batches are jobs.",
+    )
     alerts: AlertsSpec | None = None
     access_control: dict[str, list[Literal["read", "trigger", "edit", "delete"]]] | None = Field(
         None,
@@ -454,6 +460,11 @@ class ExportSpec(_Strict):
             raise ValueError(
                 f"sync.on_leave: {self.destination.kind.display_name} exports take {' or '.join(map(repr, choices))}, "
                 f"not {self.sync.on_leave!r}"
+            )
+        if self.deferrable and self.destination.kind.async_hook is None:
+            raise ValueError(
+                f"deferrable: {self.destination.kind.display_name} sends each batch and has its answer at once; there "
+                "are no jobs to wait for on the triggerer (remove 'deferrable')"
             )
         self.destination.check_export(self)
         return self

@@ -299,3 +299,57 @@ def test_lineage_names_the_destination_by_its_connection_and_counts_what_was_acc
 def test_lineage_without_the_connection_falls_back_to_the_public_api_host(monkeypatch):
     monkeypatch.delenv("AIRFLOW_CONN_MAILCHIMP_DEFAULT", raising=False)
     assert _output(operator().get_openlineage_facets_on_complete(None)).namespace == "mailchimp://api.mailchimp.com"
+
+
+# -- deferrable -----------------------------------------------------------------------------------------------
+
+def _first_event(trigger):
+    import asyncio
+
+    async def first():
+        async for event in trigger.run():
+            return event.payload
+
+    return asyncio.run(first())
+
+
+def test_a_deferrable_export_submits_defers_to_the_jobs_trigger_and_finishes_in_execute_complete(warehouse, sandbox):
+    from airflow.sdk.exceptions import TaskDeferred
+
+    from segment_export.triggers.jobs import DestinationJobsTrigger
+
+    op = operator(raw_spec(KLAVIYO, deferrable=True, sync={"on_leave": "remove", "allow_mass_leave": True}))
+    with pytest.raises(TaskDeferred) as deferred:
+        op.execute({"run_id": "deferred"})
+    trigger = deferred.value.trigger
+    assert isinstance(trigger, DestinationJobsTrigger) and deferred.value.method_name == "execute_complete"
+    handles = trigger.handles
+    assert handles  # the Klaviyo job ids, kept in the in-flight table until execute_complete records them
+    inflight = sql(warehouse, "SELECT count(*) FROM segment_export_inflight_batches")[0][0]
+    assert inflight == len(handles)
+
+    event = _first_event(trigger)  # what the triggerer runs
+    assert event == {"status": "success", "handles": handles}
+    value = op.execute_complete({"run_id": "deferred"}, event)
+    assert value["sent"] == value["accepted"] == 3 and value["rejected"] == value["skipped"] == 0
+    assert set(klaviyo_profiles(sandbox.state(), KLAVIYO_LIST_ID)) == set(EMAILS)
+    assert sql(warehouse, "SELECT count(*) FROM segment_export_inflight_batches")[0][0] == 0
+    outcomes = sql(warehouse, f"SELECT action, count(*) FROM {OUTCOMES_TABLE} WHERE run_id = 'deferred' GROUP BY 1")
+    assert dict(outcomes) == {"created": 3}
+
+    # A leaver is applied by the pass that awaits the jobs, not by the submit pass.
+    sql(warehouse, "DELETE FROM segment_members WHERE email = ?", (EMAILS[0],))
+    again = op.execute({"run_id": "second"})  # nothing to submit: no deferral, the leaver goes at once
+    assert again["removed"] == 1 and again["sent"] == 0
+    assert set(klaviyo_profiles(sandbox.state(), KLAVIYO_LIST_ID)) == set(EMAILS[1:])
+
+
+def test_a_failed_wait_fails_the_task_with_the_triggers_message(warehouse, sandbox):
+    op = operator(raw_spec(KLAVIYO, deferrable=True))
+    with pytest.raises(operator_module.ExportWaitError, match="HTTP 401"):
+        op.execute_complete({"run_id": "x"}, {"status": "error", "message": "GET ... failed: HTTP 401"})
+
+
+def test_deferrable_is_refused_for_a_destination_without_jobs():
+    with pytest.raises(ValidationError, match="no jobs to wait for"):
+        operator(raw_spec(MAILCHIMP, deferrable=True))

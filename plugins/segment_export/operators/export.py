@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import replace
+from datetime import timedelta
 from typing import Any, Sequence
 
 from airflow.sdk import BaseOperator
@@ -12,15 +13,28 @@ from segment_export.exporter import ExportError, MassLeaveError, RejectedShareEr
 from segment_export.sources import source_for
 from segment_export.spec import ExportSpec
 from segment_export.state import StateStore
+from segment_export.summary import ExportSummary
+
+#: a deferred run's jobs are polled this often on the triggerer (a finished job is seen within it), for at most
+#: DEFER_TIMEOUT (the seed product's documents: a million profiles to Klaviyo take up to 20 minutes)
+DEFER_POLL_INTERVAL_S = 1.0
+DEFER_TIMEOUT = timedelta(hours=2)
+
+
+class ExportWaitError(RuntimeError):
+    """The triggerer could not see the export's jobs finish (its message says why; no key, no address)."""
 
 
 class SegmentExportOperator(BaseOperator):
-    """Export one segment to its destination (a Klaviyo list or a Mailchimp audience).
+    """Export one segment to its destination's target (a list, an audience).
 
     :param export: the export spec, as an :class:`~segment_export.spec.ExportSpec` or the dict the YAML holds.
         It is validated again at run time, so a hand-written DAG gets the same checks as a generated one.
 
-    Returns the run's summary (counts and reasons, no personal data) as the task's XCom value.
+    Returns the run's summary (counts and reasons, no personal data) as the task's XCom value. With the spec's
+    ``deferrable: true`` the task submits its jobs, defers to :class:`~segment_export.triggers.jobs.
+    DestinationJobsTrigger` (the triggerer polls them with the destination's async hook) and finishes in
+    :meth:`execute_complete` on a worker, as the Fivetran and HTTP providers' deferrable operators do.
     """
 
     template_fields: Sequence[str] = ()
@@ -33,10 +47,52 @@ class SegmentExportOperator(BaseOperator):
 
     def execute(self, context: Any) -> dict[str, Any]:
         spec = ExportSpec.model_validate(self.export)
+        options = self._options(spec, context)
+        if spec.deferrable and not options.dry_run:
+            summary = self._run(spec, replace(options, submit_only=True))
+            if summary.handles:
+                self._defer(spec, summary)
+            # No job to wait for (nothing changed): an ordinary pass applies what a submit pass leaves out, the
+            # leavers and segment changes (it reads the segment again; it sends nothing the first did not).
+            summary = self._run(spec, options)
+        else:
+            summary = self._run(spec, options)
+        return self._finish(summary, context)
+
+    def execute_complete(self, context: Any, event: dict[str, Any]) -> dict[str, Any]:
+        """Back from the triggerer: every job is finished. The run awaits the stored jobs (now at once), counts
+        their outcomes as this run's, plans again (what the jobs accepted is now unchanged) and applies the
+        segment changes and leavers."""
+        spec = ExportSpec.model_validate(self.export)
+        if event.get("status") != "success":
+            raise ExportWaitError(f"export {spec.id}: waiting for the destination's jobs failed: {event.get('message')}")
+        self.log.info("resumed: %d jobs finished on the triggerer; recording their outcomes", len(event.get("handles", [])))
+        summary = self._run(spec, replace(self._options(spec, context), resume_counts=True))
+        return self._finish(summary, context)
+
+    def _options(self, spec: ExportSpec, context: Any) -> RunOptions:
+        options = self.run_options(context)
+        run_id = str((context or {}).get("run_id") or "manual")
+        return replace(options, dry_run=options.dry_run or spec.sync.dry_run, run_id=run_id)
+
+    def _defer(self, spec: ExportSpec, summary: ExportSummary) -> None:
+        from segment_export.triggers.jobs import DestinationJobsTrigger
+
+        kind = spec.destination.kind
+        self.log.info("submitted %d jobs (%d profiles); deferring to the triggerer until %s has finished them",
+                      len(summary.handles), summary.submitted, kind.display_name)
+        self.defer(
+            trigger=DestinationJobsTrigger(
+                async_hook=kind.async_hook, conn_id=spec.destination.connection_id, handles=list(summary.handles),
+                poll_interval=DEFER_POLL_INTERVAL_S, timeout=DEFER_TIMEOUT.total_seconds(),
+            ),
+            method_name="execute_complete",
+            timeout=DEFER_TIMEOUT,
+        )
+
+    def _run(self, spec: ExportSpec, options: RunOptions) -> ExportSummary:
         source = source_for(spec.source)
         destination = destination_for(spec)
-        options = self.run_options(context)
-        options = replace(options, dry_run=options.dry_run or spec.sync.dry_run, run_id=str((context or {}).get("run_id") or "manual"))
         state = StateStore.open(spec.state_conn_id, spec.id, destination.target_id)
         self.log.info("sync state: %s", state.description)
         try:
@@ -56,9 +112,12 @@ class SegmentExportOperator(BaseOperator):
         finally:
             source.close()
             state.close()
-        self.log.info("export summary:\n%s", summary.table())
         stats = destination.request_stats
         self.log.info("%d requests, %d retried", stats["requests"], stats["retries"])
+        return summary
+
+    def _finish(self, summary: ExportSummary, context: Any) -> dict[str, Any]:
+        self.log.info("export summary:\n%s", summary.table())
         result = summary.as_dict()
         self._summary = result
         self._record_outlet_events(context, result)
