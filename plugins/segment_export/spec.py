@@ -24,7 +24,7 @@ if TYPE_CHECKING:
 #: the standard profile fields every destination may take, in the order a Profile holds them (mapping.Profile)
 PROFILE_FIELDS = ("email", "first_name", "last_name", "phone_number", "external_id")
 
-# What Airflow refuses, restated so the spec stays free of Airflow imports (tests/test_dags.py checks each one
+# What Airflow refuses, restated so the spec stays free of Airflow imports (tests/test_dag_factory.py checks each one
 # against the installed Airflow, so a new Airflow that changes them fails a test instead of a parse):
 # - tags: the DAG constructor refuses a tag over airflow.sdk.definitions.dag.TAG_MAX_LEN characters;
 # - schedules: ``@once``, ``@continuous``, or a croniter expression after Airflow's preset aliases

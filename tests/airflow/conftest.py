@@ -53,6 +53,15 @@ exports:
     source: {conn_id: warehouse, table: segment_members, segment_column: segment, segments: [newsletter]}
     destination: {type: mailchimp, audience_id: %(audience)s, new_member_status: pending}
     mapping: {email: email, first_name: first_name, last_name: last_name}
+  - id: e2e_celery_deferrable
+    name: E2E newsletter to Klaviyo, waiting on the triggerer
+    owner: e2e-team
+    privacy_acknowledged: true
+    deferrable: true
+    source: {conn_id: warehouse, table: segment_members, segment_column: segment, segments: [newsletter]}
+    destination: {type: klaviyo, list_id: %(second_list)s}
+    mapping: {email: email, first_name: first_name}
+    sync: {on_leave: remove}
   - id: e2e_celery_failing
     name: E2E export with a missing column
     owner: e2e-team
@@ -212,7 +221,7 @@ def airflow_deployment(tmp_path_factory):
     redis = pytest.importorskip("redis")
     import segment_data
     from airflow_env import airflow_env
-    from segment_export_sandbox import KLAVIYO_LIST_ID, MAILCHIMP_AUDIENCE_ID, Sandbox, SandboxConfig
+    from segment_export_sandbox import KLAVIYO_LIST_ID, KLAVIYO_SECOND_LIST_ID, MAILCHIMP_AUDIENCE_ID, Sandbox, SandboxConfig
 
     started = time.monotonic()
     home = tmp_path_factory.mktemp("airflow-celery")
@@ -232,7 +241,7 @@ def airflow_deployment(tmp_path_factory):
 
     specs = home / "exports"
     specs.mkdir()
-    (specs / "e2e.yaml").write_text(E2E_SPECS % {"list": KLAVIYO_LIST_ID, "audience": MAILCHIMP_AUDIENCE_ID})
+    (specs / "e2e.yaml").write_text(E2E_SPECS % {"list": KLAVIYO_LIST_ID, "second_list": KLAVIYO_SECOND_LIST_ID, "audience": MAILCHIMP_AUDIENCE_ID})
     # The demo's exports too, so the UI looks as a user's would (the browser test's screenshots); not run here.
     (specs / "demo.yaml").write_text((ROOT / "dags" / "exports" / "demo.yaml").read_text())
     pylib = home / "pylib"
@@ -287,6 +296,7 @@ def airflow_deployment(tmp_path_factory):
         _start(dep, "api-server", ["api-server", "--port", str(port), "--host", "127.0.0.1"])
         _start(dep, "scheduler", ["scheduler"])
         _start(dep, "dag-processor", ["dag-processor"])
+        _start(dep, "triggerer", ["triggerer"])  # deferrable exports wait for their jobs there
         _start(dep, "celery-worker", ["celery", "worker", "--concurrency", "2", "--queues", queue, "--without-mingle", "--without-gossip"])
         deadline = time.monotonic() + 180
         while True:

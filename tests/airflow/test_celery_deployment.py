@@ -9,7 +9,7 @@ import json
 import pytest
 import segment_data
 from sandbox_state import klaviyo_profiles, mailchimp_members
-from segment_export_sandbox import KLAVIYO_API_KEY, KLAVIYO_LIST_ID, MAILCHIMP_API_KEY, MAILCHIMP_AUDIENCE_ID
+from segment_export_sandbox import KLAVIYO_API_KEY, KLAVIYO_LIST_ID, KLAVIYO_SECOND_LIST_ID, MAILCHIMP_API_KEY, MAILCHIMP_AUDIENCE_ID
 
 pytestmark = [pytest.mark.airflow, pytest.mark.postgres]
 
@@ -59,6 +59,30 @@ def test_klaviyo_export_runs_on_a_celery_worker_and_reports_everywhere(airflow_d
     assert (out["namespace"], out["name"]) == (f"klaviyo://{host}", KLAVIYO_LIST_ID)
     assert out["outputFacets"]["outputStatistics"]["rowCount"] == len(vip)
     assert "@example.com" not in dep.lineage_file.read_text() and KLAVIYO_API_KEY not in dep.lineage_file.read_text()
+
+
+def test_a_deferrable_export_frees_its_worker_while_the_triggerer_waits_for_the_jobs(airflow_deployment):
+    """deferrable: true: the task submits its import jobs, defers to DestinationJobsTrigger (which polls them on
+    the triggerer with the async hook), and resumes on a worker to record the outcomes."""
+    dep = airflow_deployment
+    dag_id = "e2e_celery_deferrable"
+    run_id = dep.trigger(dag_id)
+    run = dep.wait_for_run(dag_id, run_id)
+    assert run["state"] == "success", dep.logs_tail()
+
+    newsletter = {r[1] for r in ROWS if r[-1] == "newsletter"}
+    assert set(klaviyo_profiles(dep.sandbox.state(), KLAVIYO_SECOND_LIST_ID)) == newsletter
+
+    summary = dep.xcom(dag_id, run_id)
+    assert summary["read"] == summary["sent"] == summary["accepted"] == len(newsletter)
+    assert summary["sent"] == summary["accepted"] + summary["rejected"] + summary["skipped"]
+
+    log = dep.task_log(dag_id, run_id)
+    assert "deferring to the triggerer" in log and "resumed: " in log, log[-3000:]
+    # The task ran twice on a worker: to submit (it ended deferred, its slot free) and to record the outcomes.
+    worker_log = (dep.home / "celery-worker.log").read_text(errors="replace")
+    assert "final_state=deferred" in worker_log, worker_log[-3000:]
+    assert worker_log.count(f"dag_id={dag_id}") >= 2, worker_log[-3000:]
 
 
 def test_trigger_form_values_are_validated_then_used(airflow_deployment):

@@ -13,6 +13,7 @@ from sandbox_state import klaviyo_profiles
 from segment_export_sandbox import KLAVIYO_API_KEY, KLAVIYO_LIST_ID
 
 from segment_export.destinations.klaviyo import destination
+from segment_export.destinations.klaviyo import hook as hooks
 from segment_export.destinations.klaviyo.hook import (
     BULK_IMPORT_FINAL_STATUSES, KLAVIYO_REVISION, KlaviyoAsyncHook, KlaviyoHook,
 )
@@ -40,7 +41,9 @@ def test_pending_jobs_are_those_the_sandbox_has_not_finished(sandbox):
 
 def test_finished_is_what_the_export_treats_as_finished():
     # one definition: the sync export's polling and the async hook stop on the same statuses
-    assert tuple(destination.FINAL_STATUSES) == BULK_IMPORT_FINAL_STATUSES
+    assert destination.bulk_import_finished is hooks.bulk_import_finished
+    for status in ("queued", "processing", *BULK_IMPORT_FINAL_STATUSES):
+        assert hooks.bulk_import_finished({"attributes": {"status": status}}) is (status in BULK_IMPORT_FINAL_STATUSES)
 
 
 def test_a_429_is_waited_out_not_fatal(sandbox):

@@ -29,7 +29,9 @@ from typing import Any, Iterable
 from segment_export.batching import Batch
 from segment_export.destinations.base import Destination, dump_bytes, redact_emails
 from segment_export.hooks.base import DestinationError
-from segment_export.destinations.klaviyo.hook import MAX_FILTER_EMAILS, MAX_SUBSCRIBE_PROFILES, KlaviyoHook
+from segment_export.destinations.klaviyo.hook import (
+    MAX_FILTER_EMAILS, MAX_SUBSCRIBE_PROFILES, KlaviyoHook, bulk_import_finished,
+)
 from segment_export.mapping import Profile
 from segment_export.spec import ExportSpec
 from segment_export.summary import BatchResult
@@ -37,7 +39,6 @@ from segment_export.summary import BatchResult
 MAX_JOB_PROFILES = 10_000
 MAX_JOB_BYTES = 5_000_000  # "5 MB" per job; decimal megabytes, to stay clear of the cap either way
 MAX_PROFILE_BYTES = 100_000  # "100 KB" per profile
-FINAL_STATUSES = ("complete", "cancelled")
 KEPT_SHARED_PROFILE = "kept in the list: shares a Klaviyo profile with a row still in the segment"
 # A list call naming a profile id Klaviyo no longer has (a remembered id gone stale): the spec lists only 4XX, so both
 # the likely answers are read as that and the call is made again by email (a list that is gone fails again: raised).
@@ -355,7 +356,7 @@ class KlaviyoDestination(Destination):
     def _await(self, job: dict[str, Any]) -> dict[str, Any]:
         """Poll a job until it is complete or cancelled, backing off between polls."""
         interval = self.poll_interval
-        while job["attributes"]["status"] not in FINAL_STATUSES:
+        while not bulk_import_finished(job):
             time.sleep(interval)
             interval = min(self.poll_max_interval, interval * 1.5)
             job = self.hook.get_bulk_import_job(job["id"])

@@ -75,6 +75,11 @@ class KlaviyoDestinationSpec(DestinationSpec):
                     "destination.lists: every exported segment needs a list "
                     + (f"(no list for {missing})" if missing else "(and source.segment_column/segments must be set)")
                 )
+        if export.deferrable and self.subscribe:
+            raise ValueError(
+                "deferrable: a subscribing Klaviyo export cannot defer yet: which profiles consented is not kept "
+                "with a job in flight, so the resumed task would send them again; remove 'deferrable' or 'subscribe'"
+            )
         if bool(export.mapping.consent) != self.subscribe:
             raise ValueError(
                 "mapping.consent: a Klaviyo export subscribes people only when asked twice: set both "

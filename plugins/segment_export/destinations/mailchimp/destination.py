@@ -45,7 +45,7 @@ from typing import Any
 from segment_export.batching import Batch
 from segment_export.destinations.base import Destination, dump_bytes, redact_emails
 from segment_export.hooks.base import DestinationError
-from segment_export.destinations.mailchimp.hook import MAX_CONNECTIONS_PER_KEY, MailchimpHook, subscriber_hash
+from segment_export.destinations.mailchimp.hook import MAX_CONNECTIONS_PER_KEY, MailchimpHook, batch_finished, subscriber_hash
 from segment_export.mapping import Profile, Rejection
 from segment_export.spec import ExportSpec, MappingSpec
 from segment_export.summary import BatchResult
@@ -232,7 +232,7 @@ class MailchimpDestination(Destination):
         """Submit one batch operations job, wait until it is finished, return its per-operation results."""
         job = self.hook.start_batch(body)
         interval, waited = self.poll_interval, 0.0
-        while job.get("status") != "finished":
+        while not batch_finished(job):
             if waited >= self.max_batch_wait:
                 raise self.hook.error(
                     f"Mailchimp batch {job.get('id')} was not finished after {waited:.0f} s (status "

@@ -12,7 +12,7 @@ import segment_data
 from airflow_env import last_export_summary
 from sandbox_state import mailchimp_members
 from segment_export_sandbox import MAILCHIMP_AUDIENCE_ID
-from test_dags import airflow_home, dags_test  # noqa: F401 - the module's Airflow home fixture
+from test_dag_factory import airflow_home, dags_test  # noqa: F401 - the module's Airflow home fixture
 
 pytestmark = pytest.mark.airflow
 
