@@ -353,3 +353,9 @@ def test_a_failed_wait_fails_the_task_with_the_triggers_message(warehouse, sandb
 def test_deferrable_is_refused_for_a_destination_without_jobs():
     with pytest.raises(ValidationError, match="no jobs to wait for"):
         operator(raw_spec(MAILCHIMP, deferrable=True))
+
+
+def test_deferrable_is_refused_for_a_subscribing_klaviyo_export():
+    subscribing = {**KLAVIYO, "subscribe": True}
+    with pytest.raises(ValidationError, match="cannot defer yet"):
+        operator(raw_spec(subscribing, deferrable=True, mapping={"email": "email", "consent": "first_name"}))
