@@ -8,11 +8,14 @@ STAMP := $(VENV)/.installed
 
 install: $(STAMP)
 
-$(STAMP): requirements.txt pyproject.toml
+# The product and the API sandbox (its own distribution, in sandbox/), both editable, without dependencies:
+# requirements.txt pins everything either needs.
+$(STAMP): requirements.txt pyproject.toml sandbox/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -r requirements.txt
 	$(PY) -m pip install --quiet --no-deps -e .
+	$(PY) -m pip install --quiet --no-deps -e sandbox
 	touch $(STAMP)
 
 demo: install  ## run every export DAG with a real Airflow against the API sandbox

@@ -41,7 +41,9 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 HERE = Path(__file__).resolve().parent
-sys.path[:0] = [str(ROOT / "plugins"), str(ROOT / "scripts")]  # this checkout's code, whatever is installed
+# This checkout's code, whatever is installed: the product, the API sandbox (its own distribution, sandbox/).
+CODE_PATHS = [str(ROOT / "plugins"), str(ROOT / "sandbox" / "src")]
+sys.path[:0] = [*CODE_PATHS, str(ROOT / "scripts")]
 
 import segment_data  # noqa: E402
 
@@ -156,6 +158,13 @@ def postgres_table(n: int) -> str | None:
 
 # --- the sandbox --------------------------------------------------------------------------------------
 
+def with_code_paths(env: dict[str, str]) -> dict[str, str]:
+    """``env`` with this checkout's code first on PYTHONPATH, so child processes run what this process runs."""
+    env = dict(env)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (*CODE_PATHS, env.get("PYTHONPATH", "")) if p)
+    return env
+
+
 class SandboxProcess:
     """``python -m segment_export_sandbox`` in its own process, with the benchmark's merge fields."""
 
@@ -183,7 +192,8 @@ class SandboxProcess:
             "--klaviyo-profiles-per-second", str(args.klaviyo_profiles_per_second),
         ]
         self.log = open(workdir / "sandbox.log", "wb")
-        self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=self.log, cwd=ROOT)
+        self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=self.log, cwd=ROOT,
+                                        env=with_code_paths(os.environ))
         line = self.process.stdout.readline().decode().strip()
         if not line.startswith("SANDBOX_URL="):
             self.stop()
@@ -263,8 +273,8 @@ def child_env(sandbox: SandboxProcess, paths: dict[str, Any], workdir: Path) -> 
         {"conn_type": "postgres", "host": "127.0.0.1", "port": 5432, "login": "postgres", "schema": "test"}
     )
     env.setdefault("SEGMENT_EXPORT_STATE_DB", str(workdir / "state.db"))
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT / "plugins"), env.get("PYTHONPATH", "")) if p)
-    return env
+    return with_code_paths(env)
+
 
 
 def run_child(case: dict[str, Any], env: dict[str, str], workdir: Path, name: str, py_spy: Path | None) -> dict[str, Any]:

@@ -15,6 +15,12 @@ os.environ.setdefault("AIRFLOW_HOME", tempfile.mkdtemp(prefix="segment-export-ai
 os.environ.setdefault("AIRFLOW__CORE__LOAD_EXAMPLES", "False")
 sys.path.insert(0, str(ROOT / "scripts"))
 sys.path.insert(0, str(ROOT / "tests"))  # for sandbox_state
+#: The API sandbox's source folder: its own distribution (sandbox/), installed by `make install`.
+SANDBOX_SRC = ROOT / "sandbox" / "src"
+try:
+    import segment_export_sandbox  # noqa: F401
+except ImportError:  # not installed (e.g. a venv that has only the product): this checkout's copy
+    sys.path.insert(0, str(SANDBOX_SRC))
 
 import segment_data  # noqa: E402
 

@@ -52,8 +52,9 @@ _DDL = (
 )
 
 
-# Drivers whose databases unpack a JSON array of rows in one INSERT … SELECT: (row source, column i of a row).
-_JSON_DIALECTS = {"sqlite3": "sqlite", "psycopg": "postgres", "psycopg2": "postgres"}
+# The databases that unpack a JSON array of rows in one INSERT … SELECT, by common-sql dialect name
+# (``DbApiHook.dialect_name``): the store's name for their statements below.
+_JSON_DIALECTS = {"sqlite": "sqlite", "postgresql": "postgres"}
 # The state's columns in the order rows are written (profile_id last in the table: tables from before it existed
 # get it appended by ensure_tables, so inserts name their columns).
 _STATE_COLUMNS = "(export_id, target_id, profile_key, fingerprint, segments, profile_id, updated_at)"
@@ -66,6 +67,17 @@ _JSON_ROWS = {
     "sqlite": ("json_each(?)", "json_extract(value, '$[{}]')"),
     "postgres": ("json_array_elements(?::json) AS rows(value)", "value->>{}"),
 }
+
+
+def _driver_dialect_name(conn: Any) -> str:
+    """common-sql's dialect name for a bare DB-API connection handed to ``StateStore`` without one (the store's own
+    tests; ``StateStore.open`` always knows it): DB-API connections do not say which database they reach, so the
+    driver does; ``default`` (common-sql's name for an unknown database) for any other driver."""
+    import sqlite3
+
+    if isinstance(conn, sqlite3.Connection):
+        return "sqlite"
+    return "postgresql" if type(conn).__module__.split(".")[0] in ("psycopg", "psycopg2") else "default"
 
 
 def _json_text(rows: list[tuple[Any, ...]]) -> str:
@@ -97,12 +109,18 @@ def _now() -> str:
 
 
 class StateStore:
-    """State and outcomes of one export's target, over a DB-API connection with the given placeholder."""
+    """State and outcomes of one export's target, over a DB-API connection with the given placeholder.
 
-    def __init__(self, conn: Any, placeholder: str, export_id: str, target_id: str, description: str):
+    ``dialect_name`` is common-sql's name for the connection's database (``sqlite``, ``postgresql``, …): ``open``
+    knows it (the hook's, or ``sqlite`` for the embedded file). A caller handing in a bare connection without it
+    gets it from :func:`_driver_dialect_name`."""
+
+    def __init__(self, conn: Any, placeholder: str, export_id: str, target_id: str, description: str,
+                 dialect_name: str | None = None):
         self.conn, self.ph = conn, placeholder
         self.export_id, self.target_id = export_id, target_id
         self.description = description
+        self.dialect_name = dialect_name if dialect_name is not None else _driver_dialect_name(conn)
 
     @classmethod
     def open(cls, conn_id: str | None, export_id: str, target_id: str) -> StateStore:
@@ -114,12 +132,15 @@ class StateStore:
             path.parent.mkdir(parents=True, exist_ok=True)
             conn = sqlite3.connect(path, check_same_thread=False)
             # No WAL: $AIRFLOW_HOME may be on a network filesystem, where SQLite's WAL is not safe.
-            store = cls(conn, "?", export_id, target_id, f"SQLite file {path}")
+            store = cls(conn, "?", export_id, target_id, f"SQLite file {path}", dialect_name="sqlite")
         else:
             from airflow.sdk import BaseHook
 
+            from segment_export.sources.sql import dialect_name
+
             hook = BaseHook.get_connection(conn_id).get_hook()
-            store = cls(hook.get_conn(), hook.placeholder or "%s", export_id, target_id, f"connection {conn_id}")
+            store = cls(hook.get_conn(), hook.placeholder or "%s", export_id, target_id, f"connection {conn_id}",
+                        dialect_name=dialect_name(hook))
         store.ensure_tables()
         return store
 
@@ -195,10 +216,9 @@ class StateStore:
 
     @cached_property
     def dialect(self) -> str:
-        """``sqlite`` or ``postgres`` when the connection is one of those (rows then go in as one JSON array per
+        """``sqlite`` or ``postgres`` when the database is one of those (rows then go in as one JSON array per
         statement), else ``generic`` (``executemany``, which any DB-API driver takes)."""
-        module = type(self.conn).__module__.split(".")[0]
-        dialect = _JSON_DIALECTS.get(module, "generic")
+        dialect = _JSON_DIALECTS.get(self.dialect_name, "generic")
         if dialect == "sqlite":
             import sqlite3
 

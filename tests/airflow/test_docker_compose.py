@@ -76,8 +76,11 @@ def test_dockerfile_installs_this_package_on_the_pinned_airflow():
     assert re.search(r"^FROM apache/airflow:\$\{AIRFLOW_VERSION\}-python3\.11$", text, re.M)
     assert "COPY --chown=airflow:0 plugins /opt/segment-export/plugins" in text
     assert '"apache-airflow==${AIRFLOW_VERSION}"' in text and "/opt/segment-export[" in text
+    # the sandbox service's entry point: the sandbox's own distribution is copied and installed too
+    assert "COPY --chown=airflow:0 sandbox /opt/segment-export/sandbox" in text
+    assert re.search(r'/opt/segment-export\[[a-z,]+\]"? /opt/segment-export/sandbox$', text, re.M)
     # every path the image copies exists, and the extras it asks for are declared
-    for path in ("pyproject.toml", "README.md", "plugins"):
+    for path in ("pyproject.toml", "README.md", "plugins", "sandbox/pyproject.toml"):
         assert (ROOT / path).exists()
     extras = re.search(r"/opt/segment-export\[([a-z,]+)\]", text).group(1).split(",")
     pyproject = (ROOT / "pyproject.toml").read_text()

@@ -7,13 +7,9 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # for sandbox_testlib, whatever the import mode
-try:
-    import segment_export_sandbox  # noqa: F401
-except ImportError:  # not installed in editable mode: use the source tree
-    sys.path.insert(0, str(ROOT / "plugins"))
 
+# tests/conftest.py has put this checkout's sandbox on sys.path if it is not installed.
 from segment_export_sandbox import Sandbox, SandboxConfig  # noqa: E402
 
 

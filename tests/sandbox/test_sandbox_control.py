@@ -12,6 +12,7 @@ from pathlib import Path
 import requests
 import pytest
 
+import segment_export_sandbox
 from segment_export_sandbox import (
     KLAVIYO_ACCOUNT_ID,
     KLAVIYO_API_KEY,
@@ -27,7 +28,8 @@ from segment_export_sandbox.klaviyo import KlaviyoService
 from segment_export_sandbox.mailchimp import MailchimpService
 from segment_export_sandbox.ratelimit import FixedWindowLimiter, InFlightLimiter
 
-ROOT = Path(__file__).resolve().parents[2]
+#: Where the sandbox these tests import comes from, so the CLI in a subprocess runs that same copy.
+SANDBOX_PATH = Path(segment_export_sandbox.__file__).resolve().parents[1]
 K_HEADERS = {"Authorization": f"Klaviyo-API-Key {KLAVIYO_API_KEY}", "revision": "2026-07-15"}
 
 
@@ -107,7 +109,7 @@ def test_non_api_path_is_404(sb):
 def test_cli_prints_url_and_serves_until_terminated(tmp_path):
     config = tmp_path / "cfg.json"
     config.write_text(json.dumps({"klaviyo_accounts": [{"api_key": "pk_cli", "account_id": "CliAcc", "lists": [{"id": "L1", "name": "CLI list"}]}]}))
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "plugins"), os.environ.get("PYTHONPATH", "")])}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SANDBOX_PATH), os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.Popen(
         [sys.executable, "-m", "segment_export_sandbox", "--port", "0", "--config", str(config), "--no-rate-limits", "--latency-mailchimp-batch", "0.01"],
         stdout=subprocess.PIPE,

@@ -5,8 +5,8 @@ Identifiers from the spec are quoted with the connection's own escape format (``
 an unknown ``"…"`` as a string literal), and every one is checked against the source's real columns before
 it is used: a misspelt column is an error, never a constant. Segment names are bound parameters. Nothing
 from the spec is pasted into SQL unquoted, except a ``query``, which is the user's own SQL by design.
-Rows are fetched with ``fetchmany`` on a server-side cursor where the driver has one (PostgreSQL), so a
-large segment is never held in memory.
+Rows are fetched with ``fetchmany`` on a server-side cursor on PostgreSQL, so a large segment is never held in
+memory. Which database a connection is comes from common-sql (``DbApiHook.dialect_name``), not from its driver.
 """
 
 from __future__ import annotations
@@ -17,6 +17,16 @@ from typing import Any, Iterator, Sequence
 
 from segment_export.sources.base import Row, Source, SourceError, check_columns
 from segment_export.spec import SourceSpec
+
+
+def dialect_name(hook: Any) -> str:
+    """common-sql's name for the hook's database (``DbApiHook.dialect_name``: ``postgresql``, ``sqlite``, ``mysql``,
+    …), which chooses the SQL that differs between databases; ``default``, common-sql's own name for a database it
+    does not know, when the hook cannot say."""
+    try:
+        return str(hook.dialect_name)
+    except Exception:  # noqa: BLE001 - a hook without common-sql's helpers, or whose URI cannot be built
+        return "default"
 
 
 def quote_identifier(name: str, escape_format: str = '"{}"') -> str:
@@ -30,29 +40,40 @@ def quote_identifier(name: str, escape_format: str = '"{}"') -> str:
 
 @dataclass(frozen=True)
 class SqlDialect:
-    """What the SQL builder needs of a connection: how identifiers are quoted and how parameters look."""
+    """What the SQL builder needs of a connection: how identifiers are quoted, how parameters look, and which
+    database it is (common-sql's dialect name).
+
+    Quoting stays :func:`quote_identifier`'s rather than common-sql's ``Dialect.escape_word``: that one quotes only
+    reserved words and names with special characters, does not double a quote inside a name, and quotes
+    ``schema.table`` as one name. The format it quotes with is the same one (the hook's ``escape_word_format``)."""
 
     escape_format: str = '"{}"'
     placeholder: str = "%s"
+    name: str = "default"
 
     def q(self, name: str) -> str:
         return quote_identifier(name, self.escape_format)
+
+    @property
+    def server_side_cursor(self) -> bool:
+        """Whether rows are streamed through a named cursor: PostgreSQL's (psycopg 2 and 3 both have them)."""
+        return self.name == "postgresql"
 
     @classmethod
     def of(cls, hook: Any) -> SqlDialect:
         """The connection's quoting (common-sql's ``escape_word_format``) and placeholder. SQLite reads an unknown
         double-quoted identifier as a string literal, so there, unless the connection says otherwise, names are
         quoted with backticks, which SQLite only ever reads as identifiers (an unknown one is an error)."""
+        name = dialect_name(hook)
         escape = getattr(hook, "escape_word_format", None) or '"{}"'
         placeholder = getattr(hook, "placeholder", None) or "%s"
         try:
             explicit = (hook.connection_extra or {}).get("escape_word_format")
-            sqlite = hook.dialect_name == "sqlite"
         except Exception:  # noqa: BLE001 - a hook without common-sql's connection helpers: its own format then
-            explicit, sqlite = escape, False
-        if sqlite and not explicit:
+            explicit = escape
+        if name == "sqlite" and not explicit:
             escape = "`{}`"
-        return cls(escape_format=escape, placeholder=placeholder)
+        return cls(escape_format=escape, placeholder=placeholder, name=name)
 
 
 def build_from(spec: SourceSpec, dialect: SqlDialect) -> tuple[str, list[Any]]:
@@ -121,7 +142,7 @@ class SqlSource(Source):
 
     def _execute(self, sql: str, params: list[Any], *, stream: bool = False) -> Any:
         conn = self.conn
-        if stream and type(conn).__module__.split(".")[0] in ("psycopg2", "psycopg"):
+        if stream and self.dialect.server_side_cursor:
             cursor = conn.cursor(name=f"segment_export_{uuid.uuid4().hex[:12]}")  # server-side cursor
             cursor.itersize = self.chunk_size
         else:
