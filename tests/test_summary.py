@@ -104,7 +104,7 @@ def test_the_xcom_value_is_plain_json_with_every_count():
         "export_id": "vip_to_klaviyo", "destination": "klaviyo", "target_id": "Y6nRLr",
         "read": 12, "invalid": 1, "duplicates": 1, "skipped_by_limit": 2, "sent": 8, "accepted": 6,
         "created": 5, "updated": 1, "rejected": 1, "skipped": 1, "unchanged": 3, "removed": 1, "held_back": 0,
-        "subscribed": None, "pending": None, "tags_added": 4, "tags_removed": 1, "resumed": 2, "batches": 1,
+        "subscribed": None, "pending": None, "tags_added": 4, "tags_removed": 1, "resumed": 2, "submitted": 0, "handles": [], "batches": 1,
         "seconds": 1.235, "dry_run": False, "planned": 0,
         "invalid_reasons": {"email is empty": 1}, "rejected_reasons": {"invalid: bad address": 1},
         "skipped_reasons": {"suppressed": 1}, "examples": [], "cpu_seconds": {"read": 0.123, "sending": 2.0},
