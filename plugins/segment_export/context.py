@@ -79,6 +79,9 @@ class RunContext:
     summary: ExportSummary
     staging: Staging = field(default_factory=Staging)
     clock: PhaseClock = field(default_factory=PhaseClock)
+    #: keys whose outcome this run already counted from its own submit pass's jobs (RunOptions.resume_counts):
+    #: the plan does not send them again in this run, even those the destination rejected (the next run retries)
+    settled_keys: set[str] = field(default_factory=set)
 
     @property
     def tracks_batches(self) -> bool:

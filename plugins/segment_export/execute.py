@@ -189,6 +189,7 @@ class Executor:
             return
         if count:
             self.ctx.summary.add_batch(len(batch), result)
+            self.ctx.settled_keys.update(batch.keys)
         else:
             self.ctx.summary.resumed += len(batch)
         log.info("resumed job %s of %s: %d accepted, %d rejected, %d skipped", self.inflight.handles[batch.number],  # type: ignore[union-attr]

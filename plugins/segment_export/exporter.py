@@ -212,7 +212,8 @@ class _Reader:
             profiles.append((profile.key, fingerprint(fragment), fragment, segment))
         clock.switch("stage")
         ctx.staging.add(profiles)
-        if invalid and ctx.state is not None and not ctx.options.dry_run:
+        # A submit pass leaves them to the pass that finishes the run (it reads the segment again): once per run.
+        if invalid and ctx.state is not None and not ctx.options.dry_run and not ctx.options.submit_only:
             with clock.phase("state"):  # per chunk: memory stays bounded however many rows are invalid
                 ctx.state.record_outcomes(ctx.options.run_id, invalid)
 
@@ -304,7 +305,7 @@ def run_export(
         phases["other"] = max(main_cpu - sum(phases.values()), 0.0)
         phases["sending"] = max(process_cpu - main_cpu, 0.0)
         summary.cpu_seconds = {p: phases[p] for p in PHASES if p in phases}
-    if not summary.dry_run:
+    if not summary.dry_run and not summary.submitted:  # a submit pass knows no rejections yet: its second pass checks
         check_rejected_share(spec, summary)
     if summary.dry_run:
         logger.info("dry run: nothing was sent")

@@ -56,6 +56,7 @@ class Plan:
         manages = ctx.destination.manages_segments
         keep_leavers = ctx.spec.on_leave == "keep"
         staging = ctx.staging if self._queue else None
+        settled = ctx.settled_keys
         for change in self._changes:
             kind, segments, previous = change[1], change[4], change[5]
             if kind == "leave":
@@ -78,6 +79,8 @@ class Plan:
                 if (added or removed) and staging is not None:
                     ctx.queue_tags(change)
                 continue
+            if settled and change[0] in settled:
+                continue  # answered by this run's own jobs already (a rejection is retried by the next run)
             if kind == "create":
                 self.creates += 1
             else:

@@ -359,3 +359,26 @@ def test_deferrable_is_refused_for_a_subscribing_klaviyo_export():
     subscribing = {**KLAVIYO, "subscribe": True}
     with pytest.raises(ValidationError, match="cannot defer yet"):
         operator(raw_spec(subscribing, deferrable=True, mapping={"email": "email", "consent": "first_name"}))
+
+
+def _deferred_run(op, run_id: str, params: dict | None = None) -> dict:
+    from airflow.sdk.exceptions import TaskDeferred
+
+    context = {"run_id": run_id, "params": params or {}}
+    with pytest.raises(TaskDeferred) as deferred:
+        op.execute(context)
+    return op.execute_complete(context, _first_event(deferred.value.trigger))
+
+
+def test_a_deferred_run_counts_a_rejection_and_a_resync_once(warehouse, sandbox):
+    # The sandbox refuses this address in the import job (Klaviyo's own rule), after our validation let it through.
+    sql(warehouse, "INSERT INTO segment_members VALUES ('a..b@example.com', 'Ada', 'vip')")
+    op = operator(raw_spec(KLAVIYO, deferrable=True, limit={"max_rejected_share": 0.5}))
+    value = _deferred_run(op, "first")
+    assert (value["read"], value["sent"], value["accepted"], value["rejected"]) == (4, 4, 3, 1)
+    rows = sql(warehouse, f"SELECT action, count(*) FROM {OUTCOMES_TABLE} WHERE run_id = 'first' GROUP BY 1")
+    assert dict(rows) == {"created": 3, "rejected": 1}
+    jobs = sandbox.state()["requests"]["by_endpoint"]["POST /api/profile-bulk-import-jobs"]["count"]
+    resync = _deferred_run(op, "resync", {"full_resync": True})
+    assert (resync["sent"], resync["accepted"], resync["rejected"]) == (4, 3, 1)  # each profile once, not twice
+    assert sandbox.state()["requests"]["by_endpoint"]["POST /api/profile-bulk-import-jobs"]["count"] == jobs + 1

@@ -67,7 +67,9 @@ class SegmentExportOperator(BaseOperator):
         if event.get("status") != "success":
             raise ExportWaitError(f"export {spec.id}: waiting for the destination's jobs failed: {event.get('message')}")
         self.log.info("resumed: %d jobs finished on the triggerer; recording their outcomes", len(event.get("handles", [])))
-        summary = self._run(spec, replace(self._options(spec, context), resume_counts=True))
+        # The first pass did the resync (if asked); this one only records, re-plans and applies.
+        options = replace(self._options(spec, context), resume_counts=True, full_resync=False)
+        summary = self._run(spec, options)
         return self._finish(summary, context)
 
     def _options(self, spec: ExportSpec, context: Any) -> RunOptions:
@@ -84,7 +86,8 @@ class SegmentExportOperator(BaseOperator):
         self.defer(
             trigger=DestinationJobsTrigger(
                 async_hook=kind.async_hook, conn_id=spec.destination.connection_id, handles=list(summary.handles),
-                poll_interval=DEFER_POLL_INTERVAL_S, timeout=DEFER_TIMEOUT.total_seconds(),
+                # a minute inside the task's own deferral timeout: the trigger's error names the pending jobs
+                poll_interval=DEFER_POLL_INTERVAL_S, timeout=DEFER_TIMEOUT.total_seconds() - 60,
             ),
             method_name="execute_complete",
             timeout=DEFER_TIMEOUT,

@@ -1,6 +1,7 @@
 """A trigger that waits, on the triggerer, for a destination's jobs to finish.
 
-A deferrable export submits its jobs (Klaviyo bulk imports, Mailchimp batches) from the task, then defers to
+A deferrable export submits its jobs (Klaviyo bulk imports; any destination whose declaration names an
+async hook) from the task, then defers to
 :class:`DestinationJobsTrigger` with the jobs' handles: the triggerer polls them with the destination's async
 hook (same requests, pacing and retry rules as the task's hook) and wakes the task when none is pending, so
 no worker slot is held while the destination works. The trigger is generic: ``async_hook`` names the hook
