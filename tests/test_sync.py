@@ -191,7 +191,7 @@ def test_state_is_kept_per_export_and_target(segment_db, sandbox):
 
 
 def test_unsubscribe_on_leave_is_an_explicit_mailchimp_opt_in(segment_db, sandbox):
-    with pytest.raises(ValueError, match="'unsubscribe' is for Mailchimp"):
+    with pytest.raises(ValueError, match="sync.on_leave: Klaviyo exports take 'keep' or 'remove', not 'unsubscribe'"):
         make_spec(KLAVIYO, sync={"on_leave": "unsubscribe"})
     spec = make_spec(MAILCHIMP, sync={"on_leave": "unsubscribe"})
     run(spec)
