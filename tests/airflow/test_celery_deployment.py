@@ -80,7 +80,6 @@ def test_a_deferrable_export_frees_its_worker_while_the_triggerer_waits_for_the_
     # The task logged its deferral, and execute_complete (which only a trigger event starts) its resumption.
     log = dep.task_log(dag_id, run_id)
     assert "deferring to the triggerer" in log and "resumed: " in log, log[-3000:]
-    assert worker_log.count(f"dag_id={dag_id}") >= 2, worker_log[-3000:]
 
 
 def test_trigger_form_values_are_validated_then_used(airflow_deployment):
