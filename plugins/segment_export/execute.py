@@ -163,7 +163,7 @@ class Executor:
         if not left:
             return
         pool: BatchPool[BatchResult | None] = BatchPool(
-            self.destination.concurrency, self._await_stored, lambda b, r: self._resumed(b, r, count), lambda: None,
+            self.destination.batches_in_flight, self._await_stored, lambda b, r: self._resumed(b, r, count), lambda: None,
             self.ctx.log)
         try:
             for number, (batch_id, (handle, rows)) in enumerate(left.items(), start=1):
@@ -203,7 +203,7 @@ class Executor:
         record its handle); return once every batch is settled. A failed batch stops the run (``ExportError``)."""
         ctx, destination = self.ctx, self.destination
         batcher = Batcher(destination.max_batch_profiles, destination.max_batch_bytes)
-        pool: BatchPool[Any] = BatchPool(destination.concurrency, self._work(), self._done(), self._tick, ctx.log)
+        pool: BatchPool[Any] = BatchPool(destination.batches_in_flight, self._work(), self._done(), self._tick, ctx.log)
         changes, make = self.changes, _without_payload
         diff_phase = ctx.clock.switch("diff")
         try:

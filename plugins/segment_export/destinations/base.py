@@ -52,8 +52,14 @@ class Destination(ABC):
     max_batch_bytes: int
     #: the largest serialized profile the destination takes (None: no separate cap)
     max_profile_bytes: int | None = None
-    #: batches in flight at once; the hook's connection pool is sized to it
+    #: requests at once (the sending threads of segment changes and removals); the hook's pool is sized to it
     concurrency: int = 10
+
+    @property
+    def batches_in_flight(self) -> int:
+        """Batches sent and not yet answered at once: ``concurrency``, unless a destination's batches are jobs that
+        wait on the destination's side without holding a connection (Klaviyo's)."""
+        return self.concurrency
 
     target_id: str
 

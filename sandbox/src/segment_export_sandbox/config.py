@@ -142,6 +142,10 @@ BEHAVIOURS: dict[str, tuple[Any, ...]] = {
     # the status a list relationship call (add/remove profiles) answers when it names a profile id Klaviyo does
     # not have: the spec lists only 4XX
     "klaviyo_unknown_profile_id": (400, 404),
+    # how many bulk profile import jobs may be in progress at once: the documents name no cap (other bulk jobs
+    # say "The maximum number of jobs in progress at one time is 500"); beyond a cap a new job either waits
+    # ``queued`` until one finishes, or is refused with 429 and Retry-After
+    "klaviyo_jobs_in_progress": ("unlimited", "queue_beyond_2", "refuse_beyond_2"),
 }
 
 

@@ -32,7 +32,12 @@ Modelled behaviour (and where it comes from)
   ``klaviyo_job_queue_seconds``, then ``processing`` at
   ``klaviyo_profiles_per_second`` (each job at that speed, independently of the
   others), then ``complete``.  Profiles are applied to the store as they are
-  processed (so reads mid-job see partial results).
+  processed (so reads mid-job see partial results). The documents name no cap on
+  jobs in progress at once (the catalog bulk jobs name 500; the profile import job
+  only its rate limits): switch ``klaviyo_jobs_in_progress`` (config.BEHAVIOURS):
+  ``unlimited`` (default), ``queue_beyond_2`` (a job waits ``queued`` until fewer
+  than two are in progress) or ``refuse_beyond_2`` (429 ``throttled`` with
+  ``Retry-After: 1`` while two are in progress).
   ``completed_count`` counts successful profiles and ``failed_count`` failed ones
   (*guess*: the spec's wording allows both readings; disjoint counts sum to
   ``total_count`` at the end). Switch ``klaviyo_completed_count_includes_failed``
@@ -101,6 +106,7 @@ Modelled behaviour (and where it comes from)
 from __future__ import annotations
 
 import json
+import math
 import re
 import threading
 import time
@@ -393,6 +399,7 @@ class ImportJob:
     completed: Optional[float] = None
     profile_ids: dict[str, None] = field(default_factory=dict)
     errors: list[dict[str, Any]] = field(default_factory=list)
+    start_at: float = 0.0  # when processing starts (the queue time, and waiting for a slot: klaviyo_jobs_in_progress)
 
     @property
     def total(self) -> int:
@@ -608,7 +615,7 @@ class KlaviyoService:
                 for job in acc.jobs.values():
                     if job.completed is not None:
                         continue
-                    start = job.created + queue
+                    start = job.start_at
                     if now < start:
                         continue
                     job.started = start
@@ -1024,15 +1031,34 @@ class KlaviyoService:
         for i, list_id in enumerate(list_ids):
             if list_id not in acc.lists:
                 raise invalid(f"A list with id {list_id} does not exist.", f"/data/relationships/lists/data/{i}/id")
+        created = self.clock()
+        start_at = self._start_time(acc, created, len(items))
         job = ImportJob(
             id=new_ulid(),
-            created=self.clock(),
+            created=created,
             profiles=items,
             problems=[check_profile(item["attributes"]) for item in items],
             list_ids=list_ids,
+            start_at=start_at,
         )
         acc.jobs[job.id] = job
         return self._ok(202, {"data": self._job_resource(req, job), "links": {"self": req.url()}})
+
+    def _start_time(self, acc: KAccount, created: float, total: int) -> float:
+        """When a job submitted now starts processing, under switch ``klaviyo_jobs_in_progress`` (jobs are FIFO:
+        with a cap of N, it starts when the N-th last of the jobs still running ends); ``refuse_beyond_2`` answers
+        429 while the cap is reached."""
+        start = created + self.config.klaviyo_job_queue_seconds
+        mode = self.config.behaviour["klaviyo_jobs_in_progress"]
+        if mode == "unlimited":
+            return start
+        cap, speed = 2, self.config.klaviyo_profiles_per_second
+        ends = sorted(j.start_at + j.total / speed for j in acc.jobs.values() if j.start_at + j.total / speed > created)
+        if len(ends) < cap:
+            return start
+        if mode == "refuse_beyond_2":
+            raise ApiError(self.throttled(max(1, math.ceil(ends[len(ends) - cap] - created))))
+        return max(start, ends[len(ends) - cap])
 
     def get_jobs(self, req: ApiRequest) -> ApiResponse:
         jobs = list(req.account.jobs.values())

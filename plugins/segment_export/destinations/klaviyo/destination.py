@@ -29,6 +29,7 @@ from typing import Any, Iterable
 from segment_export.batching import Batch
 from segment_export.destinations.base import Destination, dump_bytes, redact_emails
 from segment_export.hooks.base import DestinationError
+from segment_export.destinations.klaviyo.jobs import JobBoard
 from segment_export.destinations.klaviyo.hook import (
     MAX_FILTER_EMAILS, MAX_SUBSCRIBE_PROFILES, KlaviyoHook, bulk_import_finished,
 )
@@ -39,6 +40,11 @@ from segment_export.summary import BatchResult
 MAX_JOB_PROFILES = 10_000
 MAX_JOB_BYTES = 5_000_000  # "5 MB" per job; decimal megabytes, to stay clear of the cap either way
 MAX_PROFILE_BYTES = 100_000  # "100 KB" per profile
+# Jobs in flight at once. Klaviyo documents no cap on bulk profile import jobs in progress (see ``jobs``); the
+# submissions are paced by the endpoint's rate limits (10/s, 150/m). Each job in flight keeps its profiles' keys
+# and fingerprints (about 250 bytes a profile), so this bounds memory: 20 jobs, 200,000 profiles, ~50 MB. With
+# the sandbox's default latencies (a job takes 1.5 s) twenty in flight outrun the 10/s submission limit.
+JOBS_IN_FLIGHT = 20
 KEPT_SHARED_PROFILE = "kept in the list: shares a Klaviyo profile with a row still in the segment"
 # A list call naming a profile id Klaviyo no longer has (a remembered id gone stale): the spec lists only 4XX, so both
 # the likely answers are read as that and the call is made again by email (a list that is gone fails again: raised).
@@ -125,7 +131,7 @@ class KlaviyoDestination(Destination):
 
     def __init__(self, hook: KlaviyoHook, list_id: str | None, *, lists: dict[str, str] | None = None,
                  subscribe: bool = False, report_suppressed: bool = True, source: str = "segment-export",
-                 concurrency: int = 10, poll_interval: float = 0.5, poll_max_interval: float = 5.0,
+                 concurrency: int = 10, jobs_in_flight: int = JOBS_IN_FLIGHT, poll_interval: float = 0.5,
                  remember_ids: bool = True):
         """One ``list_id`` for every profile, or ``lists`` (segment → list) where profiles follow their segments.
 
@@ -146,7 +152,8 @@ class KlaviyoDestination(Destination):
         self.manages_segments = lists is not None
         self.target_id = list_id or "+".join(sorted(set((lists or {}).values())))
         self.concurrency = concurrency
-        self.poll_interval, self.poll_max_interval = poll_interval, poll_max_interval
+        self._jobs_in_flight = max(jobs_in_flight, 1)
+        self.jobs = JobBoard(hook, interval=poll_interval)
         self._head, self._tail = job_envelope(list_id)
         self.max_batch_bytes = MAX_JOB_BYTES - len(self._head) - len(self._tail)
         #: leavers :meth:`remove` left in the list on purpose (key → why): their profile is a remembered row's
@@ -159,7 +166,7 @@ class KlaviyoDestination(Destination):
     def from_spec(cls, spec: ExportSpec) -> KlaviyoDestination:
         dest = spec.destination
         return cls(
-            KlaviyoHook(dest.connection_id, max_concurrency=10), dest.list_id, lists=dest.lists,  # type: ignore[union-attr]
+            KlaviyoHook(dest.connection_id, max_concurrency=JOBS_IN_FLIGHT + 1), dest.list_id, lists=dest.lists,  # type: ignore[union-attr]
             subscribe=dest.subscribe, report_suppressed=dest.checks_suppression,  # type: ignore[union-attr]
             source=f"segment-export {spec.id}", remember_ids=spec.on_leave == "remove",
         )
@@ -353,14 +360,13 @@ class KlaviyoDestination(Destination):
             else:
                 self.hook.remove_from_list(list_id, found[start : start + 1000])
 
+    @property
+    def batches_in_flight(self) -> int:
+        return self._jobs_in_flight
+
     def _await(self, job: dict[str, Any]) -> dict[str, Any]:
-        """Poll a job until it is complete or cancelled, backing off between polls."""
-        interval = self.poll_interval
-        while not bulk_import_finished(job):
-            time.sleep(interval)
-            interval = min(self.poll_max_interval, interval * 1.5)
-            job = self.hook.get_bulk_import_job(job["id"])
-        return job
+        """The job once complete or cancelled: every sending thread waits on one board (see ``jobs``)."""
+        return self.jobs.wait(job)
 
     @property
     def request_stats(self) -> dict[str, int]:

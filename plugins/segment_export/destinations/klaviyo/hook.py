@@ -11,6 +11,7 @@ a 200 is then retried instead of being taken for Klaviyo's acceptance.
 from __future__ import annotations
 
 import json
+from itertools import islice
 from typing import Any, Iterator, Sequence
 
 from segment_export.hooks.base import Call, DestinationApi, DestinationAsyncHook, DestinationError, DestinationHook
@@ -101,6 +102,14 @@ class KlaviyoHook(KlaviyoApi, DestinationHook):
     def get_bulk_import_job(self, job_id: str) -> dict[str, Any]:
         return self.request_data(*bulk_import_job_call(job_id))
 
+    def iter_finished_job_pages(self, *, max_pages: int) -> Iterator[list[dict[str, Any]]]:
+        """The account's finished bulk import jobs, newest first, a page (up to 100) at a time, at most
+        ``max_pages`` pages: Get Bulk Import Profiles Jobs with ``filter=any(status,[...])`` (allowed on
+        ``status``: ``any``, ``equals``), ``sort=-created_at``, ``page[size]=100`` (its maximum)."""
+        statuses = ",".join(f'"{s}"' for s in BULK_IMPORT_FINAL_STATUSES)
+        params = {"filter": f"any(status,[{statuses}])", "sort": "-created_at", "page[size]": 100}
+        return islice(self._page_data("/api/profile-bulk-import-jobs", params, "bulk-import-read"), max_pages)
+
     def iter_import_errors(self, job_id: str) -> Iterator[dict[str, Any]]:
         """Every import error of a job (100 per page)."""
         yield from self._pages(
@@ -150,11 +159,16 @@ class KlaviyoHook(KlaviyoApi, DestinationHook):
 
     def _pages(self, endpoint: str, params: dict[str, Any], limit_key: str) -> Iterator[dict[str, Any]]:
         """Every resource of a collection, following Klaviyo's cursor pagination (``links.next``)."""
+        for data in self._page_data(endpoint, params, limit_key):
+            yield from data
+
+    def _page_data(self, endpoint: str, params: dict[str, Any], limit_key: str) -> Iterator[list[dict[str, Any]]]:
+        """A collection's pages (their ``data``), requested only as they are iterated."""
         next_endpoint: str | None = endpoint
         next_params: dict[str, Any] | None = params
         while next_endpoint:
             page = self.request_json("GET", next_endpoint, params=next_params, limit_key=limit_key)
-            yield from page.get("data", [])
+            yield page.get("data", [])
             next_endpoint, next_params = (page.get("links") or {}).get("next"), None
 
     def add_to_list(self, list_id: str, profile_ids: list[str]) -> None:

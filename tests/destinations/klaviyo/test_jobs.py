@@ -1,0 +1,91 @@
+"""Many bulk import jobs in flight, awaited through one board (destinations/klaviyo/jobs.py), under every value of
+the sandbox switch ``klaviyo_jobs_in_progress`` (the documents name no cap on jobs in progress)."""
+
+from __future__ import annotations
+
+import pytest
+from sandbox_state import klaviyo_profiles
+from segment_export_sandbox import KLAVIYO_LIST_ID
+from segment_export_sandbox.config import BEHAVIOURS
+from test_sync import KLAVIYO, make_spec, vip
+
+from segment_export.destinations import destination_for
+from segment_export.destinations.klaviyo.jobs import JobBoard
+from segment_export.exporter import RunOptions, run_export
+from segment_export.sources import source_for
+from segment_export.state import StateStore
+
+MODES = BEHAVIOURS["klaviyo_jobs_in_progress"]
+
+
+def _run(spec, *, job_profiles: int, jobs_in_flight: int):
+    source, destination = source_for(spec.source), destination_for(spec)
+    destination.max_batch_profiles = job_profiles
+    destination._jobs_in_flight = jobs_in_flight
+    state = StateStore.open(spec.state_conn_id, spec.id, destination.target_id)
+    try:
+        return run_export(spec, source, destination, state=state, options=RunOptions(run_id="jobs")), destination
+    finally:
+        source.close()
+        state.close()
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_many_jobs_in_flight_land_every_profile_under_each_cap(mode, segment_db, sandbox):
+    sandbox.configure(behaviour={"klaviyo_jobs_in_progress": mode}, klaviyo_profiles_per_second=2000.0)
+    spec = make_spec(KLAVIYO)
+    summary, destination = _run(spec, job_profiles=40, jobs_in_flight=8)
+    expected = {row[1].lower() for row in vip()}
+    jobs = -(-len(expected) // 40)
+    assert summary.sent == summary.accepted == len(expected)
+    assert summary.sent == summary.accepted + summary.rejected + summary.skipped
+    assert summary.batches == jobs
+    state = sandbox.state()
+    assert set(klaviyo_profiles(state, KLAVIYO_LIST_ID)) == expected
+    (account,) = state["klaviyo"]["accounts"].values()
+    assert len(account["jobs"]) == jobs  # a refused submission (429) is submitted again, never twice
+    by_endpoint = state["requests"]["by_endpoint"]
+    # One board for every job: the finished-jobs collection, not one GET per job per interval.
+    listed = by_endpoint["GET /api/profile-bulk-import-jobs"]["count"]
+    one_by_one = sum(v["count"] for k, v in by_endpoint.items() if k.startswith("GET /api/profile-bulk-import-jobs/"))
+    assert 1 <= listed <= destination.jobs.rounds * 3
+    assert one_by_one <= destination.jobs.rounds // 10 * jobs  # only the board's direct look-ups, every tenth round
+    refused = by_endpoint["POST /api/profile-bulk-import-jobs"]["status"].get("429", 0)
+    assert (refused > 0) == (mode == "refuse_beyond_2"), by_endpoint
+
+
+class _Hook:
+    """A hook whose finished-jobs collection never lists the job (a lagging or crowded collection)."""
+
+    def __init__(self):
+        self.looked_up = 0
+
+    def iter_finished_job_pages(self, *, max_pages):
+        yield [{"id": "someone-else", "attributes": {"status": "complete", "created_at": "2026-01-01T00:00:00+00:00"}}]
+
+    def get_bulk_import_job(self, job_id):
+        self.looked_up += 1
+        return {"id": job_id, "attributes": {"status": "complete" if self.looked_up >= 2 else "processing"}}
+
+
+def test_a_job_the_collection_never_lists_is_found_by_its_own_get():
+    hook = _Hook()
+    board = JobBoard(hook, interval=0.01, direct_every=3)  # type: ignore[arg-type]
+    job = board.wait({"id": "ours", "attributes": {"status": "queued", "created_at": "2026-01-02T00:00:00+00:00"}})
+    assert job["attributes"]["status"] == "complete"
+    assert hook.looked_up == 2 and board.rounds == 6
+
+
+def test_a_failed_poll_is_raised_in_the_waiting_thread():
+    class Failing(_Hook):
+        def iter_finished_job_pages(self, *, max_pages):
+            raise RuntimeError("HTTP 500")
+
+    board = JobBoard(Failing(), interval=0.01)  # type: ignore[arg-type]
+    with pytest.raises(RuntimeError, match="HTTP 500"):
+        board.wait({"id": "ours", "attributes": {"status": "queued"}})
+    # With nobody waiting the poller ends (after its interval); the next wait starts another.
+    poller = board._poller
+    if poller is not None:
+        poller.join(timeout=2)
+        assert not poller.is_alive()
