@@ -54,7 +54,11 @@ SEGMENTS = list(segment_data.SEGMENTS)
 
 # The destinations' documented limits (the product's constants would do, but the floor should not depend on
 # the code it judges).
-KLAVIYO_JOB_PROFILES, KLAVIYO_BURST, KLAVIYO_STEADY, KLAVIYO_CONCURRENCY = 10_000, 10, 150, 10
+# Klaviyo, Bulk Import Profiles: "Accepts up to 10,000 profiles per request", rate limits "Burst: 10/s, Steady:
+# 150/m"; no cap on jobs in progress is documented (other bulk jobs document one: catalog jobs, 500), so the floor
+# has none. Mailchimp: 500 members per batch subscribe and per static-segment (tag) call, 10 simultaneous
+# connections per key.
+KLAVIYO_JOB_PROFILES, KLAVIYO_BURST, KLAVIYO_STEADY = 10_000, 10, 150
 MAILCHIMP_BATCH, MAILCHIMP_CONNECTIONS = 500, 10
 PROFILE_IMPORT_BURST, PROFILE_IMPORT_STEADY = 75, 750
 
@@ -67,27 +71,35 @@ def submit_time(k: int, burst: int, steady: int) -> float:
 
 
 def klaviyo_floor(n: int, latency: float, speed: float) -> tuple[float, str]:
+    """Job k (1-based) can be submitted at submit_time(k) and is done L_job + n_k/P later; nothing else bounds it
+    (no documented cap on jobs in progress): the floor is the latest of those ends."""
     jobs = math.ceil(n / KLAVIYO_JOB_PROFILES)
-    full = min(n, KLAVIYO_JOB_PROFILES) / speed
-    last = (n - (jobs - 1) * KLAVIYO_JOB_PROFILES) / speed
-    rounds = math.ceil(jobs / KLAVIYO_CONCURRENCY) * (latency + full)
-    paced = submit_time(jobs, KLAVIYO_BURST, KLAVIYO_STEADY) + latency + last
-    floor = max(rounds, paced)
+    ends = [submit_time(k, KLAVIYO_BURST, KLAVIYO_STEADY) + latency + min(KLAVIYO_JOB_PROFILES, n - (k - 1) * KLAVIYO_JOB_PROFILES) / speed
+            for k in range(1, jobs + 1)]
+    floor = max(ends) if ends else 0.0
     formula = (
-        f"J=ceil(N/{KLAVIYO_JOB_PROFILES})={jobs} jobs; max(ceil(J/{KLAVIYO_CONCURRENCY})*(L_job + {KLAVIYO_JOB_PROFILES}/P)"
-        f"={rounds:.1f}, max(floor((J-1)/{KLAVIYO_BURST})*1s, floor((J-1)/{KLAVIYO_STEADY})*60s) + L_job + n_last/P"
-        f"={paced:.1f}) with L_job={latency}s, P={speed:g} profiles/s"
+        f"J=ceil(N/{KLAVIYO_JOB_PROFILES})={jobs} jobs; max over k of max(floor((k-1)/{KLAVIYO_BURST})*1s, "
+        f"floor((k-1)/{KLAVIYO_STEADY})*60s) + L_job + n_k/P = {floor:.1f} with L_job={latency}s, P={speed:g} profiles/s "
+        f"(Bulk Import Profiles: 10,000 profiles a job, 10/s burst, 150/m steady; no documented cap on jobs in progress)"
     )
     return floor, formula
 
 
-def mailchimp_floor(n: int, latency: float, calls_per_batch: int = 1) -> tuple[float, str]:
+def mailchimp_tag_calls(n: int) -> int:
+    """Static-segment (tag) calls a first export needs: one per 500 members of each segment, each segment's
+    members counted from the generated data (every tenth customer is in two segments)."""
+    sizes = segment_data.segment_sizes(n)
+    return sum(math.ceil(size / MAILCHIMP_BATCH) for size in sizes.values())
+
+
+def mailchimp_floor(n: int, latency: float, write_latency: float, first_run: bool = True) -> tuple[float, str]:
     batches = math.ceil(n / MAILCHIMP_BATCH)
-    calls = batches * calls_per_batch
-    floor = math.ceil(calls / MAILCHIMP_CONNECTIONS) * latency
+    tags = mailchimp_tag_calls(n) if first_run else 0
+    floor = math.ceil(batches / MAILCHIMP_CONNECTIONS) * latency + math.ceil(tags / MAILCHIMP_CONNECTIONS) * write_latency
     formula = (
-        f"B=ceil(N/{MAILCHIMP_BATCH})={batches} batches x {calls_per_batch} call(s) (new members: 1); "
-        f"ceil(calls/{MAILCHIMP_CONNECTIONS} connections) * L_batch = {floor:.1f} with L_batch={latency}s"
+        f"B=ceil(N/{MAILCHIMP_BATCH})={batches} batch subscribe calls (new members: 1 each), T={tags} tag calls "
+        f"(500 members of a segment each); ceil(B/{MAILCHIMP_CONNECTIONS} connections)*L_batch + "
+        f"ceil(T/{MAILCHIMP_CONNECTIONS})*L_write = {floor:.1f} with L_batch={latency}s, L_write={write_latency}s"
     )
     return floor, formula
 
@@ -181,7 +193,7 @@ class SandboxProcess:
             {"tag": "TIER", "name": "Loyalty tier", "type": "text"},
             {"tag": "LTV", "name": "Lifetime value", "type": "number"},
         ]
-        config.write_text(json.dumps({"mailchimp_accounts": [{
+        config.write_text(json.dumps({"latency": {"mailchimp_write": args.latency_mailchimp_write}, "mailchimp_accounts": [{
             "api_key": MAILCHIMP_API_KEY, "account_id": MAILCHIMP_ACCOUNT_ID,
             "audiences": [{"id": MAILCHIMP_AUDIENCE_ID, "name": MAILCHIMP_AUDIENCE_NAME, "merge_fields": fields}],
         }]}))
@@ -325,6 +337,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sources", default="sqlite,parquet,postgres", help="postgres only when reachable")
     parser.add_argument("--latency-klaviyo-job", type=float, default=0.5, help="seconds per job submission (default 0.5)")
     parser.add_argument("--latency-mailchimp-batch", type=float, default=1.0, help="seconds per batch call (default 1.0)")
+    parser.add_argument("--latency-mailchimp-write", type=float, default=0.0,
+                        help="seconds per other Mailchimp write, tag calls included (default 0: the floor counts them at it)")
     parser.add_argument("--klaviyo-profiles-per-second", type=float, default=10_000.0,
                         help="Klaviyo's processing speed of one job (default 10,000: 1 s per full job)")
     parser.add_argument("--baseline-profiles", type=int, default=2_000, help="profiles for the one-per-request baseline (0: skip)")
@@ -361,7 +375,7 @@ def main(argv: list[str] | None = None) -> int:
                 if destination == "klaviyo":
                     floor, formula = klaviyo_floor(n, args.latency_klaviyo_job, args.klaviyo_profiles_per_second)
                 else:
-                    floor, formula = mailchimp_floor(n, args.latency_mailchimp_batch)
+                    floor, formula = mailchimp_floor(n, args.latency_mailchimp_batch, args.latency_mailchimp_write)
                 results.append(entry("export", destination, source, n, result, floor, formula, sent, retried, sandbox_cpu))
                 print(f"  {line(results[-1])}", flush=True)
 
@@ -392,6 +406,7 @@ def main(argv: list[str] | None = None) -> int:
         "settings": {
             "profiles": n, "latency_klaviyo_job_s": args.latency_klaviyo_job,
             "latency_mailchimp_batch_s": args.latency_mailchimp_batch,
+            "latency_mailchimp_write_s": args.latency_mailchimp_write,
             "klaviyo_profiles_per_second": args.klaviyo_profiles_per_second,
             "rows_per_profile": round(expected_rows(n) / n, 3), "segments": SEGMENTS,
         },

@@ -53,6 +53,16 @@ def rows(profiles: int, seed: int = 7) -> Iterator[tuple]:
             yield base + (SEGMENTS[(i + 1) % len(SEGMENTS)],)
 
 
+def segment_sizes(profiles: int) -> dict[str, int]:
+    """Members of each segment in :func:`rows` (without generating them)."""
+    sizes = dict.fromkeys(SEGMENTS, 0)
+    for i in range(1, profiles + 1):
+        sizes[SEGMENTS[i % len(SEGMENTS)]] += 1
+        if i % 10 == 0:
+            sizes[SEGMENTS[(i + 1) % len(SEGMENTS)]] += 1
+    return sizes
+
+
 def write_sqlite(path: str | Path, profiles: int, table: str = "segment_members", seed: int = 7) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

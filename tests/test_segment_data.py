@@ -17,3 +17,9 @@ def test_demo_phone_numbers_are_valid_e164_and_unique_per_customer():
         assert phonenumbers.format_number(parsed, phonenumbers.PhoneNumberFormat.E164) == number
     assert phones[0] == "+12015550100" and all(p[5:8] == "555" for p in phones[:: 997])
     assert {r[4] for r in segment_data.rows(30)} == {segment_data.phone(i) for i in range(1, 31)}
+
+
+def test_segment_sizes_count_the_rows_of_each_segment():
+    from collections import Counter
+
+    assert segment_data.segment_sizes(1234) == dict(Counter(r[-1] for r in segment_data.rows(1234)))
