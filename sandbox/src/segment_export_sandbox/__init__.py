@@ -3,7 +3,7 @@
 No machine here reaches the real APIs, so the exporter is developed and tested
 against this server, which speaks the subset of both APIs the exporter uses,
 following the official specs (Klaviyo OpenAPI revision 2026-07-15, Mailchimp
-Marketing API 3.0.55).  Standard library only; it never imports the product.
+Marketing API 3.0.55).  The standard library and msgspec (request bodies are decoded with it); it never imports the product.
 
 Python API::
 
