@@ -142,6 +142,11 @@ BEHAVIOURS: dict[str, tuple[Any, ...]] = {
     # the status a list relationship call (add/remove profiles) answers when it names a profile id Klaviyo does
     # not have: the spec lists only 4XX
     "klaviyo_unknown_profile_id": (400, 404),
+    # the order of an unsorted GET /api/lists/{id}/profiles: oldest membership first, or newest first
+    "klaviyo_list_profiles_order": ("joined", "newest"),
+    # GET /lists/{id}/segments/{segment_id}/members without include_cleaned/include_transactional/
+    # include_unsubscribed: false leaves those members out (the parameters' names), true lists them anyway
+    "mailchimp_segment_members_include_by_default": (False, True),
 }
 
 
