@@ -49,6 +49,7 @@ class KlaviyoApi(DestinationApi):
         "lists-write": (10, 150),
         "profiles": (75, 750),
         "subscriptions": (75, 750),  # POST /api/profile-subscription-bulk-create-jobs
+        "list-profiles": (75, 750),  # GET /api/lists/{id}/profiles (get_profiles_for_list)
     }
 
     def default_base_url(self, connection: Any) -> str:
@@ -155,6 +156,19 @@ class KlaviyoHook(KlaviyoApi, DestinationHook):
         while next_endpoint:
             page = self.request_json("GET", next_endpoint, params=next_params, limit_key=limit_key)
             yield from page.get("data", [])
+            next_endpoint, next_params = (page.get("links") or {}).get("next"), None
+
+    def list_profile_pages(self, list_id: str) -> Iterator[list[dict[str, Any]]]:
+        """The list's profiles (``GET /api/lists/{id}/profiles``), one page of up to 100 at a time: email and
+        ``subscriptions`` only (sparse fieldset plus ``additional-fields[profile]=subscriptions``: consent and
+        suppressions). Cursor pagination; 75/s, 750/min (the operation's documented limits)."""
+        next_endpoint: str | None = f"/api/lists/{list_id}/profiles"
+        next_params: dict[str, Any] | None = {
+            "page[size]": 100, "fields[profile]": "email,subscriptions", "additional-fields[profile]": "subscriptions",
+        }
+        while next_endpoint:
+            page = self.request_json("GET", next_endpoint, params=next_params, limit_key="list-profiles")
+            yield page.get("data") or []
             next_endpoint, next_params = (page.get("links") or {}).get("next"), None
 
     def add_to_list(self, list_id: str, profile_ids: list[str]) -> None:
