@@ -186,3 +186,14 @@ def test_the_export_s_segments():
         "id": "whole", "privacy_acknowledged": True, "source": {"conn_id": "w", "table": "t"},
         "destination": KLAVIYO, "mapping": {"email": "email"}})
     assert export_segments(no_column, None) == ["whole"]  # type: ignore[arg-type]
+
+
+def test_the_dag_documents_drift_and_its_form_defaults_follow_the_spec(tmp_path):
+    from segment_export.dag_factory import doc_md, trigger_params
+
+    spec = make_spec(KLAVIYO)
+    assert "| Drift | verified after each run, repaired by the next run |" in doc_md(spec)
+    params = trigger_params(spec)
+    assert (params["verify"].value, params["verify_only"].value, params["repair"].value) == (True, False, True)
+    plain = make_spec(KLAVIYO, verify=None)
+    assert "| Drift |" not in doc_md(plain) and trigger_params(plain)["verify"].value is False

@@ -85,6 +85,8 @@ def doc_md(spec: ExportSpec) -> str:
         who = [f"e-mail to {len(spec.alerts.email)} address(es)"] if spec.alerts.email else []
         who += [f"`{spec.alerts.callback}`"] if spec.alerts.callback else []
         rows.append(("On failure", ", ".join(who) or "nothing"))
+    if spec.verify is not None:
+        rows.append(("Drift", "verified after each run" + (", repaired by the next run" if spec.verify.repair else "")))
     if spec.access_control:
         rows.append(("Access", "; ".join(f"{role}: {', '.join(lv)}" for role, lv in spec.access_control.items())))
     head = f"### {_cell(spec.display_name)}\n\n"

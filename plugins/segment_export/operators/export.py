@@ -36,6 +36,10 @@ class SegmentExportOperator(BaseOperator):
     ``deferrable: true`` the task submits its jobs, defers to :class:`~segment_export.triggers.jobs.
     DestinationJobsTrigger` (the triggerer polls them with the destination's async hook) and finishes in
     :meth:`execute_complete` on a worker, as the Fivetran and HTTP providers' deferrable operators do.
+
+    With the spec's ``verify`` (or the trigger form's ``verify``), a verify pass follows the export
+    (:mod:`segment_export.verify`: drift counts in the summary, ``drift`` outcome rows); ``verify_only`` runs it
+    alone, without reading the source or sending anything.
     """
 
     template_fields: Sequence[str] = ()
