@@ -173,3 +173,14 @@ def test_the_registered_destination_reaches_specs_assets_and_errors(seam, tmp_pa
     with pytest.raises(ValueError, match="seamtest list 'nope' does not exist"):
         run(unknown_list)
     assert seam.batches == 0  # checked before anything was sent
+
+
+def test_a_destination_that_cannot_list_its_target_gets_no_verify(seam):
+    """verify is declared per destination (DestinationType.verifies): a spec asking it of one that does not list its
+    target's membership is refused at parse time, and its DAG's trigger form has no drift options."""
+    from segment_export.dag_factory import trigger_params
+
+    assert SEAMTEST.verifies is False
+    with pytest.raises(ValueError, match="verify: .* cannot list its list's membership"):
+        ExportSpec.model_validate(raw_spec(verify=True))
+    assert not {"verify", "verify_only", "repair"} & set(trigger_params(ExportSpec.model_validate(raw_spec())))

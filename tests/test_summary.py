@@ -108,6 +108,7 @@ def test_the_xcom_value_is_plain_json_with_every_count():
         "seconds": 1.235, "dry_run": False, "planned": 0,
         "invalid_reasons": {"email is empty": 1}, "rejected_reasons": {"invalid: bad address": 1},
         "skipped_reasons": {"suppressed": 1}, "examples": [], "cpu_seconds": {"read": 0.123, "sending": 2.0},
+        "drift": None, "verify_only": False,
     }
     assert type(value["rejected_reasons"]) is dict
 

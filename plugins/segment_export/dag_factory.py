@@ -85,6 +85,8 @@ def doc_md(spec: ExportSpec) -> str:
         who = [f"e-mail to {len(spec.alerts.email)} address(es)"] if spec.alerts.email else []
         who += [f"`{spec.alerts.callback}`"] if spec.alerts.callback else []
         rows.append(("On failure", ", ".join(who) or "nothing"))
+    if spec.verify is not None:
+        rows.append(("Drift", "verified after each run" + (", repaired by the next run" if spec.verify.repair else "")))
     if spec.access_control:
         rows.append(("Access", "; ".join(f"{role}: {', '.join(lv)}" for role, lv in spec.access_control.items())))
     head = f"### {_cell(spec.display_name)}\n\n"
@@ -93,14 +95,49 @@ def doc_md(spec: ExportSpec) -> str:
     table = "| | |\n|---|---|\n" + "\n".join(f"| {k} | {_cell(v)} |" for k, v in rows)
     foot = (
         "\n\nTrigger with options (**Trigger** → form): `dry_run` plans and sends nothing, `max_profiles` lowers "
-        "this run's limit, `allow_mass_leave` lets this run remove more than the mass-removal guard allows. "
+        "this run's limit, `allow_mass_leave` lets this run remove more than the mass-removal guard allows"
+        + (", `verify` / `verify_only` / `repair` report (and repair) drift" if spec.destination.kind.verifies else "")
+        + ". "
         "Mapped fields leave your compliance boundary for a third-party marketing platform."
     )
     return head + table + foot
 
 
 def trigger_params(spec: ExportSpec) -> dict[str, Param]:
-    """The manual trigger form: options the operator reads through ``run_options``, validated by JSON schema."""
+    """The manual trigger form: options the operator reads through ``run_options`` (and, for drift,
+    ``verify.VerifyOptions.for_run``), validated by JSON schema."""
+    return {**_export_params(spec), **verify_params(spec)}
+
+
+def verify_params(spec: ExportSpec) -> dict[str, Param]:
+    """Drift options (``segment_export.verify``), for destinations that can list their target's membership; their
+    defaults are the spec's ``verify``, so a scheduled run does what the spec says."""
+    if not spec.destination.kind.verifies:
+        return {}
+    target = spec.destination.kind.target_kind
+    return {
+        "verify": Param(
+            spec.verify is not None, type="boolean", title="Verify (drift)",
+            description=(
+                f"After the export, read the {target}'s real membership and report what differs from what the export "
+                "sent: added or removed outside the export, unsubscribed or suppressed since."
+            ),
+        ),
+        "verify_only": Param(
+            False, type="boolean", title="Verify only",
+            description=f"Only verify: read nothing from the source, send nothing; compare the {target} with the state.",
+        ),
+        "repair": Param(
+            spec.verify.repair if spec.verify is not None else False, type="boolean", title="Repair drift",
+            description=(
+                "With verify: profiles removed outside the export are sent again by the next run. Nobody is ever "
+                "re-subscribed; unsubscribed and suppressed profiles are only reported."
+            ),
+        ),
+    }
+
+
+def _export_params(spec: ExportSpec) -> dict[str, Param]:
     return {
         "dry_run": Param(
             False, type="boolean", title="Dry run",

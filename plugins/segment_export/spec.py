@@ -15,7 +15,8 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 import yaml
 from croniter import croniter
 from pydantic import (
-    BaseModel, ConfigDict, Field, PrivateAttr, SerializeAsAny, ValidationError, field_validator, model_validator,
+    BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr, SerializeAsAny, ValidationError, field_validator,
+    model_validator,
 )
 
 if TYPE_CHECKING:
@@ -333,6 +334,28 @@ class SyncSpec(_Strict):
     )
 
 
+class VerifySpec(_Strict):
+    """``verify``: after each run, compare the destination's real membership with the export's state (drift).
+
+    ``verify: true`` is ``verify: {}``; ``verify: false`` (or leaving it out) is no verify pass."""
+
+    repair: bool = Field(
+        False,
+        description="Let the next run put back what the export owns: profiles found removed outside the export are "
+        "forgotten by the state, so the next run sends them again. Nobody is ever re-subscribed: unsubscribed and "
+        "suppressed profiles are only reported.",
+    )
+
+
+def _verify_block(value: Any) -> Any:
+    """``verify: true | false | {repair: ...}``."""
+    if value is True:
+        return {}
+    if value is False:
+        return None
+    return value
+
+
 class ExportSpec(_Strict):
     """One export: one destination fed by one source; becomes one DAG whose dag_id is ``id``."""
 
@@ -371,6 +394,11 @@ class ExportSpec(_Strict):
         "leavers. Needs a running triggerer, and a destination whose batches are jobs.",
     )
     alerts: AlertsSpec | None = None
+    verify: Annotated[VerifySpec | None, BeforeValidator(_verify_block)] = Field(
+        None,
+        description="Drift: after each run, read the destination's membership (the list's profiles; the members "
+        "with the export's tags) and report what differs from the export's state: true, or {repair: true}.",
+    )
     access_control: dict[str, list[Literal["read", "trigger", "edit", "delete"]]] | None = Field(
         None,
         description="Airflow roles allowed to use this export's DAG, e.g. {Marketing: [read, trigger]} (FAB auth manager).",
@@ -465,6 +493,11 @@ class ExportSpec(_Strict):
             raise ValueError(
                 f"deferrable: {self.destination.kind.display_name} sends each batch and has its answer at once; there "
                 "are no jobs to wait for on the triggerer (remove 'deferrable')"
+            )
+        if self.verify is not None and not self.destination.kind.verifies:
+            raise ValueError(
+                f"verify: {self.destination.kind.display_name} cannot list its {self.destination.kind.target_kind}'s "
+                "membership (remove 'verify')"
             )
         self.destination.check_export(self)
         return self

@@ -91,6 +91,10 @@ class ExportSummary:
     examples: list[dict[str, Any]] = field(default_factory=list)  # dry run: a few payloads, emails redacted
     # CPU seconds by phase (see PHASES): where an export's time goes, for tuning chunk sizes or the state database
     cpu_seconds: dict[str, float] = field(default_factory=dict)
+    # A verify pass (drift.DriftReport.as_dict): held, added_outside, removed_outside, unsubscribed, suppressed,
+    # repair, repaired; None when the run did not verify. Counts only: drift is not part of sent/accepted.
+    drift: dict[str, Any] | None = None
+    verify_only: bool = False  # the run only verified: nothing was read from the source nor sent
 
     def add_invalid(self, reason: str) -> None:
         self.invalid += 1
@@ -152,6 +156,8 @@ class ExportSummary:
             "skipped_reasons": dict(self.skipped_reasons.most_common()),
             "examples": self.examples,
             "cpu_seconds": {phase: round(seconds, 3) for phase, seconds in self.cpu_seconds.items()},
+            "drift": dict(self.drift) if self.drift is not None else None,
+            "verify_only": self.verify_only,
         }
 
     def table(self) -> str:
@@ -181,6 +187,12 @@ class ExportSummary:
             rows.insert(4, ("would send (dry run)", self.planned))
         lines = [f"export {self.export_id} -> {self.destination} {self.target_id}" + (" (DRY RUN: nothing sent)" if self.dry_run else "")]
         lines += [f"  {label:<24} {value:>10}" for label, value in rows]
+        if self.drift is not None:
+            d = self.drift
+            lines.append(f"  drift ({'verify only' if self.verify_only else 'verify'}): {d['held']} held; "
+                         f"{d['added_outside']} added outside, {d['removed_outside']} removed outside, "
+                         f"{d['unsubscribed']} unsubscribed, {d['suppressed']} suppressed"
+                         + (f"; {d['repaired']} to be sent again next run (repair)" if d.get("repair") else ""))
         if self.cpu_seconds:
             lines.append("  CPU s: " + ", ".join(f"{phase} {seconds:.1f}" for phase, seconds in self.cpu_seconds.items()))
         for title, reasons in (("invalid", self.invalid_reasons), ("rejected", self.rejected_reasons), ("skipped", self.skipped_reasons)):

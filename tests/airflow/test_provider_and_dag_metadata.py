@@ -111,7 +111,9 @@ def test_trigger_form_params_validate_by_json_schema():
     schema = {k: p.schema for k, p in dag.params.items()}
     assert schema["dry_run"]["type"] == "boolean" and schema["full_resync"]["type"] == "boolean"
     assert schema["max_profiles"] == {**schema["max_profiles"], "type": ["null", "integer"], "minimum": 1, "maximum": 5000}
-    assert dag.params.validate() == {"dry_run": False, "full_resync": False, "max_profiles": None, "allow_mass_leave": False}
+    assert dag.params.validate() == {"dry_run": False, "full_resync": False, "max_profiles": None, "allow_mass_leave": False,
+                                     "verify": False, "verify_only": False, "repair": False}
+    assert all(schema[k]["type"] == "boolean" for k in ("verify", "verify_only", "repair"))
 
     def check(**values):
         params = ParamsDict({k: v for k, v in dag.params.items()})
@@ -119,7 +121,8 @@ def test_trigger_form_params_validate_by_json_schema():
         return params.validate()
 
     assert check(max_profiles=5000, dry_run=True)["max_profiles"] == 5000
-    for bad in ({"max_profiles": 5001}, {"max_profiles": 0}, {"max_profiles": "ten"}, {"dry_run": "yes"}, {"allow_mass_leave": "yes"}):
+    for bad in ({"max_profiles": 5001}, {"max_profiles": 0}, {"max_profiles": "ten"}, {"dry_run": "yes"}, {"allow_mass_leave": "yes"},
+                {"verify_only": "yes"}):
         with pytest.raises(Exception, match="Invalid input for param"):
             check(**bad)
 

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Any
+from typing import Any, Iterator
 
 import msgspec
 
 from segment_export.batching import Batch
+from segment_export.drift import Held
 from segment_export.hooks.base import redact_emails  # noqa: F401 - the destinations' one redaction
 from segment_export.mapping import Profile, Rejection
 from segment_export.summary import BatchResult
@@ -118,6 +119,13 @@ class Destination(ABC):
     def remove(self, keys: list[str], how: str) -> set[str]:
         """Apply the export's ``on_leave`` to profiles that left the segment; return the keys that failed."""
         raise NotImplementedError(f"{self.type} cannot {how} profiles")
+
+    def membership(self, segments: list[str]) -> Iterator[list[Held]]:
+        """The target's real membership, a page at a time, for a verify run (``segment_export.verify``): every
+        profile the export's list holds, or every member carrying one of the export's ``segments`` (tags), with
+        its status in :mod:`segment_export.drift`'s words. Read-only. A destination that cannot list its target
+        leaves this out (its ``DestinationType.verifies`` is false, and specs asking for ``verify`` are refused)."""
+        raise NotImplementedError(f"{self.type} cannot list its target's membership")
 
     @property
     @abstractmethod

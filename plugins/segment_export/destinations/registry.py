@@ -72,6 +72,8 @@ class DestinationType:
     on_leave: tuple[str, ...] = ("keep", "remove")
     #: "<module>.<class>" of the async hook a deferred run's trigger polls with (None: no deferrable mode)
     async_hook: str | None = None
+    #: True when its Destination implements ``membership`` (a verify run can read the target's real membership)
+    verifies: bool = False
 
     def __post_init__(self) -> None:
         unknown = set(self.on_leave) - set(ON_LEAVE)

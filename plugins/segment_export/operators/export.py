@@ -14,6 +14,7 @@ from segment_export.sources import source_for
 from segment_export.spec import ExportSpec
 from segment_export.state import StateStore
 from segment_export.summary import ExportSummary
+from segment_export.verify import VerifyOptions, run_verify
 
 #: a deferred run's jobs are polled this often on the triggerer (a finished job is seen within it), for at most
 #: DEFER_TIMEOUT (the seed product's documents: a million profiles to Klaviyo take up to 20 minutes)
@@ -35,6 +36,10 @@ class SegmentExportOperator(BaseOperator):
     ``deferrable: true`` the task submits its jobs, defers to :class:`~segment_export.triggers.jobs.
     DestinationJobsTrigger` (the triggerer polls them with the destination's async hook) and finishes in
     :meth:`execute_complete` on a worker, as the Fivetran and HTTP providers' deferrable operators do.
+
+    With the spec's ``verify`` (or the trigger form's ``verify``), a verify pass follows the export
+    (:mod:`segment_export.verify`: drift counts in the summary, ``drift`` outcome rows); ``verify_only`` runs it
+    alone, without reading the source or sending anything.
     """
 
     template_fields: Sequence[str] = ()
@@ -48,6 +53,9 @@ class SegmentExportOperator(BaseOperator):
     def execute(self, context: Any) -> dict[str, Any]:
         spec = ExportSpec.model_validate(self.export)
         options = self._options(spec, context)
+        verify = VerifyOptions.for_run(spec, (context or {}).get("params"))
+        if verify.only:  # the trigger form's verify_only: no export, the membership against the state only
+            return self._finish(self._verify(spec, options, verify, None), context)
         if spec.deferrable and not options.dry_run:
             summary = self._run(spec, replace(options, submit_only=True))
             if summary.handles:
@@ -57,6 +65,8 @@ class SegmentExportOperator(BaseOperator):
             summary = self._run(spec, options)
         else:
             summary = self._run(spec, options)
+        if verify.enabled:
+            summary = self._verify(spec, options, verify, summary)
         return self._finish(summary, context)
 
     def execute_complete(self, context: Any, event: dict[str, Any]) -> dict[str, Any]:
@@ -70,7 +80,26 @@ class SegmentExportOperator(BaseOperator):
         # The first pass did the resync (if asked); this one only records, re-plans and applies.
         options = replace(self._options(spec, context), resume_counts=True, full_resync=False)
         summary = self._run(spec, options)
+        verify = VerifyOptions.for_run(spec, (context or {}).get("params"))
+        if verify.enabled:
+            summary = self._verify(spec, options, verify, summary)
         return self._finish(summary, context)
+
+    def _verify(self, spec: ExportSpec, options: RunOptions, verify: VerifyOptions,
+                summary: ExportSummary | None) -> ExportSummary:
+        """The verify pass (``segment_export.verify``) after the export, or alone: its counts go in the summary."""
+        destination = destination_for(spec)
+        state = StateStore.open(spec.state_conn_id, spec.id, destination.target_id)
+        if summary is None:
+            summary = ExportSummary(spec.id, destination.type, destination.target_id, dry_run=options.dry_run,
+                                    verify_only=True)
+        try:
+            report = run_verify(spec, destination, state, run_id=options.run_id, repair=verify.repair,
+                                dry_run=options.dry_run, log=self.log)
+        finally:
+            state.close()
+        summary.drift = report.as_dict()
+        return summary
 
     def _options(self, spec: ExportSpec, context: Any) -> RunOptions:
         options = self.run_options(context)

@@ -30,8 +30,10 @@ Control API (no auth)::
                                             "behaviour": {<key>: <value>, ...}}   (config.BEHAVIOURS)
     POST /_sandbox/mailchimp/audiences/{id}/members    {"email_address", "status", "merge_fields"?, "tags"?}
     POST /_sandbox/mailchimp/audiences/{id}/forgotten  {"email_address"}
+    POST /_sandbox/mailchimp/audiences/{id}/untag      {"email_address", "tag"}  (a tag removed by hand)
     POST /_sandbox/klaviyo/lists                        {"id", "name", "account_id"?}
     POST /_sandbox/klaviyo/suppressed                   {"email", "account_id"?}
+    POST /_sandbox/klaviyo/lists/{id}/members           {"email", "action": "add"|"remove", "account_id"?}  (by hand)
     GET  /_sandbox/mailchimp/batch-results/{id}.tar.gz  -> a finished Mailchimp batch's results (its response_body_url)
     POST /_sandbox/klaviyo/confirm                      {"email", "account_id"?}  (double opt-in confirmation)
 

@@ -146,6 +146,11 @@ BEHAVIOURS: dict[str, tuple[Any, ...]] = {
     # say "The maximum number of jobs in progress at one time is 500"); beyond a cap a new job either waits
     # ``queued`` until one finishes, or is refused with 429 and Retry-After
     "klaviyo_jobs_in_progress": ("unlimited", "queue_beyond_2", "refuse_beyond_2"),
+    # the order of an unsorted GET /api/lists/{id}/profiles: oldest membership first, or newest first
+    "klaviyo_list_profiles_order": ("joined", "newest"),
+    # GET /lists/{id}/segments/{segment_id}/members without include_cleaned/include_transactional/
+    # include_unsubscribed: false leaves those members out (the parameters' names), true lists them anyway
+    "mailchimp_segment_members_include_by_default": (False, True),
 }
 
 

@@ -97,6 +97,15 @@ Modelled behaviour (and where it comes from)
   call (-> 400), unknown profile ids -> 400 pointing at the id (*guess*: the spec, Add Profiles to List /
   Remove Profiles from List, lists only ``4XX``), 204.  Switch ``klaviyo_unknown_profile_id``: ``400``
   (default) or ``404`` (``not_found``, naming the id).
+* ``GET /api/lists/{id}/profiles`` (Get Profiles for List, spec ``get_profiles_for_list``): the list's
+  profiles, cursor paged (``page[size]`` default 20, max 100), sparse fieldsets (``fields[profile]``),
+  ``additional-fields[profile]=subscriptions`` (as for ``GET /api/profiles``), ``filter`` on ``email``
+  (``equals``/``any``, the spec's allowed operators; other filters -> 400, *sandbox limit*) and
+  ``sort=joined_group_at|-joined_group_at``. Rate limit 75/s, 750/min (the operation's
+  ``x-klaviyo-ratelimit``). The spec does not say in which order an unsorted request's pages come: switch
+  ``klaviyo_list_profiles_order``: ``joined`` (default: oldest membership first) or ``newest`` (newest first).
+* Control: ``POST /_sandbox/klaviyo/lists/{id}/members {"email", "action": "add"|"remove"}`` plays someone
+  editing the list by hand in Klaviyo (add creates the profile if needed; neither touches consent).
 * Cursor pagination: ``page[size]`` (spec min/max/default per endpoint), opaque
   ``page[cursor]``, ``links.self/next/prev``; bad values -> 400.
 * Rate limits (per account, per endpoint, fixed windows) are the spec's
@@ -151,6 +160,7 @@ RATE_LIMITS: dict[str, tuple[int, int]] = {
     "bulk_import": (10, 150),
     "profile_import": (75, 750),
     "profiles_read": (75, 750),
+    "list_profiles": (75, 750),  # get_profiles_for_list
     "subscribe": (75, 750),
 }
 MAX_SUBSCRIBE_PROFILES = 1_000
@@ -383,6 +393,14 @@ class KList:
     created: str
     updated: str
     profile_ids: dict[str, None] = field(default_factory=dict)  # ordered set
+    #: when each member last joined (``joined_group_at`` of Get Profiles for List: "the datetime when this profile
+    #: most recently joined the list"); stale entries of removed profiles are overwritten when they join again
+    joined: dict[str, str] = field(default_factory=dict)
+
+    def join(self, profile_id: str, when: str) -> None:
+        if profile_id not in self.profile_ids:
+            self.profile_ids[profile_id] = None
+            self.joined[profile_id] = when
 
 
 @dataclass
@@ -523,6 +541,7 @@ class KlaviyoService:
             Route("GET", "/api/accounts", self.get_accounts, "klaviyo_read", rl["accounts"]),
             Route("GET", "/api/lists", self.get_lists, "klaviyo_read", rl["lists_read"]),
             Route("GET", "/api/lists/{id}", self.get_list, "klaviyo_read", rl["lists_read"]),
+            Route("GET", "/api/lists/{id}/profiles", self.get_list_profiles, "klaviyo_read", rl["list_profiles"]),
             Route("GET", "/api/lists/{id}/relationships/profiles", self.get_list_profile_ids, "klaviyo_read", rl["lists_read"]),
             Route("POST", "/api/lists/{id}/relationships/profiles", self.add_list_profiles, "klaviyo_write", rl["lists_write"]),
             Route("DELETE", "/api/lists/{id}/relationships/profiles", self.remove_list_profiles, "klaviyo_write", rl["lists_write"]),
@@ -652,7 +671,7 @@ class KlaviyoService:
         profile, _ = self._upsert(acc, attrs, resource.get("id"), resource.get("meta"))
         for list_id in job.list_ids:
             if list_id in acc.lists:
-                acc.lists[list_id].profile_ids[profile["id"]] = None
+                acc.lists[list_id].join(profile["id"], profile["updated"])
         job.profile_ids[profile["id"]] = None
         job.completed_count += 1
 
@@ -761,7 +780,7 @@ class KlaviyoService:
 
     # --- resource rendering ----------------------------------------------------------
 
-    def _profile_resource(self, req: ApiRequest, profile: dict[str, Any]) -> dict[str, Any]:
+    def _profile_resource(self, req: ApiRequest, profile: dict[str, Any], joined_group_at: Optional[str] = None) -> dict[str, Any]:
         url = req.base_url + f"/api/profiles/{profile['id']}/"
         attributes = {k: profile.get(k) for k in PROFILE_ATTRIBUTE_FIELDS if k != "_kx"}
         attributes.update(
@@ -773,6 +792,8 @@ class KlaviyoService:
                 "properties": dict(profile["properties"]),
             }
         )
+        if joined_group_at is not None:  # a list's member (Get Profiles for List)
+            attributes["joined_group_at"] = joined_group_at
         if "subscriptions" in (req.arg("additional-fields[profile]") or ""):
             attributes["subscriptions"] = {
                 "email": {
@@ -977,6 +998,57 @@ class KlaviyoService:
         page, links = self._page(req, ids, 20, 100)
         return self._ok(200, {"data": [self._profile_resource(req, acc.profiles[pid]) for pid in page], "links": links})
 
+    def get_list_profiles(self, req: ApiRequest) -> ApiResponse:
+        """``GET /api/lists/{id}/profiles`` (Get Profiles for List): the list's profiles, paged by cursor.
+
+        The spec (``get_profiles_for_list``): page[size] 1..100 (default 20), ``fields[profile]``,
+        ``additional-fields[profile]`` (``subscriptions``), ``filter`` (``email``: ``any``/``equals``; the
+        sandbox implements those) and ``sort`` by ``joined_group_at``. Unsorted, the order is not documented:
+        behaviour ``klaviyo_list_profiles_order`` (``joined``: oldest membership first; ``newest``)."""
+        acc: KAccount = req.account
+        lst = self._list_or_404(acc, req.path_params["id"])
+        ids = [pid for pid in lst.profile_ids if pid in acc.profiles]
+        sort = req.arg("sort")
+        if sort not in (None, "joined_group_at", "-joined_group_at"):
+            raise invalid(f"Invalid sort provided: {sort}", "/data/")
+        newest = sort == "-joined_group_at" or (sort is None and self.config.behaviour["klaviyo_list_profiles_order"] == "newest")
+        if newest:
+            ids.reverse()
+        text = (req.arg("filter") or "").strip()
+        if text:
+            match = re.fullmatch(r'(equals|any)\(email,(.*)\)', text, re.S)
+            try:
+                value = json.loads(match.group(2)) if match else None
+            except ValueError:
+                value = None
+            emails = [value] if match and match.group(1) == "equals" and isinstance(value, str) else value
+            if not isinstance(emails, list) or not all(isinstance(e, str) for e in emails):
+                raise invalid(f"Invalid filter provided: {text!r}. Supported here: equals(email,...), any(email,[...]).", "/data/")
+            wanted = {e.lower() for e in emails}
+            ids = [pid for pid in ids if (acc.profiles[pid].get("email") or "").lower() in wanted]
+        page, links = self._page(req, ids, 20, 100)
+        data = [self._profile_resource(req, acc.profiles[pid], joined_group_at=lst.joined.get(pid)) for pid in page]
+        return self._ok(200, {"data": data, "links": links})
+
+    def edit_list(self, list_id: str, email: str, action: str, account_id: Optional[str] = None) -> dict[str, Any]:
+        """Someone adds a profile to the list, or takes one off, by hand in Klaviyo (membership only, consent
+        untouched, as the list relationship calls)."""
+        if action not in ("add", "remove"):
+            raise ValueError("action must be 'add' or 'remove'")
+        with self.lock:
+            acc = self._account(account_id)
+            if list_id not in acc.lists:
+                raise KeyError(f"unknown Klaviyo list {list_id!r}")
+            if action == "add":
+                profile, _ = self._upsert(acc, {"email": email}, None, None)
+                acc.lists[list_id].join(profile["id"], iso_now(self.clock()))
+                return {"id": profile["id"], "list_id": list_id, "member": True}
+            pid = acc.by_email.get(email.lower())
+            if pid is None:
+                raise KeyError(f"unknown Klaviyo profile {email!r}")
+            acc.lists[list_id].profile_ids.pop(pid, None)
+            return {"id": pid, "list_id": list_id, "member": False}
+
     def get_list_profile_ids(self, req: ApiRequest) -> ApiResponse:
         lst = self._list_or_404(req.account, req.path_params["id"])
         page, links = self._page(req, list(lst.profile_ids), 20, 100)
@@ -999,8 +1071,9 @@ class KlaviyoService:
     def add_list_profiles(self, req: ApiRequest) -> ApiResponse:
         acc: KAccount = req.account
         lst = self._list_or_404(acc, req.path_params["id"])
+        now = iso_now(self.clock())
         for pid in self._relationship_ids(req, acc):
-            lst.profile_ids[pid] = None
+            lst.join(pid, now)
         return ApiResponse(204, None, CONTENT_TYPE)
 
     def remove_list_profiles(self, req: ApiRequest) -> ApiResponse:
@@ -1170,7 +1243,7 @@ class KlaviyoService:
         profile["consent_timestamp"] = when
         profile["consent_source"] = source
         if list_id is not None:
-            acc.lists[list_id].profile_ids[profile["id"]] = None
+            acc.lists[list_id].join(profile["id"], when)
 
     def confirm(self, email: str, account_id: Optional[str] = None) -> dict[str, Any]:
         """The profile clicks the double opt-in confirmation: its pending subscription takes effect."""

@@ -91,6 +91,14 @@ Modelled behaviour (and where it comes from)
   (*guess*, with the switch ``behaviour.mailchimp_tag_add_lists_already_tagged``: false leaves it out)),
   ``GET .../segments/{segment_id}/members``, ``POST
   /lists/{id}/members/{hash}/tags`` (active/inactive).
+* ``GET /lists/{id}/members`` and ``GET /lists/{id}/segments/{segment_id}/members`` honour ``fields`` and
+  ``exclude_fields`` (reference: both operations take them, dot notation for sub-objects). The segment members
+  list takes ``include_cleaned``, ``include_transactional`` and ``include_unsubscribed`` ("Include ... members in
+  response"); what it does without them is not documented: switch
+  ``behaviour.mailchimp_segment_members_include_by_default``: false (default: such members are left out unless
+  asked for, as the names suggest) or true (listed anyway). Archived members are not tagged members: left out.
+* Control: ``POST /_sandbox/mailchimp/audiences/{id}/untag {"email_address", "tag"}`` plays someone removing a
+  tag from a member by hand in Mailchimp.
 * Paging: ``count`` (default 10, max 1000 -> over: 400) and ``offset``.
 """
 
@@ -539,6 +547,16 @@ class MailchimpService:
                 self._segment_by_name(au, tag, create=True).member_ids[member.id] = None
             return {"id": member.id, "email_address": member.email_address, "status": member.status}
 
+    def untag(self, audience_id: str, email: str, tag: str) -> dict[str, Any]:
+        """Someone removes a tag from a member by hand in Mailchimp (the member and its status stay)."""
+        with self.lock:
+            au = self._find_audience(audience_id)
+            h = subscriber_hash(email)
+            if h not in au.members:
+                raise KeyError(f"unknown Mailchimp member {email!r}")
+            self._segment_by_name(au, tag).member_ids.pop(h, None)
+            return {"email_address": au.members[h].email_address, "tag": tag, "tagged": False}
+
     def forget_email(self, audience_id: str, email: str) -> dict[str, Any]:
         """Permanently delete an address: it leaves the audience and cannot come back."""
         with self.lock:
@@ -804,14 +822,15 @@ class MailchimpService:
         if status is not None and status not in STATUSES + ["archived"]:
             raise invalid_resource([{"field": "status", "message": f"Value must be one of: {', '.join(STATUSES)}."}], "The request parameters are invalid.")
         members = [m for m in au.members.values() if status is None or m.status == status]
+        keys = member_keys(req, "members")
         return ApiResponse(
             200,
-            {
-                "members": [self._member_json(req, au, m) for m in members[offset : offset + count]],
+            partial_response(req, {
+                "members": [self._member_json(req, au, m, keys) for m in members[offset : offset + count]],
                 "list_id": au.id,
                 "total_items": len(members),
                 "_links": self._links(req, f"/3.0/lists/{au.id}/members"),
-            },
+            }),
         )
 
     def get_member(self, req: ApiRequest) -> ApiResponse:
@@ -1147,14 +1166,22 @@ class MailchimpService:
         au = self._audience(req)
         seg = self._segment(req, au)
         count, offset = self._paging(req)
-        members = [au.members[h] for h in seg.member_ids if h in au.members]
+        # Which statuses are listed without include_*: not documented (a switch); archived ones never are.
+        by_default = self.config.behaviour.get("mailchimp_segment_members_include_by_default", False)
+        wanted = {"subscribed", "pending"}
+        for status, flag in (("cleaned", "include_cleaned"), ("transactional", "include_transactional"), ("unsubscribed", "include_unsubscribed")):
+            given = req.arg(flag)
+            if (query_bool(given) if given is not None else by_default):
+                wanted.add(status)
+        members = [au.members[h] for h in seg.member_ids if h in au.members and au.members[h].status in wanted]
+        keys = member_keys(req, "members")
         return ApiResponse(
             200,
-            {
-                "members": [self._member_json(req, au, m) for m in members[offset : offset + count]],
+            partial_response(req, {
+                "members": [self._member_json(req, au, m, keys) for m in members[offset : offset + count]],
                 "total_items": len(members),
                 "_links": self._links(req, f"/3.0/lists/{au.id}/segments/{seg.id}/members"),
-            },
+            }),
         )
 
     # --- state -----------------------------------------------------------------------

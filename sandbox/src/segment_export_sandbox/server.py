@@ -166,6 +166,14 @@ class Sandbox:
     def add_klaviyo_list(self, list_id: str, name: str, account_id: Optional[str] = None) -> dict[str, Any]:
         return self.klaviyo.add_list(list_id, name, account_id)
 
+    def edit_klaviyo_list(self, list_id: str, email: str, action: str = "add", account_id: Optional[str] = None) -> dict[str, Any]:
+        """A Klaviyo list edited by hand: ``action`` ``add`` or ``remove`` one profile (consent untouched)."""
+        return self.klaviyo.edit_list(list_id, email, action, account_id)
+
+    def untag_mailchimp_member(self, audience_id: str, email: str, tag: str) -> dict[str, Any]:
+        """A tag removed from a Mailchimp member by hand."""
+        return self.mailchimp.untag(audience_id, email, tag)
+
     def suppress_klaviyo_email(self, email: str, account_id: Optional[str] = None) -> dict[str, Any]:
         return self.klaviyo.suppress(email, account_id)
 
@@ -293,10 +301,14 @@ class Sandbox:
                         201,
                         self.seed_mailchimp_member(audience_id, payload["email_address"], payload.get("status", "subscribed"), payload.get("merge_fields"), payload.get("tags")),
                     )
+                if action == "untag":
+                    return ApiResponse(200, self.mailchimp.untag(audience_id, payload["email_address"], payload["tag"]))
                 if action == "forgotten":
                     return ApiResponse(201, self.forget_mailchimp_email(audience_id, payload["email_address"]))
             if method == "POST" and parts == ["klaviyo", "lists"]:
                 return ApiResponse(201, self.add_klaviyo_list(payload["id"], payload["name"], payload.get("account_id")))
+            if method == "POST" and len(parts) == 4 and parts[:2] == ["klaviyo", "lists"] and parts[3] == "members":
+                return ApiResponse(200, self.edit_klaviyo_list(parts[2], payload["email"], payload.get("action", "add"), payload.get("account_id")))
             if method == "POST" and parts == ["klaviyo", "suppressed"]:
                 return ApiResponse(201, self.suppress_klaviyo_email(payload["email"], payload.get("account_id")))
             if method == "POST" and parts == ["klaviyo", "confirm"]:

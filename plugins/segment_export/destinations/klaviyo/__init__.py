@@ -25,5 +25,6 @@ KLAVIYO = DestinationType(
         "placeholders": {"password": "pk_…", "host": "https://a.klaviyo.com"},
     },
     # Removing from a list leaves consent alone; Klaviyo has no unsubscribe an export should send.
+    verifies=True,  # membership(): drift reports (verify runs)
     on_leave=("keep", "remove"),
 )

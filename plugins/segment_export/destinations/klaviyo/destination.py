@@ -24,10 +24,11 @@ from __future__ import annotations
 import re
 import time
 from collections import Counter
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 from segment_export.batching import Batch
 from segment_export.destinations.base import Destination, dump_bytes, redact_emails
+from segment_export.drift import MEMBER, SUPPRESSED, UNSUBSCRIBED, Held
 from segment_export.hooks.base import DestinationError
 from segment_export.destinations.klaviyo.jobs import JobBoard
 from segment_export.destinations.klaviyo.hook import (
@@ -364,6 +365,16 @@ class KlaviyoDestination(Destination):
     def batches_in_flight(self) -> int:
         return self._jobs_in_flight
 
+    def membership(self, segments: list[str]) -> Iterator[list[Held]]:
+        """Every profile of the export's list (with ``lists``: of each segment's list), a page of 100 at a time,
+        with its email-marketing status: ``unsubscribed`` when its consent is ``UNSUBSCRIBED``, ``suppressed`` when
+        Klaviyo holds another suppression for it (globally or for this list), else ``member``. One request per 100
+        profiles, on the endpoint's 75/s, 750/min: a 100,000-profile list takes 1,000 requests, at least 80 s."""
+        list_ids = [self.lists[s] for s in segments if s in self.lists] if self.lists else [self.target_id]
+        for list_id in dict.fromkeys(list_ids):
+            for page in self.hook.list_profile_pages(list_id):
+                yield [_held(profile, list_id) for profile in page]
+
     def _await(self, job: dict[str, Any]) -> dict[str, Any]:
         """The job once complete or cancelled: every sending thread waits on one board (see ``jobs``)."""
         return self.jobs.wait(job)
@@ -371,6 +382,18 @@ class KlaviyoDestination(Destination):
     @property
     def request_stats(self) -> dict[str, int]:
         return {"requests": self.hook.requests, "retries": self.hook.retries}
+
+
+def _held(profile: dict[str, Any], list_id: str) -> Held:
+    attributes = profile.get("attributes") or {}
+    marketing = ((attributes.get("subscriptions") or {}).get("email") or {}).get("marketing") or {}
+    if marketing.get("consent") == "UNSUBSCRIBED":
+        status = UNSUBSCRIBED
+    elif suppression_reason(marketing, [list_id]):
+        status = SUPPRESSED
+    else:
+        status = MEMBER
+    return Held(str(attributes.get("email") or "").strip().lower(), status, f"klaviyo profile {profile.get('id')}")
 
 
 def import_error_reason(error: dict[str, Any]) -> str:

@@ -50,6 +50,7 @@ class KlaviyoApi(DestinationApi):
         "lists-write": (10, 150),
         "profiles": (75, 750),
         "subscriptions": (75, 750),  # POST /api/profile-subscription-bulk-create-jobs
+        "list-profiles": (75, 750),  # GET /api/lists/{id}/profiles (get_profiles_for_list)
     }
 
     def default_base_url(self, connection: Any) -> str:
@@ -170,6 +171,13 @@ class KlaviyoHook(KlaviyoApi, DestinationHook):
             page = self.request_json("GET", next_endpoint, params=next_params, limit_key=limit_key)
             yield page.get("data", [])
             next_endpoint, next_params = (page.get("links") or {}).get("next"), None
+
+    def list_profile_pages(self, list_id: str) -> Iterator[list[dict[str, Any]]]:
+        """The list's profiles (``GET /api/lists/{id}/profiles``), one page of up to 100 at a time: email and
+        ``subscriptions`` only (sparse fieldset plus ``additional-fields[profile]=subscriptions``: consent and
+        suppressions). Cursor pagination; 75/s, 750/min (the operation's documented limits)."""
+        params = {"page[size]": 100, "fields[profile]": "email,subscriptions", "additional-fields[profile]": "subscriptions"}
+        return self._page_data(f"/api/lists/{list_id}/profiles", params, "list-profiles")
 
     def add_to_list(self, list_id: str, profile_ids: list[str]) -> None:
         """Add up to 1,000 existing profiles to a list (membership, not consent)."""

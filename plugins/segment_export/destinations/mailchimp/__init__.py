@@ -24,5 +24,6 @@ MAILCHIMP = DestinationType(
         "placeholders": {"password": "0123…-us6", "host": "https://us6.api.mailchimp.com/3.0"},
     },
     # The export's segments are tags: a leaver loses the export's tags; 'unsubscribe' is an explicit opt-in.
+    verifies=True,  # membership(): drift reports (verify runs)
     on_leave=("remove", "keep", "unsubscribe"),
 )
