@@ -103,6 +103,8 @@ def test_a_hidden_dags_runs_are_refused_and_unknown_ones_are_not_found(client):
     assert client("viewer").get("/dags/vip_to_klaviyo/runs/run1").status_code == 403
     assert client("admin").get("/api/dags/churn_risk_to_klaviyo/runs/nope").status_code == 404
     assert client("admin").get("/api/dags/not_an_export/runs/run1").status_code == 404
+    page = client("admin").get("/dags/not_an_export/runs/run1")  # the run tab, on a DAG that is no export
+    assert page.status_code == 404 and "&#39;not_an_export&#39; is not a segment export" in page.text
 
 
 def test_outcomes_are_masked_and_only_an_editor_unmasks_one_row(client):

@@ -80,10 +80,11 @@ def test_chart_bars_are_the_last_runs_oldest_first():
 
 
 def test_a_spike_of_rejections_or_a_drop_of_accepted_stands_out():
-    steady = [run(f"r{i}", sent=100, accepted=100, rejected=1) for i in range(5)]
+    steady = [run(f"r{i}", read=1000, sent=100, accepted=100, rejected=1) for i in range(5)]
     assert rejection_alert(steady) is None
-    assert "40 rejected" in rejection_alert([run("new", sent=100, accepted=60, rejected=40), *steady])
-    assert "accepted fell to 10" in rejection_alert([run("new", sent=10, accepted=10), *steady])
+    assert "40 rejected" in rejection_alert([run("new", read=1000, sent=100, accepted=60, rejected=40), *steady])
+    assert rejection_alert([run("rerun", read=1000, sent=10, accepted=10), *steady]) is None  # the sync, not a drop
+    assert "fell to 300 rows (from 1,000)" in rejection_alert([run("new", read=300, sent=10, accepted=10), *steady])
     assert rejection_alert([run("only", rejected=5)]) is None  # nothing to compare with
 
 

@@ -152,7 +152,13 @@ def _run_data(dag_id: str, run_id: str, user: Any, *, query: str, action: str, o
 @app.get("/dags/{dag_id}/runs/{run_id}", response_class=HTMLResponse, dependencies=[RUN_ACCESS])
 def run_page(dag_id: str, run_id: str, request: Request, user: GetUserDep, q: str = "", action: str = "",
              offset: int = Query(0, ge=0), reveal: int | None = Query(None, ge=1)) -> HTMLResponse:
-    data = _run_data(dag_id, run_id, user, query=q, action=action, offset=offset, limit=PAGE_SIZE, reveal=reveal)
+    try:
+        data = _run_data(dag_id, run_id, user, query=q, action=action, offset=offset, limit=PAGE_SIZE, reveal=reveal)
+    except HTTPException as exc:
+        if exc.status_code != 404:
+            raise
+        # The run tab is on every DAG's runs: on a DAG that is no export it says so, as a page
+        return HTMLResponse(render.render_message("Export outcomes", str(exc.detail), back_href="../../../"), status_code=404)
     root = _airflow_root(request)
     airflow_run = f"{root}/dags/{quote(dag_id, safe='')}/runs/{quote(run_id, safe='')}"
     html = render.render_run(**data, airflow_run_href=airflow_run, task_log_href=f"{airflow_run}/tasks/{metadata.TASK_ID}",

@@ -121,7 +121,10 @@ _RUN = """{% extends "base" %}{% block title %}{{ export.name }}: {{ run.run_id 
 <table class="section">{% for cells in section.rows %}{% set header_row = section.header and loop.first %}<tr>{% for cell in cells %}{% if header_row %}<th>{{ cell }}</th>{% else %}<td>{{ cell }}</td>{% endif %}{% endfor %}</tr>{% endfor %}</table>{% endfor %}
 {% endblock %}"""
 
-_env = Environment(loader=DictLoader({"base": _BASE, "list": _LIST, "run": _RUN}), autoescape=select_autoescape(default=True))
+_MESSAGE = """{% extends "base" %}{% block title %}{{ title }}{% endblock %}{% block body %}
+<h1>{{ title }}</h1><p id="message">{{ message }}</p><p><a href="{{ back_href }}">Segment exports</a></p>{% endblock %}"""
+
+_env = Environment(loader=DictLoader({"base": _BASE, "list": _LIST, "run": _RUN, "message": _MESSAGE}), autoescape=select_autoescape(default=True))
 
 
 def run_path(export_id: str, run_id: str) -> str:
@@ -172,6 +175,10 @@ def _attr(value: str) -> str:
 def _helpers() -> dict[str, Any]:
     return {"count": format_count, "duration": format_duration, "when": format_when,
             "pretty": lambda v: json.dumps(v, indent=2, sort_keys=True, default=str)}
+
+
+def render_message(title: str, message: str, *, back_href: str) -> str:
+    return _env.get_template("message").render(title=title, message=message, back_href=back_href)
 
 
 def render_list(rows: list[ExportRow], *, spec_errors: int = 0) -> str:

@@ -192,8 +192,10 @@ def chart_bars(runs: list[RunInfo], limit: int = 20) -> list[Bar]:
 
 
 def rejection_alert(runs: list[RunInfo]) -> str | None:
-    """A sentence when the newest run's rejections stand out against the runs before it (a spike), or its accepted
-    count fell to under half of the previous run's that sent anything (a drop); None otherwise."""
+    """A sentence when the newest finished run stands out against the (up to 5) before it: a spike of rejections
+    (more than twice the most any of them had), or a segment that shrank to under half the rows the previous run
+    read (an emptied upstream table, a renamed segment). Accepted counts are not compared: a rerun sends only
+    what changed, so a small ``accepted`` after a first run is the sync at work, not a drop. None otherwise."""
     done = [r for r in runs if r.summary and not r.dry_run]
     if len(done) < 2:
         return None
@@ -202,8 +204,7 @@ def rejection_alert(runs: list[RunInfo]) -> str | None:
     usual = max((r.count("rejected") or 0) for r in before)
     if rejected > 0 and rejected > 2 * usual:
         return f"{rejected:,} rejected in the last run (at most {usual:,} in the {len(before)} before)"
-    prev_sent = next((r for r in before if (r.count("sent") or 0) > 0), None)
-    sent, accepted = last.count("sent") or 0, last.count("accepted") or 0
-    if prev_sent and sent > 0 and accepted < 0.5 * (prev_sent.count("accepted") or 0):
-        return f"accepted fell to {accepted:,} (from {prev_sent.count('accepted') or 0:,})"
+    read, previous = last.count("read") or 0, before[0].count("read") or 0
+    if previous > 0 and read < 0.5 * previous:
+        return f"the segment fell to {read:,} rows (from {previous:,})"
     return None
