@@ -178,3 +178,16 @@ def test_exports_page_in_the_airflow_ui_shows_counts_runs_and_outcomes(airflow_d
         DOCS.mkdir(exist_ok=True)
         shutil.copyfile(shot, DOCS / "exports.png")
         shutil.copyfile(run_shot, DOCS / "export-run.png")
+
+
+def test_a_dry_runs_page_shows_its_plan_and_masked_example_payloads(airflow_deployment, runs):
+    dep = airflow_deployment
+    run_id = dep.trigger("vip_to_klaviyo", {"dry_run": True, "full_resync": True})
+    assert dep.wait_for_run("vip_to_klaviyo", run_id)["state"] == "success", dep.logs_tail()
+    summary = dep.xcom("vip_to_klaviyo", run_id)
+    data = _page_api(dep, f"/api/dags/vip_to_klaviyo/runs/{run_id}", dep.token()).json()
+    assert data["run"]["dry_run"] and data["summary"]["planned"] == summary["planned"] > 0
+    assert data["summary"]["examples"] and data["outcomes"]["total"] == 0  # nothing was sent, nothing recorded
+    page = _page_api(dep, f"/dags/vip_to_klaviyo/runs/{run_id}", dep.token()).text
+    assert "Plan (dry run: nothing was sent)" in page and f"{summary['planned']:,}" in page
+    assert "***@example.com" in page and ".1@example.com" not in page  # example payloads, masked

@@ -95,7 +95,7 @@ def test_the_list_shows_only_exports_whose_dag_the_user_may_read(client):
     assert 'data-export-id="churn_risk_to_klaviyo"' in page and "vip_to_klaviyo" not in page
     (churn,) = [e for e in client("viewer").get("/api/exports").json()["exports"] if e["export_id"] == "churn_risk_to_klaviyo"]
     assert churn["counts"] == {"accepted": 2, "rejected": 1, "skipped": 0, "removed": 0, "unchanged": 0}
-    assert churn["destination"] == "Klaviyo" and churn["schedule"] == "on demand"
+    assert churn["destination"] == "Klaviyo" and churn["target"] == "list XyZ123" and churn["schedule"] == "on demand"
 
 
 def test_a_hidden_dags_runs_are_refused_and_unknown_ones_are_not_found(client):
