@@ -32,3 +32,28 @@ def test_views_and_app_as_airflow_reads_them():
     assert not views["nav"].href.startswith("/")  # relative to the UI's base URL
     assert views["dag_run"].href.endswith("/dags/{DAG_ID}/runs/{RUN_ID}")
     assert app["url_prefix"].lstrip("/") == views["nav"].href.rstrip("/")
+
+
+def test_loading_the_plugin_does_not_import_the_app(tmp_path):
+    """Every Airflow process loads plugins; only the api-server needs the app and Airflow's security module."""
+    import subprocess
+    import sys
+
+    code = ("import sys; import segment_export.ui.plugin as p; "
+            "print('segment_export.ui.app' in sys.modules, 'airflow.api_fastapi.core_api.security' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert out.stdout.split()[-2:] == ["False", "False"], out.stdout + out.stderr
+
+
+def test_the_lazy_app_serves_the_app():
+    from fastapi.testclient import TestClient
+    from starlette.applications import Starlette
+    from starlette.routing import Mount
+
+    from segment_export.ui.plugin import SegmentExportsPlugin
+
+    (entry,) = SegmentExportsPlugin.fastapi_apps
+    client = TestClient(Starlette(routes=[Mount(entry["url_prefix"], app=entry["app"])]))
+    r = client.get(f"{entry['url_prefix']}/icon.svg")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("image/svg+xml")
+    assert client.get(f"{entry['url_prefix']}/api/exports").status_code == 401  # no user

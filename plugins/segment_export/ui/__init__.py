@@ -8,3 +8,6 @@ where other features (drift, erasure receipts) add their own part of a run's pag
 ``app.py`` touch Airflow: its metadata database (runs, XCom summaries) and its own authentication and DAG-level
 authorization.
 """
+
+#: where the api-server serves the app (plugin.py mounts it there; its pages link relative to it)
+URL_PREFIX = "/segment-exports"

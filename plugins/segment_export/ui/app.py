@@ -29,12 +29,11 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from airflow.api_fastapi.auth.managers.models.resource_details import DagAccessEntity, DagDetails
 from airflow.api_fastapi.core_api.security import GetUserDep, requires_access_dag
 
-from segment_export.ui import metadata, render
+from segment_export.ui import URL_PREFIX, metadata, render
 from segment_export.ui.outcomes import OutcomesUnavailable, open_reader
 from segment_export.ui.sections import RunContext, run_sections
 from segment_export.ui.views import COUNT_FIELDS, ExportRow, OutcomeCounts, RunInfo
 
-URL_PREFIX = "/segment-exports"
 PAGE_SIZE = 100
 RUN_ACCESS = Depends(requires_access_dag("GET", DagAccessEntity.RUN))
 
