@@ -5,7 +5,12 @@ dag-processor, Celery worker), started once per pytest session and stopped after
 - PostgreSQL: a fresh database ``segment_export_e2e_<pid>`` on 127.0.0.1:5432, dropped at the end.
 - Redis: database number 9..15 (chosen by pid); tasks go to a queue named after the pid (deleted after), so
   concurrent sessions never take each other's tasks.
-- Auth: Airflow's simple auth manager with one admin user whose password the test writes (no FAB needed).
+- Auth: Airflow's simple auth manager with two users whose passwords the test writes (no FAB needed): ``admin``
+  (role admin) and ``analyst`` (role viewer). A test-only subclass (``e2e_auth.E2EAuthManager``) adds one
+  DAG-level rule, so that DAG-level authorization is exercised: viewers may not read the DAGs in
+  ``E2E_HIDDEN_FROM_VIEWERS`` (the simple auth manager itself grants per role, not per DAG).
+- Plugins: the provider's ``airflow.plugins`` entry point (the Segment exports pages); a checkout whose installed
+  metadata predates the entry point gets the same plugin through the deployment's plugins folder.
 - The export specs are a temporary folder (``SEGMENT_EXPORT_SPECS``); connections are AIRFLOW_CONN_* variables
   pointing at an API sandbox started here; OpenLineage events go to a file.
 Each process logs to a file under the deployment's home; on a failure the tail of each is shown.
@@ -33,6 +38,9 @@ ROOT = HERE.parents[1]
 AIRFLOW = str(Path(sys.executable).parent / "airflow")
 PG = "host=127.0.0.1 port=5432 user=postgres"
 ADMIN_USER = "admin"
+VIEWER_USER = "analyst"
+#: the demo export the viewer may not read (e2e_auth.E2EAuthManager)
+HIDDEN_FROM_VIEWERS = "newsletter_to_mailchimp"
 
 E2E_SPECS = """
 exports:
@@ -70,6 +78,14 @@ exports:
     destination: {type: klaviyo, list_id: %(list)s}
     mapping: {email: no_such_column}
     alerts: {callback: e2e_alert_sink.record_failure}
+  - id: e2e_ui_rejects
+    name: E2E addresses Mailchimp refuses
+    owner: e2e-team
+    privacy_acknowledged: true
+    source: {conn_id: warehouse, table: segment_members, segment_column: segment, segments: [ui_rejects]}
+    destination: {type: mailchimp, audience_id: %(audience)s, new_member_status: pending}
+    mapping: {email: email, first_name: first_name}
+    limit: {max_rejected_share: 1.0}
 """
 
 ALERT_SINK = '''
@@ -83,6 +99,34 @@ def record_failure(context):
         fh.write(json.dumps({"dag_id": ti.dag_id, "task_id": ti.task_id, "run_id": ti.run_id,
                              "exception": str(context.get("exception"))}) + "\\n")
 '''
+
+
+AUTH_MANAGER = '''
+"""Test-only: the simple auth manager with one DAG-level rule, so that DAG-level authorization can be tested
+without FAB: users of role viewer may not read (or do anything with) the DAGs in E2E_HIDDEN_FROM_VIEWERS."""
+import os
+
+from airflow.api_fastapi.auth.managers.simple.simple_auth_manager import SimpleAuthManager
+
+
+class E2EAuthManager(SimpleAuthManager):
+    def is_authorized_dag(self, *, method, user, access_entity=None, details=None):
+        hidden = set(filter(None, os.environ.get("E2E_HIDDEN_FROM_VIEWERS", "").split(",")))
+        if details is not None and details.id in hidden and (user.role or "").upper() == "VIEWER":
+            return False
+        return super().is_authorized_dag(method=method, user=user, access_entity=access_entity, details=details)
+'''
+
+PLUGIN_SHIM = '''
+"""Only for a checkout whose installed metadata has no airflow.plugins entry point yet: the same plugin."""
+from segment_export.ui.plugin import SegmentExportsPlugin  # noqa: F401
+'''
+
+
+def _plugin_entry_point_installed() -> bool:
+    from importlib.metadata import entry_points
+
+    return any(ep.value.startswith("segment_export.ui.plugin") for ep in entry_points(group="airflow.plugins"))
 
 
 def _free_port() -> int:
@@ -101,16 +145,23 @@ class Deployment:
     alerts_file: Path
     lineage_file: Path
     procs: dict[str, subprocess.Popen] = field(default_factory=dict, repr=False)
+    viewer_password: str = field(default="", repr=False)
+    viewer_user: str = VIEWER_USER
+    hidden_from_viewers: str = HIDDEN_FROM_VIEWERS  # a DAG the viewer may not read
+    plugin_source: str = ""
     timings: dict[str, float] = field(default_factory=dict)
     _token: str | None = field(default=None, repr=False)
 
     # --- REST API, as a user's script would use it ---------------------------------------------------------
     def token(self) -> str:
         if self._token is None:
-            r = requests.post(f"{self.url}/auth/token", json={"username": ADMIN_USER, "password": self.password}, timeout=30)
-            r.raise_for_status()
-            self._token = r.json()["access_token"]
+            self._token = self.token_for(ADMIN_USER, self.password)
         return self._token
+
+    def token_for(self, username: str, password: str) -> str:
+        r = requests.post(f"{self.url}/auth/token", json={"username": username, "password": password}, timeout=30)
+        r.raise_for_status()
+        return r.json()["access_token"]
 
     def api(self, method: str, path: str, **kwargs) -> requests.Response:
         headers = {"Authorization": f"Bearer {self.token()}", **kwargs.pop("headers", {})}
@@ -183,6 +234,26 @@ class Deployment:
         return "\n".join(parts)
 
 
+CHROMIUM = "/usr/bin/chromium"
+# Chromium as root, headless, with nothing reaching out to the internet (the machine has no route there).
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync"]
+
+
+@pytest.fixture(scope="module")
+def browser():
+    """Headless Debian chromium driven by Playwright (the browser tests: test_ui_browser.py, test_ui_exports.py)."""
+    if not Path(CHROMIUM).exists():
+        if os.environ.get("CI"):
+            pytest.fail(f"{CHROMIUM} missing: .ci/run installs Debian's chromium")
+        pytest.skip(f"{CHROMIUM} missing (apt-get install chromium chromium-driver)")
+    sync_api = pytest.importorskip("playwright.sync_api")
+    with sync_api.sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield browser
+        browser.close()
+
+
 def _start(dep: Deployment, name: str, args: list[str]) -> None:
     log = open(dep.home / f"{name}.log", "wb")
     dep.procs[name] = subprocess.Popen(
@@ -247,11 +318,18 @@ def airflow_deployment(tmp_path_factory):
     pylib = home / "pylib"
     pylib.mkdir()
     (pylib / "e2e_alert_sink.py").write_text(textwrap.dedent(ALERT_SINK))
+    (pylib / "e2e_auth.py").write_text(textwrap.dedent(AUTH_MANAGER))
+    plugin_source = "entry point"
+    if not _plugin_entry_point_installed():
+        (home / "plugins").mkdir()
+        (home / "plugins" / "segment_export_ui.py").write_text(textwrap.dedent(PLUGIN_SHIM))
+        plugin_source = "plugins folder"
     warehouse = segment_data.write_sqlite(home / "segments.db", 1000)
 
     sandbox = Sandbox(SandboxConfig()).start()
     password = secrets.token_urlsafe(12)
-    (home / "passwords.json").write_text(json.dumps({ADMIN_USER: password}))
+    viewer_password = secrets.token_urlsafe(12)
+    (home / "passwords.json").write_text(json.dumps({ADMIN_USER: password, VIEWER_USER: viewer_password}))
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
     pg_url = f"postgresql+psycopg2://postgres@127.0.0.1:5432/{db_name}"
@@ -267,8 +345,10 @@ def airflow_deployment(tmp_path_factory):
         "AIRFLOW__CELERY__WORKER_CONCURRENCY": "2",
         # A queue of this run's own: two test sessions sharing a Redis database never take each other's tasks.
         "AIRFLOW__OPERATORS__DEFAULT_QUEUE": queue,
-        "AIRFLOW__CORE__AUTH_MANAGER": "airflow.api_fastapi.auth.managers.simple.simple_auth_manager.SimpleAuthManager",
-        "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": f"{ADMIN_USER}:admin",
+        "AIRFLOW__CORE__AUTH_MANAGER": "e2e_auth.E2EAuthManager",
+        "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": f"{ADMIN_USER}:admin,{VIEWER_USER}:viewer",
+        "E2E_HIDDEN_FROM_VIEWERS": HIDDEN_FROM_VIEWERS,
+        "AIRFLOW__CORE__PLUGINS_FOLDER": str(home / "plugins"),
         "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(home / "passwords.json"),
         "AIRFLOW__API__HOST": "127.0.0.1",
         "AIRFLOW__API__PORT": str(port),
@@ -287,7 +367,8 @@ def airflow_deployment(tmp_path_factory):
         "AIRFLOW__OPENLINEAGE__NAMESPACE": "segment-export-e2e",
     })
     dep = Deployment(url=url, home=home, env=env, password=password, sandbox=sandbox,
-                     alerts_file=home / "alerts.jsonl", lineage_file=home / "openlineage.jsonl")
+                     alerts_file=home / "alerts.jsonl", lineage_file=home / "openlineage.jsonl",
+                     viewer_password=viewer_password, plugin_source=plugin_source)
     try:
         t = time.monotonic()
         migrate = subprocess.run([AIRFLOW, "db", "migrate"], env=env, capture_output=True, text=True, timeout=600)
