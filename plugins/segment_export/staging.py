@@ -17,7 +17,7 @@ import os
 import sqlite3
 import tempfile
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Any, Iterable, Iterator
 
 from segment_export.diff import Current, Previous
 
@@ -81,17 +81,22 @@ class Staging:
         make = tuple.__new__
         cursor = self.conn.execute("SELECT key, fingerprint, fragment, segment FROM profiles ORDER BY key, fingerprint")
         held: list = []  # [key, fingerprint, fragment, segments] of the profile being folded
+        # One tuple per combination of segments, shared by every profile in it: a segment holds few, and each
+        # profile's own tuple (and copy of the segment's name) would stay in memory while its batch is in flight.
+        combos: dict[Any, tuple[str, ...]] = {}
         while rows := cursor.fetchmany(5000):
             for row in rows:
                 key = row[0]
                 if held and held[0] == key:
                     self.duplicates += 1
                     if row[3] not in held[3]:
-                        held[3] = tuple(sorted((*held[3], row[3])))
+                        merged = (*held[3], row[3])
+                        held[3] = combos.get(merged) or combos.setdefault(merged, tuple(sorted(merged)))
                     continue
                 if held:
                     yield make(Current, held)
-                held = [key, row[1], row[2], (row[3],)]
+                segment = row[3]
+                held = [key, row[1], row[2], combos.get(segment) or combos.setdefault(segment, (segment,))]
         if held:
             yield make(Current, held)
 
