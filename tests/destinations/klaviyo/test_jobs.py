@@ -76,12 +76,21 @@ def test_a_job_the_collection_never_lists_is_found_by_its_own_get():
     assert hook.looked_up == 2 and board.rounds == 6
 
 
-def test_a_failed_poll_is_raised_in_the_waiting_thread():
-    class Failing(_Hook):
-        def iter_finished_job_pages(self, *, max_pages):
-            raise RuntimeError("HTTP 500")
+def test_a_failed_round_is_tried_again_and_a_lasting_failure_raised_in_the_waiting_thread():
+    class Flaky(_Hook):
+        def __init__(self, failures):
+            super().__init__()
+            self.failures = failures
 
-    board = JobBoard(Failing(), interval=0.01)  # type: ignore[arg-type]
+        def iter_finished_job_pages(self, *, max_pages):
+            if self.failures:
+                self.failures -= 1
+                raise RuntimeError("HTTP 500")
+            yield [{"id": "ours", "attributes": {"status": "complete"}}]
+
+    board = JobBoard(Flaky(2), interval=0.01)  # type: ignore[arg-type]
+    assert board.wait({"id": "ours", "attributes": {"status": "queued"}})["attributes"]["status"] == "complete"
+    board = JobBoard(Flaky(3), interval=0.01)  # type: ignore[arg-type]
     with pytest.raises(RuntimeError, match="HTTP 500"):
         board.wait({"id": "ours", "attributes": {"status": "queued"}})
     # With nobody waiting the poller ends (after its interval); the next wait starts another.

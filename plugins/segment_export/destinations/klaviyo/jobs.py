@@ -18,6 +18,7 @@ every ``direct_every`` rounds, which is authoritative; so a job is never missed,
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from datetime import datetime, timezone
@@ -30,6 +31,10 @@ if TYPE_CHECKING:
 
 #: pages of the finished-jobs collection read per round at most (newest first: ours are on the first one)
 MAX_PAGES = 3
+#: rounds in a row that may fail (after the hook's own retries) before the waiting threads are given the error
+MAX_FAILED_ROUNDS = 3
+
+log = logging.getLogger(__name__)
 
 
 def _created(job: dict[str, Any]) -> datetime | None:
@@ -46,8 +51,9 @@ class JobBoard:
 
     A sending thread calls :meth:`wait` with the job Klaviyo answered its submission with; one poller thread
     (started while anyone waits, gone when nobody does) reads the finished jobs every ``interval`` seconds and
-    hands each waiting thread its job. A failed poll (after the hook's own retries) is raised in every thread
-    waiting then, as a failed ``GET`` of the job was before."""
+    hands each waiting thread its job. A round that fails (after the hook's own retries) is tried again; when
+    ``MAX_FAILED_ROUNDS`` fail in a row, the error is raised in every thread waiting then (their batches fail,
+    and the run resumes their jobs next time: the handles are in the in-flight table)."""
 
     def __init__(self, hook: KlaviyoHook, interval: float = 0.5, direct_every: int = 10):
         self.hook, self.interval, self.direct_every = hook, interval, direct_every
@@ -56,6 +62,7 @@ class JobBoard:
         self._answers: dict[str, dict[str, Any] | BaseException] = {}
         self._poller: threading.Thread | None = None
         self.rounds = 0
+        self.failed_rounds = 0  # in a row
 
     def wait(self, job: dict[str, Any]) -> dict[str, Any]:
         """The job once it is complete or cancelled."""
@@ -75,6 +82,17 @@ class JobBoard:
         return answer
 
     def _poll(self) -> None:
+        try:
+            self._rounds()
+        except BaseException as exc:  # noqa: BLE001 - the poller is going away: nobody may wait on it for ever
+            with self._cond:
+                self._answers.update((job_id, exc) for job_id in self._waiting)
+                self._waiting.clear()
+                self._poller = None
+                self._cond.notify_all()
+            raise
+
+    def _rounds(self) -> None:
         while True:
             time.sleep(self.interval)
             with self._cond:
@@ -83,9 +101,13 @@ class JobBoard:
                     self._poller = None
                     return
             try:
-                found = self._finished(waiting)
-            except BaseException as exc:  # noqa: BLE001 - every thread waiting now raises it
-                found = {job_id: exc for job_id in waiting}
+                found: dict[str, Any] = self._finished(waiting)
+                self.failed_rounds = 0
+            except Exception as exc:  # noqa: BLE001 - tried again, then raised in every thread waiting
+                self.failed_rounds += 1
+                log.warning("looking for finished Klaviyo import jobs failed (%d in a row): %s", self.failed_rounds,
+                            exc, exc_info=self.failed_rounds == 1)
+                found = {job_id: exc for job_id in waiting} if self.failed_rounds >= MAX_FAILED_ROUNDS else {}
             with self._cond:
                 for job_id, answer in found.items():
                     self._waiting.pop(job_id, None)
