@@ -223,21 +223,26 @@ class Sandbox:
 
     def _handle(self, svc: ApiService, route: Route, req: ApiRequest) -> ApiResponse:
         limits_on = self.config.rate_limits
-        slot_key = (svc.name, svc.account_key(req))
+        account = svc.account_key(req)
+        slot_key = (svc.name, account)
         limit = svc.connection_limit() if limits_on else None
         if limit is not None and not self.connections.try_acquire(slot_key, limit):
+            self.log.refuse(svc.name, account, route.name)
             return svc.throttled(None)
+        started = None
         try:
             extra_headers: dict[str, str] = {}
             if limits_on and route.rate_limit:
                 decision = self.windows.hit((slot_key, route.name), window_limits(route.rate_limit, self.config.rate_limit_scale))
                 if not decision.allowed:
+                    self.log.refuse(svc.name, account, route.name)
                     return svc.throttled(decision.retry_after)
                 extra_headers = {
                     "RateLimit-Limit": str(decision.limit),
                     "RateLimit-Remaining": str(decision.remaining),
                     "RateLimit-Reset": str(decision.reset),
                 }
+            started = self.log.admit(svc.name, account, route.name)
             delay = self.config.latency_for(route.kind)
             if delay > 0:
                 time.sleep(delay)
@@ -253,6 +258,8 @@ class Sandbox:
             response.headers = {**extra_headers, **response.headers}
             return response
         finally:
+            if started is not None:
+                self.log.done(svc.name, account, started)
             if limit is not None:
                 self.connections.release(slot_key)
 
