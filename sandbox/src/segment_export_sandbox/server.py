@@ -146,6 +146,10 @@ class Sandbox:
         self.windows.reset()
         self.faults.set([])
 
+    def reset_requests(self) -> None:
+        """Forget the request log only (counts, per-key admissions and refusals); what the sandbox holds stays."""
+        self.log.reset()
+
     def configure(self, **runtime: Any) -> dict[str, Any]:
         """Change runtime knobs (latency, job speed, rate limits) of a running sandbox."""
         self.config.apply_runtime(runtime)
