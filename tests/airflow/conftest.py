@@ -223,8 +223,10 @@ def airflow_deployment(tmp_path_factory):
     redis = pytest.importorskip("redis")
     import segment_data
     from airflow_env import airflow_env
-    from budget_exports import BUDGET_AUDIENCES, BUDGET_LISTS, BUDGET_PROFILES, BUDGET_SEGMENTS, BUDGET_SPEC
-    from segment_export_sandbox import KLAVIYO_LIST_ID, KLAVIYO_SECOND_LIST_ID, MAILCHIMP_AUDIENCE_ID, Sandbox, SandboxConfig
+    from budget_exports import (
+        BUDGET_AUDIENCES, BUDGET_LIMIT_SHARE, BUDGET_LISTS, BUDGET_PROFILES, BUDGET_SEGMENTS, BUDGET_SPEC,
+    )
+    from segment_export_sandbox import KLAVIYO_API_KEY, KLAVIYO_LIST_ID, KLAVIYO_SECOND_LIST_ID, MAILCHIMP_AUDIENCE_ID, Sandbox, SandboxConfig
     from segment_export_sandbox.config import AudienceConfig
 
     started = time.monotonic()
@@ -282,6 +284,8 @@ def airflow_deployment(tmp_path_factory):
         "AIRFLOW__SEGMENT_EXPORT__RATE_BUDGET_CONN_ID": "rate_budget",
         "AIRFLOW_CONN_RATE_BUDGET": json.dumps({"conn_type": "redis", "host": "127.0.0.1", "port": 6379,
                                                 "extra": {"db": redis_db, "key_prefix": f"{queue}:budget"}}),
+        "AIRFLOW_CONN_KLAVIYO_BUDGET": json.dumps({"conn_type": "klaviyo", "host": sandbox.url, "password": KLAVIYO_API_KEY,
+                                                   "extra": {"rate_limit_share": BUDGET_LIMIT_SHARE}}),
         # A queue of this run's own: two test sessions sharing a Redis database never take each other's tasks.
         "AIRFLOW__OPERATORS__DEFAULT_QUEUE": queue,
         "AIRFLOW__CORE__AUTH_MANAGER": "airflow.api_fastapi.auth.managers.simple.simple_auth_manager.SimpleAuthManager",

@@ -222,16 +222,18 @@ def test_four_klaviyo_hooks_on_one_key_share_its_limit_and_are_not_refused(sandb
 
 
 def test_without_the_budget_four_hooks_on_one_key_are_refused(sandbox):
-    """The same four hooks pacing themselves (no Redis connection): the key's limit refuses some (the contrast)."""
+    """The contrast: four hooks pacing themselves (no Redis connection) each send their first GET /api/accounts
+    (1/s burst) at once, as each may alone: the key's limit refuses the ones over it."""
     from segment_export.destinations.klaviyo.hook import KlaviyoHook
 
     hooks = [KlaviyoHook() for _ in range(4)]
     for hook in hooks:
-        hook.retry_base_seconds = 0.01
+        hook.session
+    start = threading.Barrier(len(hooks))
 
     def work(hook: KlaviyoHook) -> None:
-        for _ in range(30):
-            hook.get_list(KLAVIYO_LIST_ID)
+        start.wait()
+        hook.request_json("GET", "/api/accounts", limit_key="accounts")
 
     threads = [threading.Thread(target=work, args=(h,)) for h in hooks]
     for t in threads:
@@ -240,7 +242,7 @@ def test_without_the_budget_four_hooks_on_one_key_are_refused(sandbox):
         t.join(120)
     assert all(h.budget is None for h in hooks)
     (account,) = [v for k, v in sandbox.state()["requests"]["by_account"].items() if k.startswith("klaviyo ")]
-    assert account["refused"].get("GET /api/lists/{id}", 0) > 0
+    assert account["refused"].get("GET /api/accounts", 0) >= 1 and sum(h.retries for h in hooks) >= 1
 
 
 def test_four_mailchimp_hooks_on_one_key_hold_at_most_ten_connections(sandbox, budget_conn):
@@ -306,3 +308,50 @@ def test_a_missing_redis_connection_fails_naming_it(sandbox, monkeypatch):
     monkeypatch.setenv("AIRFLOW__SEGMENT_EXPORT__RATE_BUDGET_CONN_ID", "no_such_redis")
     with pytest.raises(DestinationError, match="rate budget's Redis connection 'no_such_redis' is not defined"):
         KlaviyoHook().get_list(KLAVIYO_LIST_ID)
+
+
+def test_the_triggerers_async_hooks_draw_from_the_same_budget(sandbox, budget_conn, client, prefix):
+    """A deferred export's polling (the async hooks, on the triggerer) takes the same tokens and slots."""
+    import asyncio
+
+    from segment_export.destinations.klaviyo.hook import KlaviyoAsyncHook
+    from segment_export.destinations.mailchimp.hook import MailchimpAsyncHook
+
+    async def poll() -> None:
+        klaviyo, mailchimp = KlaviyoAsyncHook(), MailchimpAsyncHook()
+        async with await klaviyo.client() as http:
+            await klaviyo.request_json(http, "GET", f"/api/lists/{KLAVIYO_LIST_ID}", "lists")
+        async with await mailchimp.client() as http:
+            await mailchimp.request_json(http, "GET", "/ping")
+        assert klaviyo.budget is not None and mailchimp.budget is not None
+        assert mailchimp.budget.slots_in_use() == 0  # taken for the request, given back
+
+    asyncio.run(poll())
+    keys = {k.decode() for k in client.scan_iter(match=f"{prefix}:*")}
+    assert any(k.startswith(f"{prefix}:klaviyo:") and k.endswith(":rate:lists") for k in keys)
+    (account,) = [v for k, v in sandbox.state()["requests"]["by_account"].items() if k.startswith("mailchimp ")]
+    assert account["admitted"]["GET /3.0/ping"]["count"] == 1
+
+
+def test_a_connection_may_use_a_share_of_the_documented_limits(sandbox, airflow_conn, budget_conn):
+    """``rate_limit_share`` leaves the rest of the key's limits to other apps, in the budget and per process."""
+    from segment_export.destinations.klaviyo.hook import KlaviyoHook
+    from segment_export.destinations.mailchimp.hook import MailchimpHook
+    from segment_export.hooks.base import DestinationError
+
+    airflow_conn("k_share", conn_type="klaviyo", host=sandbox.klaviyo_host, password=KLAVIYO_API_KEY,
+                 extra=json.dumps({"rate_limit_share": 0.4}))
+    hook = KlaviyoHook("k_share")
+    hook.session
+    assert hook.limits()["bulk-import"] == (4, 60) and hook.limits()["profiles"] == (30, 300)
+    assert hook.budget.buckets["profiles"] == Bucket.for_limits(30, 300)
+    assert hook._limiters["accounts"].burst == 1  # never below one a window
+    airflow_conn("m_share", conn_type="mailchimp", host=sandbox.mailchimp_host, password=MAILCHIMP_API_KEY,
+                 extra=json.dumps({"rate_limit_share": 0.5}))
+    mailchimp = MailchimpHook("m_share")
+    mailchimp.session
+    assert mailchimp.budget.connections == 5
+    airflow_conn("k_bad", conn_type="klaviyo", host=sandbox.klaviyo_host, password=KLAVIYO_API_KEY,
+                 extra=json.dumps({"rate_limit_share": 2}))
+    with pytest.raises(DestinationError, match="Klaviyo connection 'k_bad': extra rate_limit_share must be"):
+        KlaviyoHook("k_bad").session

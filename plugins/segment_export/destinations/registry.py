@@ -41,6 +41,14 @@ RATE_BUDGET_FIELD = {
     "schema": {"type": ["string", "null"]},
 }
 
+#: the connection form's field for the share of the documented limits the connection's exports may use
+LIMIT_SHARE_FIELD = {
+    "label": "Share of the API's rate limits (optional)",
+    "description": "Between 0 and 1 (default 1): the share of the destination's documented rate limits (and "
+                   "connection cap) that exports through this connection may use, leaving the rest to other apps.",
+    "schema": {"type": ["number", "null"], "exclusiveMinimum": 0, "maximum": 1},
+}
+
 #: what ``sync.on_leave`` can ask of any destination; each declares the ones it supports
 ON_LEAVE = ("keep", "remove", "unsubscribe")
 
@@ -77,7 +85,8 @@ class DestinationType:
     #: the connection form: Airflow's ``ui-field-behaviour`` and ``conn-fields``
     connection_form: dict[str, Any] = field(default_factory=dict)
     connection_fields: dict[str, Any] = field(
-        default_factory=lambda: {"timeout": TIMEOUT_FIELD, "rate_budget_conn_id": RATE_BUDGET_FIELD})
+        default_factory=lambda: {"timeout": TIMEOUT_FIELD, "rate_budget_conn_id": RATE_BUDGET_FIELD,
+                                 "rate_limit_share": LIMIT_SHARE_FIELD})
     #: the ``sync.on_leave`` values it supports; the first is the default
     on_leave: tuple[str, ...] = ("keep", "remove")
     #: "<module>.<class>" of the async hook a deferred run's trigger polls with (None: no deferrable mode)

@@ -292,6 +292,7 @@ class DestinationApi:
         #: the key's shared budget (hooks.budget), read with the connection; None: per-process pacing
         self.budget: Any = None
         self._budget_warned = False
+        self.limit_share = 1.0  # the connection's rate_limit_share, read with it
         self.retries = 0  # how many requests were repeated, for the summary and benchmarks
         self.requests = 0
 
@@ -319,8 +320,19 @@ class DestinationApi:
         connection = self.destination_connection()
         settings = self.request_settings(connection)
         self.base_url, self.timeout = settings.base_url, settings.timeout
+        self.limit_share = limit_share(connection, self.error)
+        self._limiters = {key: RateLimiter(*limits) for key, limits in self.limits().items()}
         self.budget = self.rate_budget(connection)
         return settings
+
+    def limits(self) -> dict[str, tuple[int, int]]:
+        """The documented ``rate_limits`` times the connection's ``rate_limit_share`` (never below 1 a window)."""
+        return {key: (_share(burst, self.limit_share), _share(steady, self.limit_share))
+                for key, (burst, steady) in self.rate_limits.items()}
+
+    def connections(self) -> int | None:
+        """The documented ``connections_per_key`` times the connection's ``rate_limit_share`` (at least 1)."""
+        return None if self.connections_per_key is None else _share(self.connections_per_key, self.limit_share)
 
     def rate_budget(self, connection: Any) -> Any:
         """The API key's budget shared through Redis (:mod:`segment_export.hooks.budget`), when the connection's
@@ -334,8 +346,8 @@ class DestinationApi:
         from airflow.sdk.exceptions import AirflowNotFoundException
 
         try:
-            budget = shared.budget_for(connection, self.conn_type, self.api_key(connection), self.rate_limits,
-                                       self.connections_per_key)
+            budget = shared.budget_for(connection, self.conn_type, self.api_key(connection), self.limits(),
+                                       self.connections())
         except AirflowNotFoundException as exc:
             raise self.error(
                 f"the rate budget's Redis connection {conn_id!r} is not defined: add a redis connection with that id, "
@@ -770,6 +782,26 @@ def _ssl_option(settings: RequestSettings) -> Any:
     if settings.cert:
         context.load_cert_chain(*((settings.cert,) if isinstance(settings.cert, str) else settings.cert))
     return context
+
+
+def limit_share(connection: Any, error: Callable[..., DestinationError]) -> float:
+    """The share of the destination's documented limits a connection's exports may use (its extra
+    ``rate_limit_share``, default 1): less leaves room to other apps on the same account or key."""
+    value = connection.extra_dejson.get("rate_limit_share")
+    if value in (None, ""):
+        return 1.0
+    try:
+        share = float(value)
+    except (TypeError, ValueError):
+        share = -1.0
+    if not 0 < share <= 1:
+        raise error(f"extra rate_limit_share must be a number above 0 and at most 1, not {value!r}")
+    return share
+
+
+def _share(count: int, share: float) -> int:
+    """A limit's count times a share, never below 1 (as the sandbox scales its limits)."""
+    return max(1, int(count * share))
 
 
 def _redis_errors() -> tuple[type[BaseException], ...]:

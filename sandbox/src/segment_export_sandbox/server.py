@@ -147,8 +147,10 @@ class Sandbox:
         self.faults.set([])
 
     def reset_requests(self) -> None:
-        """Forget the request log only (counts, per-key admissions and refusals); what the sandbox holds stays."""
+        """Forget what was received (the request log, per-key admissions and refusals, the rate windows' counts);
+        what the sandbox holds stays. A test of one key's limits starts from an unused window this way."""
         self.log.reset()
+        self.windows.reset()
 
     def configure(self, **runtime: Any) -> dict[str, Any]:
         """Change runtime knobs (latency, job speed, rate limits) of a running sandbox."""
