@@ -40,6 +40,22 @@ def get_provider_info() -> dict[str, Any]:
                 "to_openlineage_converter": "segment_export.assets.convert_asset_to_openlineage",
             }
         ],
+        "config": {
+            "segment_export": {
+                "description": "Settings of the segment-export provider.",
+                "options": {
+                    "rate_budget_conn_id": {
+                        "description": "A Redis connection (type redis) through which every export, on every "
+                        "worker, shares one rate budget per destination API key and endpoint. Empty: each export "
+                        "paces itself. A destination connection's extra rate_budget_conn_id overrides it.",
+                        "version_added": None,
+                        "type": "string",
+                        "example": "redis_budget",
+                        "default": "",
+                    },
+                },
+            },
+        },
         "connection-types": [
             {
                 "connection-type": kind.name,

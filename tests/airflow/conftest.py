@@ -4,7 +4,9 @@ dag-processor, Celery worker), started once per pytest session and stopped after
 
 - PostgreSQL: a fresh database ``segment_export_e2e_<pid>`` on 127.0.0.1:5432, dropped at the end.
 - Redis: database number 9..15 (chosen by pid); tasks go to a queue named after the pid (deleted after), so
-  concurrent sessions never take each other's tasks.
+  concurrent sessions never take each other's tasks. The same database holds the exports' shared rate budget
+  (keys under ``<queue>:budget``, deleted after too), through the connection ``rate_budget``.
+- Two Celery workers of two slots each.
 - Auth: Airflow's simple auth manager with two users whose passwords the test writes (no FAB needed): ``admin``
   (role admin) and ``analyst`` (role viewer). A test-only subclass (``e2e_auth.E2EAuthManager``) adds one
   DAG-level rule, so that DAG-level authorization is exercised: viewers may not read the DAGs in
@@ -292,7 +294,11 @@ def airflow_deployment(tmp_path_factory):
     redis = pytest.importorskip("redis")
     import segment_data
     from airflow_env import airflow_env
-    from segment_export_sandbox import KLAVIYO_LIST_ID, KLAVIYO_SECOND_LIST_ID, MAILCHIMP_AUDIENCE_ID, Sandbox, SandboxConfig
+    from budget_exports import (
+        BUDGET_AUDIENCES, BUDGET_LIMIT_SHARE, BUDGET_LISTS, BUDGET_PROFILES, BUDGET_SEGMENTS, BUDGET_SPEC,
+    )
+    from segment_export_sandbox import KLAVIYO_API_KEY, KLAVIYO_LIST_ID, KLAVIYO_SECOND_LIST_ID, MAILCHIMP_AUDIENCE_ID, Sandbox, SandboxConfig
+    from segment_export_sandbox.config import AudienceConfig
 
     started = time.monotonic()
     home = tmp_path_factory.mktemp("airflow-celery")
@@ -312,7 +318,11 @@ def airflow_deployment(tmp_path_factory):
 
     specs = home / "exports"
     specs.mkdir()
-    (specs / "e2e.yaml").write_text(E2E_SPECS % {"list": KLAVIYO_LIST_ID, "second_list": KLAVIYO_SECOND_LIST_ID, "audience": MAILCHIMP_AUDIENCE_ID})
+    budget_specs = "".join(BUDGET_SPEC % {"segment": seg, "list": BUDGET_LISTS[seg], "audience": BUDGET_AUDIENCES[seg]}
+                           for seg in BUDGET_SEGMENTS)
+    (specs / "e2e.yaml").write_text(
+        E2E_SPECS % {"list": KLAVIYO_LIST_ID, "second_list": KLAVIYO_SECOND_LIST_ID, "audience": MAILCHIMP_AUDIENCE_ID}
+        + budget_specs)
     # The demo's exports too, so the UI looks as a user's would (the browser test's screenshots); not run here.
     (specs / "demo.yaml").write_text((ROOT / "dags" / "exports" / "demo.yaml").read_text())
     pylib = home / "pylib"
@@ -325,8 +335,13 @@ def airflow_deployment(tmp_path_factory):
         (home / "plugins" / "segment_export_ui.py").write_text(textwrap.dedent(PLUGIN_SHIM))
         plugin_source = "plugins folder"
     warehouse = segment_data.write_sqlite(home / "segments.db", 1000)
+    segment_data.write_sqlite(warehouse, BUDGET_PROFILES, table="budget_members")
 
-    sandbox = Sandbox(SandboxConfig()).start()
+    config = SandboxConfig()
+    config.mailchimp_accounts[0].audiences += [AudienceConfig(a, f"Budget {s}") for s, a in BUDGET_AUDIENCES.items()]
+    sandbox = Sandbox(config).start()
+    for segment, list_id in BUDGET_LISTS.items():
+        sandbox.add_klaviyo_list(list_id, f"Budget {segment}")
     password = secrets.token_urlsafe(12)
     viewer_password = secrets.token_urlsafe(12)
     (home / "passwords.json").write_text(json.dumps({ADMIN_USER: password, VIEWER_USER: viewer_password}))
@@ -343,6 +358,12 @@ def airflow_deployment(tmp_path_factory):
         "AIRFLOW__CELERY__BROKER_URL": f"redis://127.0.0.1:6379/{redis_db}",
         "AIRFLOW__CELERY__RESULT_BACKEND": f"db+postgresql://postgres@127.0.0.1:5432/{db_name}",
         "AIRFLOW__CELERY__WORKER_CONCURRENCY": "2",
+        # The rate budget: every export on both workers shares one budget per API key through this Redis database.
+        "AIRFLOW__SEGMENT_EXPORT__RATE_BUDGET_CONN_ID": "rate_budget",
+        "AIRFLOW_CONN_RATE_BUDGET": json.dumps({"conn_type": "redis", "host": "127.0.0.1", "port": 6379,
+                                                "extra": {"db": redis_db, "key_prefix": f"{queue}:budget"}}),
+        "AIRFLOW_CONN_KLAVIYO_BUDGET": json.dumps({"conn_type": "klaviyo", "host": sandbox.url, "password": KLAVIYO_API_KEY,
+                                                   "extra": {"rate_limit_share": BUDGET_LIMIT_SHARE}}),
         # A queue of this run's own: two test sessions sharing a Redis database never take each other's tasks.
         "AIRFLOW__OPERATORS__DEFAULT_QUEUE": queue,
         "AIRFLOW__CORE__AUTH_MANAGER": "e2e_auth.E2EAuthManager",
@@ -378,7 +399,12 @@ def airflow_deployment(tmp_path_factory):
         _start(dep, "scheduler", ["scheduler"])
         _start(dep, "dag-processor", ["dag-processor"])
         _start(dep, "triggerer", ["triggerer"])  # deferrable exports wait for their jobs there
-        _start(dep, "celery-worker", ["celery", "worker", "--concurrency", "2", "--queues", queue, "--without-mingle", "--without-gossip"])
+        # Two workers (two slots each), as a deployment with several hosts has: the budget tests run four exports
+        # at once across them. One host here, so one log server (the task logs are local files either way).
+        for name in ("celery-worker", "celery-worker-2"):
+            _start(dep, name, ["celery", "worker", "--concurrency", "2", "--queues", queue, "--celery-hostname",
+                               f"{name}-{os.getpid()}@%h", "--without-mingle", "--without-gossip",
+                               *(["--skip-serve-logs"] if name != "celery-worker" else [])])
         deadline = time.monotonic() + 180
         while True:
             dep.check_alive()
@@ -397,7 +423,7 @@ def airflow_deployment(tmp_path_factory):
         _stop(dep.procs)
         dep.timings["stop"] = time.monotonic() - t
         sandbox.stop()
-        for key in broker.scan_iter(match=f"*{queue}*"):  # this run's queue and its bindings only
+        for key in broker.scan_iter(match=f"*{queue}*"):  # this run's queue, its bindings and its rate budget only
             broker.delete(key)
         broker.close()
         # Any connection left by a killed process is gone with it; FORCE covers the rest.

@@ -9,6 +9,7 @@ import json
 import pytest
 import segment_data
 from sandbox_state import klaviyo_profiles, mailchimp_members
+from budget_exports import BUDGET_AUDIENCES, BUDGET_LIMIT_SHARE, BUDGET_LISTS, BUDGET_PROFILES, BUDGET_SEGMENTS
 from segment_export_sandbox import KLAVIYO_API_KEY, KLAVIYO_LIST_ID, KLAVIYO_SECOND_LIST_ID, MAILCHIMP_API_KEY, MAILCHIMP_AUDIENCE_ID
 
 pytestmark = [pytest.mark.airflow, pytest.mark.postgres]
@@ -34,7 +35,7 @@ def test_klaviyo_export_runs_on_a_celery_worker_and_reports_everywhere(airflow_d
 
     ti = dep.api("GET", f"/dags/e2e_celery_klaviyo/dagRuns/{run_id}/taskInstances/export").json()
     assert ti["state"] == "success" and ti["queue"] == dep.env["AIRFLOW__OPERATORS__DEFAULT_QUEUE"] and ti["hostname"]
-    worker_log = (dep.home / "celery-worker.log").read_text()  # the Celery worker ran it
+    worker_log = "".join((dep.home / f"{name}.log").read_text() for name in ("celery-worker", "celery-worker-2"))
     assert "Executing workload in Celery" in worker_log and "dag_id=e2e_celery_klaviyo" in worker_log
 
     log = dep.task_log("e2e_celery_klaviyo", run_id)
@@ -47,7 +48,7 @@ def test_klaviyo_export_runs_on_a_celery_worker_and_reports_everywhere(airflow_d
     events = dep.api("GET", "/assets/events", params={"asset_id": asset["id"]}).json()["asset_events"]
     assert any(e["source_run_id"] == run_id and e["extra"].get("accepted") == len(vip) for e in events)
     inlets = dep.api("GET", "/assets", params={"uri_pattern": "sql://warehouse"}).json()["assets"]
-    assert [a["uri"] for a in inlets] == ["sql://warehouse/segment_members"]
+    assert sorted(a["uri"] for a in inlets) == ["sql://warehouse/budget_members", "sql://warehouse/segment_members"]
 
     # OpenLineage: the COMPLETE event names the segment table and the list, in their own namespaces.
     events = [json.loads(line) for line in dep.lineage_file.read_text().splitlines() if line.strip()]
@@ -150,3 +151,89 @@ def requests_get_ui(dep, path: str):
     r = requests.get(f"{dep.url}{path}", headers={"Authorization": f"Bearer {dep.token()}"}, timeout=60)
     assert r.status_code == 200, r.text
     return r.json()
+
+
+# --- one rate budget per API key, shared by every export on every worker (hooks/budget.py) -------------------
+BUDGET_ROWS = list(segment_data.rows(BUDGET_PROFILES))
+
+
+def _run_four_at_once(dep, destination: str) -> dict[str, tuple[str, dict]]:
+    """Trigger the four exports on one key together; (run id, summary) by segment once all have finished."""
+    dags = {segment: f"e2e_budget_{destination}_{segment}" for segment in BUDGET_SEGMENTS}
+    for dag_id in dags.values():
+        dep.wait_for_dag(dag_id)
+        assert dep.api("PATCH", f"/dags/{dag_id}", json={"is_paused": False}).status_code == 200
+    dep.sandbox.reset_requests()  # the request log from here on is these four runs'
+    runs = {segment: dep.trigger(dag_id) for segment, dag_id in dags.items()}
+    for segment, run_id in runs.items():
+        assert dep.wait_for_run(dags[segment], run_id)["state"] == "success", dep.logs_tail()
+    return {segment: (run_id, dep.xcom(dags[segment], run_id)) for segment, run_id in runs.items()}
+
+
+def _account(state: dict, api: str) -> dict:
+    (account,) = [v for k, v in state["requests"]["by_account"].items() if k.startswith(f"{api} ")]
+    return account
+
+
+def _ran_on_both_workers(dep, destination: str) -> bool:
+    """Whether each Celery worker ran one of the four (two slots each: four at once need both)."""
+    logs = [(dep.home / f"{name}.log").read_text() for name in ("celery-worker", "celery-worker-2")]
+    return all(f"dag_id=e2e_budget_{destination}_" in log for log in logs)
+
+
+def test_four_klaviyo_exports_on_one_key_share_its_rate_limit(airflow_deployment):
+    """Four exports on one Klaviyo key, on two workers, at once: each learns its profiles' ids (one GET
+    /api/profiles per 100 profiles). The key's limits are the documented ones times BUDGET_LIMIT_SHARE, in the
+    sandbox and in the connection's ``rate_limit_share`` (profile reads: 30/s burst, 300/min steady), so that they
+    bind within seconds: each export alone may read at 30/s, four together would go over. Through the shared
+    budget none is refused for going over the key's limit, all finish, and together they read at >= 80 % of the
+    steady limit."""
+    dep = airflow_deployment
+    dep.sandbox.configure(rate_limit_scale=BUDGET_LIMIT_SHARE)
+    try:
+        results = _run_four_at_once(dep, "klaviyo")
+    finally:
+        dep.sandbox.configure(rate_limit_scale=1.0)
+
+    state = dep.sandbox.state()
+    for segment, (run_id, summary) in results.items():
+        expected = {r[1] for r in BUDGET_ROWS if r[-1] == segment}
+        assert set(klaviyo_profiles(state, BUDGET_LISTS[segment])) == expected
+        assert summary["accepted"] == summary["sent"] == len(expected) and summary["rejected"] == 0
+    assert _ran_on_both_workers(dep, "klaviyo")
+    account = _account(state, "klaviyo")
+    lookups = account["admitted"]["GET /api/profiles"]
+    steady = int(750 * BUDGET_LIMIT_SHARE) / 60  # per second
+    rate = (lookups["count"] - 1) / (lookups["last"] - lookups["first"])
+    print(f"four Klaviyo exports: {lookups['count']} profile lookups in {lookups['last'] - lookups['first']:.1f}s, "
+          f"{rate:.1f}/s (steady limit {steady:.1f}/s), refused: {account['refused']}")
+    assert account["refused"] == {}, account["refused"]
+    assert lookups["count"] >= 4 * 40
+    assert rate >= 0.8 * steady, rate
+    for segment, (run_id, _) in results.items():
+        log = dep.task_log(f"e2e_budget_klaviyo_{segment}", run_id)
+        assert "shared rate budget of its API key" in log and KLAVIYO_API_KEY not in log
+
+
+def test_four_mailchimp_exports_on_one_key_share_its_ten_connections(airflow_deployment):
+    """Four exports on one Mailchimp key, on two workers, at once, each able to open 10 connections: through the
+    shared semaphore the key never has more than Mailchimp's 10 in flight, none is refused, all finish."""
+    dep = airflow_deployment
+    dep.sandbox.configure(latency={"mailchimp_batch": 1.0, "mailchimp_write": 0.2})
+    try:
+        results = _run_four_at_once(dep, "mailchimp")
+    finally:
+        dep.sandbox.configure(latency={"mailchimp_batch": 0.0, "mailchimp_write": 0.0})
+
+    state = dep.sandbox.state()
+    for segment, (run_id, summary) in results.items():
+        expected = {r[1] for r in BUDGET_ROWS if r[-1] == segment}
+        assert set(mailchimp_members(state, BUDGET_AUDIENCES[segment])) == expected
+        assert summary["accepted"] == summary["created"] == len(expected)
+        assert MAILCHIMP_API_KEY not in dep.task_log(f"e2e_budget_mailchimp_{segment}", run_id)
+    assert _ran_on_both_workers(dep, "mailchimp")
+    account = _account(state, "mailchimp")
+    assert account["refused"] == {}, account["refused"]
+    assert account["max_in_flight"] == 10  # the cap, reached and never passed
+    busy = account["busy_seconds"] / (10 * (account["last"] - account["first"]))
+    print(f"four Mailchimp exports: 10 connections busy {busy:.0%} of {account['last'] - account['first']:.1f}s")

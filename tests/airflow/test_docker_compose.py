@@ -58,6 +58,9 @@ def test_common_environment_is_a_celery_deployment_of_this_package(compose):
     assert env["AIRFLOW__CORE__EXECUTION_API_SERVER_URL"] == "http://airflow-apiserver:8080/execution/"
     assert env["AIRFLOW__CORE__TEST_CONNECTION"] == "Enabled"
     assert env["SEGMENT_EXPORT_SPECS"] == "/opt/airflow/dags/exports"
+    # the exports share one rate budget per API key through the broker's Redis (another database number)
+    assert env["AIRFLOW__SEGMENT_EXPORT__RATE_BUDGET_CONN_ID"] == "rate_budget"
+    assert env["AIRFLOW_CONN_RATE_BUDGET"] == "redis://redis:6379/1"
     assert "FabAuthManager" in env["AIRFLOW__CORE__AUTH_MANAGER"]  # per-export access_control takes effect
     assert "${AIRFLOW_PROJ_DIR:-.}/dags:/opt/airflow/dags" in compose["x-airflow-common"]["volumes"]
     assert not any("KEY" in k and v and not str(v).startswith("${") for k, v in env.items())  # no baked-in API keys

@@ -72,7 +72,7 @@ def test_hook_meta_for_the_ui_names_our_fields(providers_manager):
     std = klaviyo.standard_fields
     assert std.password.title == "Private API key" and std.port.hidden and std.login.hidden and std.url_schema.hidden
     assert std.host.title == "API base URL (optional)" and not std.host.hidden
-    assert set(klaviyo.extra_fields) == {"timeout"}
+    assert set(klaviyo.extra_fields) == {"timeout", "rate_budget_conn_id", "rate_limit_share"}
     assert meta["mailchimp"].standard_fields.password.placeholder == "0123…-us6"
 
 

@@ -32,6 +32,23 @@ TIMEOUT_FIELD = {
     "schema": {"type": ["number", "null"], "minimum": 1},
 }
 
+#: the connection form's field naming the Redis connection of the API key's shared rate budget (hooks.budget)
+RATE_BUDGET_FIELD = {
+    "label": "Rate budget: Redis connection id (optional)",
+    "description": "A redis connection through which every export using this API key, on every worker, shares "
+                   "one rate budget (the destination's documented limits). Empty: the deployment's "
+                   "[segment_export] rate_budget_conn_id, if set; otherwise each export paces itself.",
+    "schema": {"type": ["string", "null"]},
+}
+
+#: the connection form's field for the share of the documented limits the connection's exports may use
+LIMIT_SHARE_FIELD = {
+    "label": "Share of the API's rate limits (optional)",
+    "description": "Between 0 and 1 (default 1): the share of the destination's documented rate limits (and "
+                   "connection cap) that exports through this connection may use, leaving the rest to other apps.",
+    "schema": {"type": ["number", "null"], "exclusiveMinimum": 0, "maximum": 1},
+}
+
 #: what ``sync.on_leave`` can ask of any destination; each declares the ones it supports
 ON_LEAVE = ("keep", "remove", "unsubscribe")
 
@@ -67,7 +84,9 @@ class DestinationType:
     doc_url: str
     #: the connection form: Airflow's ``ui-field-behaviour`` and ``conn-fields``
     connection_form: dict[str, Any] = field(default_factory=dict)
-    connection_fields: dict[str, Any] = field(default_factory=lambda: {"timeout": TIMEOUT_FIELD})
+    connection_fields: dict[str, Any] = field(
+        default_factory=lambda: {"timeout": TIMEOUT_FIELD, "rate_budget_conn_id": RATE_BUDGET_FIELD,
+                                 "rate_limit_share": LIMIT_SHARE_FIELD})
     #: the ``sync.on_leave`` values it supports; the first is the default
     on_leave: tuple[str, ...] = ("keep", "remove")
     #: "<module>.<class>" of the async hook a deferred run's trigger polls with (None: no deferrable mode)

@@ -15,7 +15,9 @@ so nothing here depends on another provider's private methods. What a request *i
   validation errors) fails at once, with the destination's own message;
 - how long to keep trying (:class:`Tries`): throttled answers for as long as ``max_retry_seconds`` allows
   (they were not applied and say "later"), other transient failures at most ``max_retries`` times;
-- client-side pacing per endpoint (:class:`RateLimiter`, usable from threads and from an event loop);
+- client-side pacing per endpoint (:class:`RateLimiter`, usable from threads and from an event loop), or,
+  with a Redis connection configured, one budget per API key shared by every export on every worker
+  (:mod:`segment_export.hooks.budget`: token buckets per endpoint, a semaphore for a connection cap);
 - under throttling a synchronous hook with ``adaptive_concurrency`` lowers how many requests its threads may
   have in flight (:class:`AdaptiveConcurrency`) and raises it again as answers succeed, so an export shares a
   connection cap with other apps instead of failing on it.
@@ -267,6 +269,9 @@ class DestinationApi:
     hook_name: ClassVar[str]
     #: (burst per second, steady per minute) per endpoint key, from the destination's documentation.
     rate_limits: ClassVar[dict[str, tuple[int, int]]] = {}
+    #: simultaneous connections the destination allows one API key (None: no such cap); with a rate budget the
+    #: cap is shared by every export using the key, on every worker (a distributed semaphore)
+    connections_per_key: ClassVar[int | None] = None
     #: first retry delay in seconds (doubled per attempt, at most 30 s), unless the answer says Retry-After
     retry_base_seconds: float = 0.5
 
@@ -284,6 +289,10 @@ class DestinationApi:
         self.max_retry_seconds = max_retry_seconds
         self.base_url = ""
         self._limiters = {key: RateLimiter(*limits) for key, limits in self.rate_limits.items()}
+        #: the key's shared budget (hooks.budget), read with the connection; None: per-process pacing
+        self.budget: Any = None
+        self._budget_warned = False
+        self.limit_share = 1.0  # the connection's rate_limit_share, read with it
         self.retries = 0  # how many requests were repeated, for the summary and benchmarks
         self.requests = 0
 
@@ -308,9 +317,95 @@ class DestinationApi:
 
     def load_settings(self) -> RequestSettings:
         """The connection read into :class:`RequestSettings`; sets ``base_url`` and ``timeout`` on the hook."""
-        settings = self.request_settings(self.destination_connection())
+        connection = self.destination_connection()
+        settings = self.request_settings(connection)
         self.base_url, self.timeout = settings.base_url, settings.timeout
+        self.limit_share = limit_share(connection, self.error)
+        self._limiters = {key: RateLimiter(*limits) for key, limits in self.limits().items()}
+        self.budget = self.rate_budget(connection)
         return settings
+
+    def limits(self) -> dict[str, tuple[int, int]]:
+        """The documented ``rate_limits`` times the connection's ``rate_limit_share`` (never below 1 a window)."""
+        return {key: (_share(burst, self.limit_share), _share(steady, self.limit_share))
+                for key, (burst, steady) in self.rate_limits.items()}
+
+    def connections(self) -> int | None:
+        """The documented ``connections_per_key`` times the connection's ``rate_limit_share`` (at least 1)."""
+        return None if self.connections_per_key is None else _share(self.connections_per_key, self.limit_share)
+
+    def rate_budget(self, connection: Any) -> Any:
+        """The API key's budget shared through Redis (:mod:`segment_export.hooks.budget`), when the connection's
+        extra ``rate_budget_conn_id`` or the deployment's ``[segment_export] rate_budget_conn_id`` names a Redis
+        connection; None otherwise (each export paces itself, per process)."""
+        from segment_export.hooks import budget as shared
+
+        conn_id = shared.configured_conn_id(connection)
+        if conn_id is None or not (self.rate_limits or self.connections_per_key):
+            return None
+        from airflow.sdk.exceptions import AirflowNotFoundException
+
+        try:
+            budget = shared.budget_for(connection, self.conn_type, self.api_key(connection), self.limits(),
+                                       self.connections())
+        except AirflowNotFoundException as exc:
+            raise self.error(
+                f"the rate budget's Redis connection {conn_id!r} is not defined: add a redis connection with that id, "
+                f"or remove {shared.EXTRA_FIELD!r} from the connection's extra / [segment_export] {shared.CONFIG_OPTION}"
+            ) from exc
+        self.log.info("%s connection %r: pacing with the shared rate budget of its API key (Redis connection %r)",
+                      self.hook_name, self.conn_id, conn_id)
+        return budget
+
+    # -- pacing: the shared budget when there is one, else this process's limiters ---------------------------
+    def _budget_failed(self, exc: BaseException) -> None:
+        """Redis stopped answering: pace per process from now on (logged once), rather than fail the export."""
+        if not self._budget_warned:
+            self._budget_warned = True
+            self.log.warning("%s connection %r: the shared rate budget is unreachable (%s); pacing this export on "
+                             "its own from now on", self.hook_name, self.conn_id, type(exc).__name__)
+        self.budget = None
+
+    def _budget_wait(self, limit_key: str | None) -> float | None:
+        """Seconds to wait for the budget's token for ``limit_key``; None when the budget does not pace it."""
+        budget = self.budget
+        if budget is None or not budget.paces(limit_key):
+            return None
+        try:
+            return budget.reserve(limit_key)
+        except _redis_errors() as exc:
+            self._budget_failed(exc)
+            return None
+
+    def _budget_observe(self, limit_key: str | None, response: Any, verdict: Verdict) -> None:
+        """Share what an answer said of the key's limit (its RateLimit-* headers, a 429's Retry-After)."""
+        budget = self.budget
+        if budget is None or not budget.paces(limit_key):
+            return
+        try:
+            budget.observe(limit_key, response.headers, verdict.retry_after if verdict.outcome == THROTTLED else None)
+        except _redis_errors() as exc:
+            self._budget_failed(exc)
+
+    def _try_slot(self) -> tuple[bool, str | None]:
+        """(whether a slot is needed, the slot's token if one was free): the key's shared connection cap."""
+        budget = self.budget
+        if budget is None or not budget.connections:
+            return False, None
+        try:
+            return True, budget.try_acquire_slot()
+        except _redis_errors() as exc:
+            self._budget_failed(exc)
+            return False, None
+
+    def _release_slot(self, token: str | None) -> None:
+        budget = self.budget
+        if token is None or budget is None:
+            return
+        try:
+            budget.release_slot(token)
+        except _redis_errors() as exc:  # the slot expires by itself
+            self._budget_failed(exc)
 
     def request_settings(self, connection: Any) -> RequestSettings:
         """Base URL, auth and transport options of a connection; extras other than transport options are
@@ -495,6 +590,7 @@ class DestinationHook(DestinationApi, BaseHook):
 
         ``url`` and ``session`` replace the API's (a download link of its own, fetched without the API key).
         """
+        own_link = url is not None  # a download link of its own: not a request on the API's connections
         session = session or self.session
         url = url or self.url_from_endpoint(endpoint)
         where = _where(method, endpoint)
@@ -502,9 +598,15 @@ class DestinationHook(DestinationApi, BaseHook):
         tries = Tries()
         while True:
             tries.attempt += 1
-            if limiter:
+            wait = self._budget_wait(limit_key)
+            if wait is not None:
+                if wait > 0:
+                    time.sleep(wait)
+            elif limiter:
                 limiter.acquire()
             sent_at = self.adaptive_limit.acquire() if self.adaptive_limit else time.monotonic()
+            slot = None if own_link else self._wait_slot()
+            started = time.monotonic()  # waiting for a shared slot is not part of the retry budget
             verdict = Verdict(RETRY)
             try:
                 self.requests += 1
@@ -514,14 +616,26 @@ class DestinationHook(DestinationApi, BaseHook):
                     verdict = self.no_answer(where, exc)
                 else:
                     verdict = self.judge(where, response, read)
+                    self._budget_observe(limit_key, response, verdict)
                     if verdict.outcome is None:
                         return response, verdict.result
             finally:
+                self._release_slot(slot)
                 if self.adaptive_limit and self.adaptive_limit.release(sent_at, verdict.outcome):
                     self.log.warning("%s connection %r: throttled; now at most %d requests in flight, raised again "
                                      "as answers succeed", self.hook_name, self.conn_id, int(self.adaptive_limit.limit))
-            tries.spent += time.monotonic() - sent_at
+            tries.spent += time.monotonic() - started
             time.sleep(self.next_delay(where, verdict, tries))
+
+    def _wait_slot(self) -> str | None:
+        """One of the key's shared connections (waiting for it), or None when there is no shared cap."""
+        delay = 0.01
+        while True:
+            needed, token = self._try_slot()
+            if token is not None or not needed:
+                return token
+            time.sleep(delay * random.uniform(0.5, 1.5))
+            delay = min(0.2, delay * 1.5)
 
     def test_connection(self) -> tuple[bool, str]:
         raise NotImplementedError
@@ -589,8 +703,13 @@ class DestinationAsyncHook(DestinationApi, BaseHook):
         tries = Tries()
         while True:
             tries.attempt += 1
-            if limiter:
+            wait = await asyncio.to_thread(self._budget_wait, limit_key) if self.budget is not None else None
+            if wait is not None:
+                if wait > 0:
+                    await asyncio.sleep(wait)
+            elif limiter:
                 await limiter.wait()
+            slot = await self._wait_slot()
             sent_at = time.monotonic()
             self.requests += 1
             try:
@@ -600,10 +719,27 @@ class DestinationAsyncHook(DestinationApi, BaseHook):
                 verdict = self.no_answer(where, exc)
             else:
                 verdict = self.judge(where, answer, _json_body)
+                if self.budget is not None:
+                    await asyncio.to_thread(self._budget_observe, limit_key, answer, verdict)
                 if verdict.outcome is None:
                     return verdict.result
+            finally:
+                if slot is not None:
+                    await asyncio.to_thread(self._release_slot, slot)
             tries.spent += time.monotonic() - sent_at
             await asyncio.sleep(self.next_delay(where, verdict, tries))
+
+    async def _wait_slot(self) -> str | None:
+        """One of the key's shared connections, waited for on the event loop (Redis is asked from a thread)."""
+        if self.budget is None or not self.budget.connections:
+            return None
+        delay = 0.01
+        while True:
+            needed, token = await asyncio.to_thread(self._try_slot)
+            if token is not None or not needed:
+                return token
+            await asyncio.sleep(delay * random.uniform(0.5, 1.5))
+            delay = min(0.2, delay * 1.5)
 
     async def request_data(self, client: Any, method: str, endpoint: str, limit_key: str | None = None,
                            params: dict[str, Any] | None = None, key: str = "data", **send: Any) -> Any:
@@ -646,6 +782,35 @@ def _ssl_option(settings: RequestSettings) -> Any:
     if settings.cert:
         context.load_cert_chain(*((settings.cert,) if isinstance(settings.cert, str) else settings.cert))
     return context
+
+
+def limit_share(connection: Any, error: Callable[..., DestinationError]) -> float:
+    """The share of the destination's documented limits a connection's exports may use (its extra
+    ``rate_limit_share``, default 1): less leaves room to other apps on the same account or key."""
+    value = connection.extra_dejson.get("rate_limit_share")
+    if value in (None, ""):
+        return 1.0
+    try:
+        share = float(value)
+    except (TypeError, ValueError):
+        share = -1.0
+    if not 0 < share <= 1:
+        raise error(f"extra rate_limit_share must be a number above 0 and at most 1, not {value!r}")
+    return share
+
+
+def _share(count: int, share: float) -> int:
+    """A limit's count times a share, never below 1 (as the sandbox scales its limits)."""
+    return max(1, int(count * share))
+
+
+def _redis_errors() -> tuple[type[BaseException], ...]:
+    """What a budget call raises when Redis does not answer (redis-py is imported only with a budget)."""
+    try:
+        import redis
+    except ImportError:  # pragma: no cover - no redis-py, so no budget either
+        return (OSError,)
+    return (redis.RedisError, OSError)
 
 
 def _where(method: str, endpoint: str) -> str:

@@ -64,7 +64,12 @@ by account id, never by API key::
           "batches": {<batch id>: {"status": "pending" | "finished", "total_operations", "errored_operations"}}}}},
       "requests": {"count": N,
                    "by_endpoint": {"POST /api/profile-bulk-import-jobs": {"count": n, "status": {"202": n, "429": m}}, ...},
-                   "max_in_flight": {"klaviyo": n, "mailchimp": n}}
+                   "max_in_flight": {"klaviyo": n, "mailchimp": n},
+                   "by_account": {"<api> <account id>": {  # per API key: what its limits admitted and refused
+                       "refused": {<endpoint>: n},  # 429s for going over the key's limit (not injected faults)
+                       "admitted": {<endpoint>: {"count": n, "first": t, "last": t}},  # t: time.time() at admission
+                       "max_in_flight": n, "busy_seconds": s,  # connection-seconds of admitted requests
+                       "first": t, "last": t}}}  # first admission, last end
     }
 
 Endpoint names in ``by_endpoint`` are "METHOD <route template>", e.g.

@@ -545,6 +545,43 @@ class RequestLog:
             self._by_endpoint: dict[str, dict[str, Any]] = {}
             self._in_flight: dict[str, int] = {}
             self._max_in_flight: dict[str, int] = {}
+            self._by_account: dict[str, dict[str, Any]] = {}
+
+    # --- per API key (account): what the limits admitted and refused, for tests of a budget shared by exports ---
+
+    def _account(self, api: str, account: str) -> dict[str, Any]:
+        return self._by_account.setdefault(f"{api} {account}", {
+            "refused": {}, "admitted": {}, "in_flight": 0, "max_in_flight": 0, "busy_seconds": 0.0,
+            "first": None, "last": None,
+        })
+
+    def admit(self, api: str, account: str, endpoint: str) -> float:
+        """A request of the account passed the limits (connection cap, rate windows); returns its start time."""
+        now = time.time()
+        with self._lock:
+            acc = self._account(api, account)
+            acc["in_flight"] += 1
+            acc["max_in_flight"] = max(acc["max_in_flight"], acc["in_flight"])
+            ep = acc["admitted"].setdefault(endpoint, {"count": 0, "first": now, "last": now})
+            ep["count"] += 1
+            ep["last"] = now
+            acc["first"] = now if acc["first"] is None else acc["first"]
+        return now
+
+    def done(self, api: str, account: str, started: float) -> None:
+        """An admitted request ended: its time counts as one connection busy (``busy_seconds``)."""
+        now = time.time()
+        with self._lock:
+            acc = self._account(api, account)
+            acc["in_flight"] -= 1
+            acc["busy_seconds"] += now - started
+            acc["last"] = now
+
+    def refuse(self, api: str, account: str, endpoint: str) -> None:
+        """A request of the account refused for going over its limit (not an injected fault)."""
+        with self._lock:
+            refused = self._account(api, account)["refused"]
+            refused[endpoint] = refused.get(endpoint, 0) + 1
 
     def enter(self, api: str) -> None:
         with self._lock:
@@ -569,4 +606,8 @@ class RequestLog:
                 "count": self._count,
                 "by_endpoint": {k: {"count": v["count"], "status": dict(v["status"])} for k, v in sorted(self._by_endpoint.items())},
                 "max_in_flight": dict(self._max_in_flight),
+                "by_account": {
+                    k: {**v, "refused": dict(v["refused"]), "admitted": {e: dict(c) for e, c in v["admitted"].items()}}
+                    for k, v in sorted(self._by_account.items())
+                },
             }

@@ -146,6 +146,12 @@ class Sandbox:
         self.windows.reset()
         self.faults.set([])
 
+    def reset_requests(self) -> None:
+        """Forget what was received (the request log, per-key admissions and refusals, the rate windows' counts);
+        what the sandbox holds stays. A test of one key's limits starts from an unused window this way."""
+        self.log.reset()
+        self.windows.reset()
+
     def configure(self, **runtime: Any) -> dict[str, Any]:
         """Change runtime knobs (latency, job speed, rate limits) of a running sandbox."""
         self.config.apply_runtime(runtime)
@@ -231,21 +237,26 @@ class Sandbox:
 
     def _handle(self, svc: ApiService, route: Route, req: ApiRequest) -> ApiResponse:
         limits_on = self.config.rate_limits
-        slot_key = (svc.name, svc.account_key(req))
+        account = svc.account_key(req)
+        slot_key = (svc.name, account)
         limit = svc.connection_limit() if limits_on else None
         if limit is not None and not self.connections.try_acquire(slot_key, limit):
+            self.log.refuse(svc.name, account, route.name)
             return svc.throttled(None)
+        started = None
         try:
             extra_headers: dict[str, str] = {}
             if limits_on and route.rate_limit:
                 decision = self.windows.hit((slot_key, route.name), window_limits(route.rate_limit, self.config.rate_limit_scale))
                 if not decision.allowed:
+                    self.log.refuse(svc.name, account, route.name)
                     return svc.throttled(decision.retry_after)
                 extra_headers = {
                     "RateLimit-Limit": str(decision.limit),
                     "RateLimit-Remaining": str(decision.remaining),
                     "RateLimit-Reset": str(decision.reset),
                 }
+            started = self.log.admit(svc.name, account, route.name)
             delay = self.config.latency_for(route.kind)
             if delay > 0:
                 time.sleep(delay)
@@ -261,6 +272,8 @@ class Sandbox:
             response.headers = {**extra_headers, **response.headers}
             return response
         finally:
+            if started is not None:
+                self.log.done(svc.name, account, started)
             if limit is not None:
                 self.connections.release(slot_key)
 

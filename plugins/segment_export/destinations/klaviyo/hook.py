@@ -41,7 +41,9 @@ class KlaviyoApi(DestinationApi):
     default_conn_name = "klaviyo_default"
     conn_type = "klaviyo"
     hook_name = "Klaviyo"
-    # Documented per-account limits (burst per second, steady per minute), see x-klaviyo-ratelimit.
+    # Documented per-account limits (burst per second, steady per minute), see x-klaviyo-ratelimit; fixed windows
+    # (reference README). Paced per process, or with a rate budget (hooks/budget.py) as one token bucket per API
+    # key and endpoint shared by every export on every worker.
     rate_limits = {
         "bulk-import": (10, 150),
         "bulk-import-read": (10, 150),

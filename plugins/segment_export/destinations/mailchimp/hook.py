@@ -70,6 +70,8 @@ class MailchimpApi(DestinationApi):
     default_conn_name = "mailchimp_default"
     conn_type = "mailchimp"
     hook_name = "Mailchimp"
+    #: with a rate budget, the key's 10 connections are one semaphore for every export on every worker
+    connections_per_key = MAX_CONNECTIONS_PER_KEY
 
     def default_base_url(self, connection: Any) -> str:
         key = self.api_key(connection)
