@@ -104,11 +104,11 @@ class InFlight:
         self.handles: dict[int, str] = {}  # batch number → handle, once recorded
         self._reported: queue.SimpleQueue[tuple[int, str]] = queue.SimpleQueue()
 
-    def begin(self, number: int, changes: dict[str, Change]) -> None:
+    def begin(self, number: int, changes: list[Change]) -> None:
         """Record a batch's profiles before it is handed over."""
         batch_id = self.ids[number] = uuid.uuid4().hex
         with self.clock.phase("state"):
-            self.state.begin_batch(batch_id, [(c.key, c.fingerprint, c.segments, c.kind) for c in changes.values()])
+            self.state.begin_batch(batch_id, [(c.key, c.fingerprint, c.segments, c.kind) for c in changes])
 
     def adopt(self, number: int, batch_id: str, handle: str) -> None:
         """Take over a batch a previous pass recorded (with its handle), to await it in this one."""
@@ -142,7 +142,9 @@ class Executor:
     def __init__(self, ctx: RunContext):
         self.ctx = ctx
         self.destination: Destination = ctx.destination
-        self.changes: dict[int, dict[str, Change]] = {}  # batch number → its profiles' changes (no payloads)
+        # batch number → its profiles' changes (no payloads), in the batch's key order: a list, not a dict by key,
+        # since a Klaviyo job in flight holds 10,000 of them and a dict entry costs more than the change itself
+        self.changes: dict[int, list[Change]] = {}
         self.inflight = InFlight(ctx.state, ctx) if ctx.tracks_batches and ctx.state is not None else None
         self.submit_only = ctx.options.submit_only and self.inflight is not None
         # Profiles handed over in batches; how many the run sends is known once the diff has formed every batch
@@ -167,7 +169,7 @@ class Executor:
             self.ctx.log)
         try:
             for number, (batch_id, (handle, rows)) in enumerate(left.items(), start=1):
-                self.changes[number] = {k: Change(k, kind, fp, None, segs, ()) for k, fp, segs, kind in rows}  # type: ignore[arg-type]
+                self.changes[number] = [Change(k, kind, fp, None, segs, ()) for k, fp, segs, kind in rows]  # type: ignore[arg-type]
                 self.inflight.adopt(number, batch_id, handle or "")
                 pool.submit(Batch(number=number, keys=[r[0] for r in rows]))
         finally:
@@ -209,7 +211,7 @@ class Executor:
         try:
             for change in plan:
                 closed = batcher.add(change[0], change[3])  # type: ignore[arg-type]
-                changes.setdefault(batcher.current_number, {})[change[0]] = make(change)
+                changes.setdefault(batcher.current_number, []).append(make(change))
                 if closed is not None:
                     self._hand_over(pool, closed)
             last = batcher.flush()
@@ -296,7 +298,7 @@ class Executor:
         self._tick()
         state = self.ctx.state
         try:
-            self.save_outcome(batch.keys, self.changes.pop(batch.number, {}), result, commit=self.inflight is None)
+            self.save_outcome(batch.keys, self.changes.pop(batch.number, []), result, commit=self.inflight is None)
             if self.inflight is not None:
                 self.inflight.end(batch.number)
         except BaseException:
@@ -304,13 +306,13 @@ class Executor:
                 state.rollback()
             raise
 
-    def save_outcome(self, keys: list[str], changes: dict[str, Change], result: BatchResult, commit: bool = True) -> None:
-        """Remember what the destination confirmed; queue its tag changes; one outcome row per profile."""
+    def save_outcome(self, keys: list[str], changes: list[Change], result: BatchResult, commit: bool = True) -> None:
+        """Remember what the destination confirmed; queue its tag changes; one outcome row per profile.
+        ``changes`` are the batch's, in the order of its ``keys``."""
         ctx = self.ctx
         manages = self.destination.manages_segments
         accepted, outcomes, tagged = [], [], []
-        for key in keys:
-            change = changes[key]
+        for key, change in zip(keys, changes, strict=True):
             if key in result.accepted_keys:
                 # Segments are remembered once their tags are applied (Mailchimp); until then, the old ones.
                 remembered = change.previous_segments if manages else change.segments
@@ -326,7 +328,7 @@ class Executor:
         if ctx.applies_changes:
             ctx.queue_tags(*tagged)
         if ctx.state is not None:
-            new = {k for k in keys if changes[k].kind == "create"}  # not in the state yet: nothing to replace
+            new = {c.key for c in changes if c.kind == "create"}  # not in the state yet: nothing to replace
             with ctx.clock.phase("state"):
                 ctx.state.save(accepted, new=new, commit=False, profile_ids=result.profile_ids)
                 ctx.state.record_outcomes(ctx.options.run_id, outcomes, commit=commit)

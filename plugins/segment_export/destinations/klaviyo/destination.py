@@ -42,10 +42,11 @@ MAX_JOB_PROFILES = 10_000
 MAX_JOB_BYTES = 5_000_000  # "5 MB" per job; decimal megabytes, to stay clear of the cap either way
 MAX_PROFILE_BYTES = 100_000  # "100 KB" per profile
 # Jobs in flight at once. Klaviyo documents no cap on bulk profile import jobs in progress (see ``jobs``); the
-# submissions are paced by the endpoint's rate limits (10/s, 150/m). Each job in flight keeps its profiles' keys
-# and fingerprints (about 250 bytes a profile), so this bounds memory: 20 jobs, 200,000 profiles, ~50 MB. With
-# the sandbox's default latencies (a job takes 1.5 s) twenty in flight outrun the 10/s submission limit.
-JOBS_IN_FLIGHT = 20
+# submissions are paced by the endpoint's rate limits (10/s, 150/m). Each job in flight keeps its profiles' keys,
+# fingerprints and segments (about 300 bytes a profile: 3 MB a job), so this bounds memory: 16 jobs, ~50 MB.
+# With the sandbox's default latencies (a job takes about 1.7 s from submission to being seen finished) sixteen
+# keep up with the fastest the task's main thread forms batches (about 60,000 profiles a second).
+JOBS_IN_FLIGHT = 16
 KEPT_SHARED_PROFILE = "kept in the list: shares a Klaviyo profile with a row still in the segment"
 # A list call naming a profile id Klaviyo no longer has (a remembered id gone stale): the spec lists only 4XX, so both
 # the likely answers are read as that and the call is made again by email (a list that is gone fails again: raised).
