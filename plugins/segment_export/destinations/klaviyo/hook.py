@@ -49,6 +49,7 @@ class KlaviyoApi(DestinationApi):
         "lists-write": (10, 150),
         "profiles": (75, 750),
         "subscriptions": (75, 750),  # POST /api/profile-subscription-bulk-create-jobs
+        "data-privacy": (3, 60),  # POST /api/data-privacy-deletion-jobs (Request Profile Deletion)
     }
 
     def default_base_url(self, connection: Any) -> str:
@@ -156,6 +157,15 @@ class KlaviyoHook(KlaviyoApi, DestinationHook):
             page = self.request_json("GET", next_endpoint, params=next_params, limit_key=limit_key)
             yield from page.get("data", [])
             next_endpoint, next_params = (page.get("links") or {}).get("next"), None
+
+    def request_profile_deletion(self, email: str) -> None:
+        """Request Profile Deletion (``POST /api/data-privacy-deletion-jobs``, revision 2026-07-15): every profile
+        with this address is deleted, asynchronously; Klaviyo answers 202 with no body once it has the request.
+        One identifier per request ("If multiple identifiers are provided, we will return an error"); rate
+        limits 3/s burst, 60/min steady (the operation's ``x-klaviyo-ratelimit``); scope ``data-privacy:write``."""
+        body = {"data": {"type": "data-privacy-deletion-job",
+                         "attributes": {"profile": {"data": {"type": "profile", "attributes": {"email": email}}}}}}
+        self.request_json("POST", "/api/data-privacy-deletion-jobs", json=body, limit_key="data-privacy")
 
     def add_to_list(self, list_id: str, profile_ids: list[str]) -> None:
         """Add up to 1,000 existing profiles to a list (membership, not consent)."""
