@@ -161,7 +161,7 @@ def main() -> int:
             conn.execute("UPDATE segment_members SET first_name = 'Changed' WHERE customer_id IN (SELECT customer_id FROM segment_members WHERE segment = 'newsletter' ORDER BY customer_id LIMIT 10)")
             conn.execute("DELETE FROM segment_members WHERE customer_id IN (SELECT customer_id FROM segment_members WHERE segment = 'newsletter' ORDER BY customer_id DESC LIMIT 5)")
         results.append(run_dag("newsletter_to_mailchimp", env, "  rerun: 10 changed, 5 left", url))
-        results.append(run_dag("vip_to_klaviyo", env, "  rerun: 1 erased", url))
+        results.append(run_dag("vip_to_klaviyo", env, "  rerun: after the erasure", url))
         state = requests.get(f"{url}/_sandbox/state", timeout=10).json()
 
     header = (f"{'export':<28} {'destination':<22} {'status':<7} {'read':>7} {'sent':>7} {'created':>8} {'updated':>8} "
