@@ -2,8 +2,9 @@
 
 Creates the sample segment data (SQLite table and a CSV extract of synthetic customers), starts the sandbox,
 initialises an Airflow home inside the repository (.airflow/, SQLite metadata database), defines the
-connections, runs each export DAG with `airflow dags test`, and prints one line per export. Exits non-zero if
-any export failed. Task logs of each run are kept in .demo/logs/.
+connections, runs each export DAG with `airflow dags test`, then one erasure request (the erasure DAG) and two
+reruns (changed rows and leavers; the erased customer skipped), and prints one line per export run and the erasure's
+receipts. Exits non-zero if any run failed. Task logs of each run are kept in .demo/logs/.
 """
 
 from __future__ import annotations

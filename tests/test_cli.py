@@ -109,3 +109,12 @@ def test_plan_prints_the_dry_run_and_writes_nothing_to_the_destination(tmp_path,
 @pytest.mark.parametrize("argv", [["--help"], ["validate", "--help"], ["plan", "--help"]])
 def test_help(argv, tmp_path):
     assert cli(*argv, tmp_path=tmp_path).returncode == 0
+
+
+def test_the_command_is_declared_in_pyproject():
+    import tomllib
+
+    from segment_export import cli
+
+    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    assert scripts == {"segment-export": "segment_export.cli:main"} and callable(cli.main)

@@ -28,7 +28,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 from segment_export.hooks.base import redact_emails
-from segment_export.mapping import MappingSpec, Rejection, RowMapper
+from segment_export.mapping import Rejection, RowMapper
+from segment_export.spec import MappingSpec
 
 if TYPE_CHECKING:
     from segment_export.context import RunContext
@@ -203,11 +204,13 @@ def run_erasures(requests: list[ErasureRequest], targets: list[ErasureTarget], e
 
     logger = logger or log
     summary = summary or ErasureSummary()
+    # Every receipt of each target, read once per state database (an erasure source keeps its old requests).
+    known = {(id(target), state): stores[state].receipts_for(target.conn_id, target.target_id)
+             for target in targets for state in target.exports_by_state}
     for request in requests:
         for target in targets:
-            where = [(stores[state], exports) for state, exports in target.exports_by_state.items()]
-            receipts = [(store, exports, store.receipt(request.request_id, target.conn_id, target.target_id))
-                        for store, exports in where]
+            receipts = [(stores[state], exports, known[(id(target), state)].get(request.request_id))
+                        for state, exports in target.exports_by_state.items()]
             answered = next((r for _, _, r in receipts if r is not None and r[0] is not None), None)
             if answered is not None:
                 summary.already_answered += 1

@@ -410,6 +410,14 @@ class ErasureStore:
         cursor.close()
         return None if row is None else (row[0], row[1])
 
+    def receipts_for(self, conn_id: str, target_id: str) -> dict[str, tuple[str | None, str | None]]:
+        """request id -> (answered_at, answer) of every receipt of one target (one query for a whole run)."""
+        cursor = self._run(f"SELECT request_id, answered_at, answer FROM {ERASURES_TABLE} WHERE conn_id = ? AND target_id = ?",
+                           (conn_id, target_id))
+        found = {row[0]: (row[1], row[2]) for row in cursor.fetchall()}
+        cursor.close()
+        return found
+
     def record(self, request_id: str, destination: str, conn_id: str, target_id: str, profile_key: str,
                requested_at: str | None, answer: str, answered: bool, when: str | None = None) -> None:
         """Write (or, for a retry, replace) a request's receipt for a target; ``answered`` False: try again later.
