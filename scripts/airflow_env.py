@@ -32,13 +32,14 @@ def airflow_env(home: Path, sandbox_url: str, warehouse_db: Path, base: dict[str
     return env
 
 
-def last_export_summary(home: Path, dag_id: str) -> dict | None:
-    """The latest export task's XCom summary, read from the SQLite metadata database of an Airflow home."""
+def last_export_summary(home: Path, dag_id: str, task_id: str = "export") -> dict | None:
+    """The latest export task's XCom summary, read from the SQLite metadata database of an Airflow home
+    (``task_id="erase"``: an erasure DAG's)."""
     import sqlite3
 
     with sqlite3.connect(home / "airflow.db") as conn:
         row = conn.execute(
-            "SELECT value FROM xcom WHERE dag_id = ? AND task_id = 'export' ORDER BY timestamp DESC LIMIT 1", (dag_id,)
+            "SELECT value FROM xcom WHERE dag_id = ? AND task_id = ? ORDER BY timestamp DESC LIMIT 1", (dag_id, task_id)
         ).fetchone()
     if row is None:
         return None

@@ -2,8 +2,9 @@
 
 Creates the sample segment data (SQLite table and a CSV extract of synthetic customers), starts the sandbox,
 initialises an Airflow home inside the repository (.airflow/, SQLite metadata database), defines the
-connections, runs each export DAG with `airflow dags test`, and prints one line per export. Exits non-zero if
-any export failed. Task logs of each run are kept in .demo/logs/.
+connections, runs each export DAG with `airflow dags test`, then one erasure request (the erasure DAG) and two
+reruns (changed rows and leavers; the erased customer skipped), and prints one line per export run and the erasure's
+receipts. Exits non-zero if any run failed. Task logs of each run are kept in .demo/logs/.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ from airflow_env import ROOT, airflow_env, last_export_summary  # noqa: E402
 
 DEMO = ROOT / ".demo"
 HOME = ROOT / ".airflow"
+ERASURES = DEMO / "erasure_requests.csv"
+ERASURE_DAG = "demo_erasures"
 PROFILES = 30_000
 AIRFLOW = str(Path(sys.executable).parent / "airflow")
 
@@ -58,14 +61,25 @@ def make_data() -> Path:
         stale.unlink(missing_ok=True)
     db = segment_data.write_sqlite(DEMO / "segments.db", PROFILES)
     segment_data.write_csv(DEMO / "churn_risk.csv", PROFILES, segment="churn_risk")
+    ERASURES.write_text("request_id,email,requested_at\n")  # no request yet: the demo adds one after the first exports
     return db
+
+
+def request_erasure(warehouse: Path) -> str:
+    """One person asks to be forgotten: the VIP customer with the lowest id (in the Klaviyo VIP list and, through
+    the vip segment, in the Mailchimp audience). Returns the request id."""
+    with sqlite3.connect(warehouse) as conn:
+        (email,) = conn.execute("SELECT email FROM segment_members WHERE segment = 'vip' ORDER BY customer_id LIMIT 1").fetchone()
+    with ERASURES.open("a") as f:
+        f.write(f"demo-erasure-1,{email},2026-12-01T09:00:00Z\n")
+    return "demo-erasure-1"
 
 
 def export_ids(env: dict[str, str]) -> list[str]:
     from segment_export.dag_factory import specs_folder
     from segment_export.spec import load_specs
 
-    specs, errors = load_specs(specs_folder(ROOT / "dags" / "exports"))
+    specs, errors = load_specs(specs_folder(ROOT / "dags" / "exports"))  # exports only: the erasure DAG runs later
     for error in errors:
         print(f"spec error: {error}")
     if errors:
@@ -101,13 +115,30 @@ def held(state: dict, summary: dict) -> int:
     return len(account["audiences"][summary["target_id"]]["members"])
 
 
-def run_dag(dag_id: str, env: dict[str, str], label: str) -> tuple:
+def run_dag(dag_id: str, env: dict[str, str], label: str, url: str, task_id: str = "export") -> tuple:
+    """Run one DAG; (label, return code, its summary, seconds, log, what the sandbox held right after it)."""
+    import requests
+
     log_path = DEMO / "logs" / f"{label.strip().split(':')[0]}-{dag_id}.log" if label != dag_id else DEMO / "logs" / f"{dag_id}.log"
     started = time.monotonic()
     with log_path.open("w") as log:
         rc = subprocess.run([AIRFLOW, "dags", "test", dag_id], env=env, stdout=log, stderr=subprocess.STDOUT).returncode
-    summary = last_export_summary(HOME, dag_id) if rc == 0 else None
-    return label, rc, summary, time.monotonic() - started, log_path
+    summary = last_export_summary(HOME, dag_id, task_id) if rc == 0 else None
+    state = requests.get(f"{url}/_sandbox/state", timeout=30).json()
+    return label, rc, summary, time.monotonic() - started, log_path, state
+
+
+def print_erasure(run: tuple) -> int:
+    """The erasure DAG's line and one line per receipt; 1 when it failed."""
+    dag_id, rc, summary, seconds, log_path, after = run
+    if summary is None:
+        print(f"\n{dag_id}: FAILED, see {log_path.relative_to(ROOT)}")
+        return 1
+    print(f"\n{dag_id}: {summary['requests']} erasure request, {summary['sent']} sent, {summary['answered']} answered, "
+          f"{summary['failed']} failed; receipts:")
+    for receipt in summary["receipts"]:
+        print(f"  {receipt['request_id']:<16} {receipt['destination'] + ' ' + receipt['target_id']:<22} {receipt['answer']}")
+    return 0
 
 
 def main() -> int:
@@ -121,19 +152,24 @@ def main() -> int:
         print(f"API sandbox: {url}")
         env = airflow_env(HOME, url, warehouse)
         subprocess.run([AIRFLOW, "db", "migrate"], env=env, check=True, capture_output=True)
-        results = [run_dag(dag_id, env, dag_id) for dag_id in export_ids(env)]
-        # Sync: change 10 customers and drop 5 from the warehouse, then run one export again.
+        results = [run_dag(dag_id, env, dag_id, url) for dag_id in export_ids(env)]
+        # Erasure: one VIP customer asks to be forgotten; the erasure DAG reaches Klaviyo and Mailchimp.
+        request_erasure(warehouse)
+        erasure = run_dag(ERASURE_DAG, env, ERASURE_DAG, url, task_id="erase")
+        # Sync: change 10 customers and drop 5 from the warehouse, then run one export again; then the VIP export,
+        # where the erased customer is still in the segment and is skipped.
         with sqlite3.connect(warehouse) as conn:
             conn.execute("UPDATE segment_members SET first_name = 'Changed' WHERE customer_id IN (SELECT customer_id FROM segment_members WHERE segment = 'newsletter' ORDER BY customer_id LIMIT 10)")
             conn.execute("DELETE FROM segment_members WHERE customer_id IN (SELECT customer_id FROM segment_members WHERE segment = 'newsletter' ORDER BY customer_id DESC LIMIT 5)")
-        results.append(run_dag("newsletter_to_mailchimp", env, "  rerun: 10 changed, 5 left"))
+        results.append(run_dag("newsletter_to_mailchimp", env, "  rerun: 10 changed, 5 left", url))
+        results.append(run_dag("vip_to_klaviyo", env, "  rerun: after the erasure", url))
         state = requests.get(f"{url}/_sandbox/state", timeout=10).json()
 
     header = (f"{'export':<28} {'destination':<22} {'status':<7} {'read':>7} {'sent':>7} {'created':>8} {'updated':>8} "
-              f"{'unchanged':>9} {'removed':>7} {'rejected':>8} {'limit-skipped':>13} {'held':>7}")
+              f"{'unchanged':>9} {'removed':>7} {'rejected':>8} {'skipped':>7} {'limit-skipped':>13} {'held':>7}")
     print("\n" + header + "\n" + "-" * len(header))
     failed = 0
-    for dag_id, rc, summary, seconds, log_path in results:
+    for dag_id, rc, summary, seconds, log_path, after in results:
         if summary is None:
             failed += 1
             print(f"{dag_id:<28} {'':<22} {'FAILED':<7} see {log_path.relative_to(ROOT)}")
@@ -143,11 +179,14 @@ def main() -> int:
         print(
             f"{dag_id:<28} {dest:<22} {'ok':<7} {summary['read']:>7,} {summary['sent']:>7,} {fmt(summary['created']):>8} "
             f"{fmt(summary['updated']):>8} {summary['unchanged']:>9,} {summary['removed']:>7,} {summary['rejected']:>8,} "
-            f"{summary['skipped_by_limit']:>13,} {held(state, summary):>7,}"
+            f"{summary['skipped']:>7,} {summary['skipped_by_limit']:>13,} {held(after, summary):>7,}"
         )
-    print("\n'held' is what the sandbox holds in the list or audience now (for the rerun: the audience, whose tags the")
-    print("5 leavers lost); Klaviyo does not say created vs updated. State and per-row outcomes: tables")
-    print("segment_export_state and segment_export_outcomes in .demo/segments.db.")
+    failed += print_erasure(erasure)
+    print("\n'held' is what the sandbox held in the list or audience right after that run (for the Mailchimp rerun: the")
+    print("audience, whose tags the 5 leavers lost, without the erased customer); Klaviyo does not say created vs updated;")
+    print("'skipped' on the reruns is the erased customer, still in the segment, never sent again. State, per-row")
+    print("outcomes and erasure receipts: tables segment_export_state, segment_export_outcomes and segment_export_erasures")
+    print("in .demo/segments.db.")
     print(f"Held profiles digest (who is in every list and audience): {held_digest(state)}")
     print("Task logs: .demo/logs/. Open the UI with `make airflow`.")
     return 1 if failed else 0

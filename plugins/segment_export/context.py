@@ -82,6 +82,9 @@ class RunContext:
     #: keys whose outcome this run already counted from its own submit pass's jobs (RunOptions.resume_counts):
     #: the plan does not send them again in this run, even those the destination rejected (the next run retries)
     settled_keys: set[str] = field(default_factory=set)
+    #: profile key -> date of every address erased through this export's destination connection (``erasure``):
+    #: the plan never sends them, they are counted skipped ("erased on <date>")
+    erased: dict[str, str] = field(default_factory=dict)
 
     @property
     def tracks_batches(self) -> bool:

@@ -22,7 +22,7 @@ from airflow.sdk import DAG, Asset, Param
 from segment_export.assets import create_asset, destination_targets
 from segment_export.lineage import mapped_fields
 from segment_export.notifications import AlertConfigError, failure_callbacks
-from segment_export.spec import ExportSpec, SpecError, load_specs
+from segment_export.spec import ErasureSpec, ExportSpec, SpecError, load_spec_folder
 
 SPECS_ENV = "SEGMENT_EXPORT_SPECS"
 SPEC_ERRORS_DAG_ID = "segment_export_spec_errors"
@@ -245,7 +245,7 @@ def build_dags(folder: str | Path) -> dict[str, DAG]:
     An export whose spec or DAG is invalid has no DAG; its error is one line of the import error.
     """
     folder = specs_folder(folder)
-    specs, errors = load_specs(folder)
+    specs, erasures, errors = load_spec_folder(folder)
     dags = {}
     for spec in specs:
         built = checked_export_dag(spec, folder)
@@ -253,9 +253,80 @@ def build_dags(folder: str | Path) -> dict[str, DAG]:
             errors.append(built)
         else:
             dags[spec.id] = built
+    for erasure in erasures:
+        built = checked_erasure_dag(erasure, [s for s in specs if s.id in dags], folder)
+        if isinstance(built, SpecError):
+            errors.append(built)
+        else:
+            dags[erasure.dag_id] = built
     if errors:
         dags[SPEC_ERRORS_DAG_ID] = _errors_dag(errors)
     return dags
+
+
+def erasure_doc_md(erasure: ErasureSpec, exports: list[ExportSpec]) -> str:
+    src = erasure.source
+    source = (f"table `{src.table}`" if src.kind == "table" else "SQL query" if src.kind == "query"
+              else f"{src.file_format.upper()} file `{src.path}`") + (f" (connection `{src.conn_id}`)" if src.conn_id else "")
+    reached = sorted({f"{e.destination.kind.display_name} connection `{e.destination.connection_id}`" for e in exports})
+    rows = [
+        ("Requests", source),
+        ("Columns", f"email `{erasure.mapping.email}`, request id `{erasure.mapping.request_id}`"
+                    + (f", requested at `{erasure.mapping.requested_at}`" if erasure.mapping.requested_at else "")),
+        ("Sent to", ", ".join(reached) or "no export yet"),
+        ("Exports that skip erased addresses", ", ".join(f"`{e.id}`" for e in exports) or "none"),
+        ("Schedule", f"`{erasure.schedule}`" if erasure.schedule else "on demand only (trigger by hand)"),
+        ("Owner", erasure.owner),
+    ]
+    head = f"### {_cell(erasure.display_name)}\n\n" + (_cell(erasure.description) + "\n\n" if erasure.description else "")
+    table = "| | |\n|---|---|\n" + "\n".join(f"| {k} | {_cell(v)} |" for k, v in rows)
+    foot = ("\n\nEach new request is sent once to every destination above (Klaviyo: Request Profile Deletion for the "
+            "account; Mailchimp: permanent delete in each audience) and gets a receipt in `segment_export_erasures` "
+            "beside the exports' state; an unanswered one is sent again by the next run. Exports never send an "
+            "erased address again.")
+    return head + table + foot
+
+
+def erasure_dag(erasure: ErasureSpec, exports: list[ExportSpec]) -> DAG:
+    """The DAG of a spec file's ``erasure`` block: one task sending each new request to every destination
+    connection ``exports`` write to (every valid export of the folder)."""
+    from datetime import datetime, timezone
+
+    from segment_export.operators.erasure import SegmentExportErasureOperator
+
+    dag = DAG(  # not a context manager: see the module docstring
+        dag_id=erasure.dag_id,
+        dag_display_name=erasure.display_name,
+        description=erasure.description or f"{erasure.display_name}: erasure requests to every export's destination",
+        schedule=erasure.schedule,
+        start_date=datetime.combine(erasure.start_date, datetime.min.time(), tzinfo=timezone.utc),
+        catchup=False,
+        max_active_runs=1,
+        tags=["segment-export", "erasure"],
+        default_args={"owner": erasure.owner, "retries": 0},
+        doc_md=erasure_doc_md(erasure, exports),
+    )
+    SegmentExportErasureOperator(task_id="erase", dag=dag, erasure=erasure, exports=exports)
+    return dag
+
+
+def checked_erasure_dag(erasure: ErasureSpec, exports: list[ExportSpec], folder: str | Path) -> DAG | SpecError:
+    """The erasure DAG, validated as the DagBag will; or the error naming the file and the field. Every export must
+    be on a destination that declares an erasure capability: an erasure that cannot reach one is refused."""
+    file = erasure.spec_file or folder
+    if erasure.dag_id == SPEC_ERRORS_DAG_ID:
+        return SpecError(file, None, "erasure.id", "this dag_id is reserved for the DAG that reports spec errors")
+    unreachable = [e for e in exports if e.destination.kind.eraser is None]
+    if unreachable:
+        names = ", ".join(f"{e.id!r} ({e.destination.kind.display_name})" for e in unreachable)
+        return SpecError(file, None, "erasure", f"erasure requests cannot reach the destination of export(s) {names}: "
+                         "it declares no erasure capability")
+    try:
+        dag = erasure_dag(erasure, exports)
+        dag.validate()
+    except Exception as exc:  # noqa: BLE001 - whatever Airflow refuses costs the erasure its DAG, no export theirs
+        return SpecError(file, None, "erasure", f"Airflow refuses the erasure DAG: {type(exc).__name__}: {exc}")
+    return dag
 
 
 def _errors_dag(errors: list[SpecError]) -> DAG:

@@ -32,6 +32,7 @@ from typing import Any, Callable
 from segment_export.apply import apply_changes
 from segment_export.context import ExportError, MassLeaveError, PhaseClock, RejectedShareError, RunContext
 from segment_export.destinations.base import Destination
+from segment_export.erasure import erased_keys, record_erased
 from segment_export.execute import Executor
 from segment_export.limit import decide_limit
 from segment_export.mapping import Rejection, RowMapper
@@ -258,12 +259,15 @@ def _execute(ctx: RunContext) -> None:
     executor = Executor(ctx)
     executor.resume(count=ctx.options.resume_counts)
     _Reader(ctx).stage()
+    ctx.erased = erased_keys(ctx)  # erasure requests: the addresses this run must not send
     plan = plan_run(ctx)
     try:
         if ctx.options.dry_run:
             report_plan(ctx, plan)
+            record_erased(ctx, plan)
             return
         executor.execute(plan)
+        record_erased(ctx, plan)
     finally:
         ctx.summary.duplicates = ctx.staging.duplicates  # counted as the plan read the staged segment
         ctx.summary.unchanged = plan.unchanged

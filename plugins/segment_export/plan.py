@@ -40,6 +40,8 @@ class Plan:
         self.creates = self.updates = self.unchanged = 0
         self.leavers = self.untagged = 0
         self.tags_added = self.tags_removed = 0
+        #: (key, kind, fingerprint, previous segments) of erased profiles the plan did not send (``erasure``)
+        self.erased: list[tuple[str, str, str | None, tuple[str, ...]]] = []
 
     @property
     def to_send(self) -> int:
@@ -56,7 +58,7 @@ class Plan:
         manages = ctx.destination.manages_segments
         keep_leavers = ctx.spec.on_leave == "keep"
         staging = ctx.staging if self._queue else None
-        settled = ctx.settled_keys
+        settled, erased = ctx.settled_keys, ctx.erased
         for change in self._changes:
             kind, segments, previous = change[1], change[4], change[5]
             if kind == "leave":
@@ -66,6 +68,12 @@ class Plan:
                         self.tags_removed += len(previous)
                     if staging is not None:  # its tag changes are queued once the mass-removal guard lets them go
                         staging.queue_leaver(change[0], previous)
+                continue
+            if erased and change[0] in erased:  # an erasure request: never sent, never tagged (erasure.record_erased)
+                if kind == "unchanged":
+                    self.unchanged += 1
+                else:
+                    self.erased.append((change[0], kind, change[2], previous))
                 continue
             added = removed = 0
             if manages:

@@ -29,7 +29,8 @@ def get_provider_info() -> dict[str, Any]:
             {"integration-name": kind.display_name, "python-modules": [kind.hook.rpartition(".")[0]]} for kind in kinds
         ],
         "operators": [
-            {"integration-name": kind.display_name, "python-modules": ["segment_export.operators.export"]}
+            {"integration-name": kind.display_name,
+             "python-modules": ["segment_export.operators.export", *(["segment_export.operators.erasure"] if kind.eraser else [])]}
             for kind in kinds
         ],
         "asset-uris": [

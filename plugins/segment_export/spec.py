@@ -519,6 +519,68 @@ class ExportSpec(_Strict):
         return self.name or self.id
 
 
+class ErasureMappingSpec(_Strict):
+    """The erasure source's columns: one row per request."""
+
+    email: str = Field(description="Column holding the address to erase.")
+    request_id: str = Field(description="Column holding the request's id (a receipt per request and target).")
+    requested_at: str | None = Field(None, description="Column holding when the person asked (kept on the receipt).")
+
+    def columns(self) -> list[str]:
+        return list(dict.fromkeys(c for c in (self.email, self.request_id, self.requested_at) if c))
+
+
+class ErasureSpec(_Strict):
+    """A spec file's ``erasure`` block: where erasure requests come from. It becomes its own DAG, which sends each
+    new request to every destination connection the exports of the specs folder write to (one receipt per
+    request and target, in ``segment_export_erasures`` next to each export's state), and from then on every
+    export on that connection skips the address."""
+
+    id: str | None = Field(None, description="The DAG's dag_id; default '<file name>_erasures'.")
+    name: str | None = Field(None, min_length=1, max_length=AIRFLOW_TEXT_MAX_LEN)
+    description: str | None = None
+    owner: str = Field("segment-export", min_length=1, max_length=AIRFLOW_TEXT_MAX_LEN)
+    schedule: str | None = Field(None, description="Cron expression or preset, as an export's; null: on demand.")
+    start_date: date = date(2024, 1, 1)
+    source: SourceSpec = Field(description="A table, query or file with one row per request.")
+    mapping: ErasureMappingSpec
+
+    @field_validator("id")
+    @classmethod
+    def _valid_id(cls, v: str | None) -> str | None:
+        if v is not None and not _ID_RE.fullmatch(v):
+            raise ValueError("must be 1-200 letters, digits, '_', '.' or '-' (it becomes the dag_id)")
+        return v
+
+    @field_validator("schedule")
+    @classmethod
+    def _valid_schedule(cls, v: str | None) -> str | None:
+        if v is not None:
+            check_schedule(v)
+        return v
+
+    @field_validator("source")
+    @classmethod
+    def _no_segments(cls, v: SourceSpec) -> SourceSpec:
+        if v.segment_column:
+            raise ValueError("an erasure source has no segments: every row is a request (filter with 'query')")
+        return v
+
+    _spec_file: str | None = PrivateAttr(None)
+
+    @property
+    def spec_file(self) -> str | None:
+        return self._spec_file
+
+    @property
+    def dag_id(self) -> str:
+        return self.id or f"{Path(self._spec_file or 'segment_export').stem}_erasures"
+
+    @property
+    def display_name(self) -> str:
+        return self.name or self.dag_id
+
+
 def check_schedule(schedule: str) -> None:
     """Refuse a schedule Airflow would refuse, with the reason; also one that can never fire (31 February).
 
@@ -626,15 +688,48 @@ def parse_spec_file(path: Path, max_bytes: int | None = None) -> tuple[list[Expo
 
     Each export is validated on its own, so one bad export does not hide the good ones in the same file.
     ``max_bytes`` (default :func:`spec_max_bytes`) caps the file's size: parsing a DAG file has a time limit.
+    (:func:`parse_spec_document` also returns the file's ``erasure`` block.)
     """
+    specs, _, errors = parse_spec_document(path, max_bytes)
+    return specs, errors
+
+
+def parse_spec_document(path: Path, max_bytes: int | None = None) -> tuple[list[ExportSpec], ErasureSpec | None, list[SpecError]]:
+    """:func:`parse_spec_file`, with the file's optional ``erasure`` block (None when absent or invalid)."""
     doc, error = _read_yaml(path, max_bytes)
     if error:
-        return [], [error]
-    if not isinstance(doc, dict) or set(doc) != {"exports"} or not isinstance(doc["exports"], list):
-        return [], [SpecError(path, None, "exports", "the file must hold one top-level key 'exports' with a list")]
+        return [], None, [error]
+    if (not isinstance(doc, dict) or "exports" not in doc or set(doc) - {"exports", "erasure"}
+            or not isinstance(doc["exports"], list)):
+        return [], None, [SpecError(path, None, "exports", "the file must hold one top-level key 'exports' with a list "
+                                    "(and optionally 'erasure')")]
+    erasure, errors = _parse_erasure(path, doc.get("erasure"))
+    specs, export_errors = _parse_exports(path, doc["exports"])
+    return specs, erasure, errors + export_errors
+
+
+def _parse_erasure(path: Path, raw: Any) -> tuple[ErasureSpec | None, list[SpecError]]:
+    if raw is None:
+        return None, []
+    if not isinstance(raw, dict):
+        return None, [SpecError(path, None, "erasure", "the erasure block must be a mapping")]
+    try:
+        erasure = ErasureSpec.model_validate(raw)
+    except ValidationError as exc:
+        return None, [SpecError(path, None, f"erasure.{e.field}" if e.field else "erasure",
+                                e.reason.replace("the export spec", "the erasure block"))
+                      for e in _errors_from_validation(path, None, exc)]
+    if erasure.source.path and not Path(erasure.source.path).is_absolute():
+        source = erasure.source.model_copy(update={"path": str((path.parent / erasure.source.path).resolve())})
+        erasure = erasure.model_copy(update={"source": source})
+    erasure._spec_file = str(path)
+    return erasure, []
+
+
+def _parse_exports(path: Path, exports: list[Any]) -> tuple[list[ExportSpec], list[SpecError]]:
     specs: list[ExportSpec] = []
     errors: list[SpecError] = []
-    for index, raw in enumerate(doc["exports"]):
+    for index, raw in enumerate(exports):
         export_id = str(raw.get("id")) if isinstance(raw, dict) and raw.get("id") else f"#{index + 1}"
         if not isinstance(raw, dict):
             errors.append(SpecError(path, export_id, None, "each export must be a mapping"))
@@ -654,15 +749,29 @@ def parse_spec_file(path: Path, max_bytes: int | None = None) -> tuple[list[Expo
 
 def load_specs(folder: str | Path) -> tuple[list[ExportSpec], list[SpecError]]:
     """Read every ``*.yaml``/``*.yml`` under ``folder``; an id used twice is an error for each later use."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        return [], [SpecError(folder, None, None, "the export specs folder does not exist")]
+    specs, _, errors = load_spec_folder(folder)
+    return specs, errors
+
+
+def load_spec_folder(folder: str | Path) -> tuple[list[ExportSpec], list[ErasureSpec], list[SpecError]]:
+    """:func:`load_specs`, with the ``erasure`` block of each file that has one. An erasure DAG's id is unique among
+    every DAG id of the folder, exports' included."""
+    return load_spec_paths(sorted(p for p in Path(folder).rglob("*") if p.suffix in (".yaml", ".yml") and p.is_file())
+                           if Path(folder).is_dir() else None, folder)
+
+
+def load_spec_paths(files: list[Path] | None, folder: str | Path | None = None
+                    ) -> tuple[list[ExportSpec], list[ErasureSpec], list[SpecError]]:
+    """The exports, erasure blocks and errors of these spec files, as :func:`load_spec_folder` reads a folder's
+    (``files`` None: ``folder`` does not exist)."""
+    if files is None:
+        return [], [], [SpecError(folder or ".", None, None, "the export specs folder does not exist")]
     specs: list[ExportSpec] = []
+    erasures: list[ErasureSpec] = []
     errors: list[SpecError] = []
     seen: dict[str, Path] = {}
-    files = sorted(p for p in folder.rglob("*") if p.suffix in (".yaml", ".yml") and p.is_file())
     for file in files:
-        file_specs, file_errors = parse_spec_file(file)
+        file_specs, erasure, file_errors = parse_spec_document(file)
         errors.extend(file_errors)
         for spec in file_specs:
             if spec.id in seen:
@@ -670,4 +779,14 @@ def load_specs(folder: str | Path) -> tuple[list[ExportSpec], list[SpecError]]:
                 continue
             seen[spec.id] = file
             specs.append(spec)
-    return specs, errors
+        if erasure is not None:
+            erasures.append(erasure)
+    kept: list[ErasureSpec] = []
+    for erasure in erasures:
+        file = Path(erasure.spec_file or ".")
+        if erasure.dag_id in seen:
+            errors.append(SpecError(file, None, "erasure.id", f"dag_id {erasure.dag_id!r} already used in {seen[erasure.dag_id]}"))
+            continue
+        seen[erasure.dag_id] = file
+        kept.append(erasure)
+    return specs, kept, errors

@@ -29,6 +29,7 @@ from segment_export.diff import Previous
 STATE_TABLE = "segment_export_state"
 OUTCOMES_TABLE = "segment_export_outcomes"
 INFLIGHT_TABLE = "segment_export_inflight_batches"
+ERASURES_TABLE = "segment_export_erasures"
 DEFAULT_STATE_DB_ENV = "SEGMENT_EXPORT_STATE_DB"
 INFLIGHT_PART_PROFILES = 100  # profiles per in-flight row on databases whose TEXT may be 64 KB
 
@@ -108,6 +109,24 @@ def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
+def connect(conn_id: str | None) -> tuple[Any, str, str, str]:
+    """(DB-API connection, placeholder, description, common-sql dialect name) of the state database: an Airflow SQL
+    connection, or the embedded SQLite file when ``conn_id`` is None. The state and the erasure receipts share it."""
+    if conn_id is None:
+        import sqlite3
+
+        path = default_state_db()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # No WAL: $AIRFLOW_HOME may be on a network filesystem, where SQLite's WAL is not safe.
+        return sqlite3.connect(path, check_same_thread=False), "?", f"SQLite file {path}", "sqlite"
+    from airflow.sdk import BaseHook
+
+    from segment_export.sources.sql import dialect_name
+
+    hook = BaseHook.get_connection(conn_id).get_hook()
+    return hook.get_conn(), hook.placeholder or "%s", f"connection {conn_id}", dialect_name(hook)
+
+
 class StateStore:
     """State and outcomes of one export's target, over a DB-API connection with the given placeholder.
 
@@ -125,22 +144,8 @@ class StateStore:
     @classmethod
     def open(cls, conn_id: str | None, export_id: str, target_id: str) -> StateStore:
         """Through an Airflow SQL connection, or the embedded SQLite file when ``conn_id`` is None."""
-        if conn_id is None:
-            import sqlite3
-
-            path = default_state_db()
-            path.parent.mkdir(parents=True, exist_ok=True)
-            conn = sqlite3.connect(path, check_same_thread=False)
-            # No WAL: $AIRFLOW_HOME may be on a network filesystem, where SQLite's WAL is not safe.
-            store = cls(conn, "?", export_id, target_id, f"SQLite file {path}", dialect_name="sqlite")
-        else:
-            from airflow.sdk import BaseHook
-
-            from segment_export.sources.sql import dialect_name
-
-            hook = BaseHook.get_connection(conn_id).get_hook()
-            store = cls(hook.get_conn(), hook.placeholder or "%s", export_id, target_id, f"connection {conn_id}",
-                        dialect_name=dialect_name(hook))
+        conn, placeholder, description, dialect = connect(conn_id)
+        store = cls(conn, placeholder, export_id, target_id, description, dialect_name=dialect)
         store.ensure_tables()
         return store
 
@@ -346,3 +351,136 @@ class StateStore:
             self.conn.close()
         except Exception:  # noqa: BLE001 - closing is best effort
             pass
+
+
+# -- erasure receipts ----------------------------------------------------------------------------------------
+
+#: One row per erasure request and destination target (a Klaviyo account, reached through its connection; a
+#: Mailchimp audience): the request, when it was first sent, the destination's answer once it answered. A row
+#: with ``answered_at`` NULL was sent and failed: the next erasure run sends it again; an answered one never.
+#: ``profile_key`` (the lower-cased address) is what every export on ``conn_id`` skips from then on.
+_ERASURES_DDL = (
+    f"CREATE TABLE IF NOT EXISTS {ERASURES_TABLE} ("
+    " request_id VARCHAR(200) NOT NULL, destination VARCHAR(50) NOT NULL, conn_id VARCHAR(250) NOT NULL,"
+    " target_id VARCHAR(200) NOT NULL, profile_key VARCHAR(320) NOT NULL, requested_at VARCHAR(40),"
+    " sent_at VARCHAR(40) NOT NULL, answered_at VARCHAR(40), answer TEXT,"
+    " PRIMARY KEY (request_id, conn_id, target_id))"
+)
+
+
+class ErasureStore:
+    """The erasure receipts (``segment_export_erasures``) in one state database, next to the sync state.
+
+    The exports whose state lives in this database read :meth:`erased` to skip erased addresses; the erasure
+    operator writes a receipt per request and target with :meth:`record`. Plain SQL any DB-API driver takes."""
+
+    def __init__(self, conn: Any, placeholder: str, description: str = "", *, owned: bool = True):
+        self.conn, self.ph, self.description, self._owned = conn, placeholder, description, owned
+
+    @classmethod
+    def open(cls, conn_id: str | None) -> ErasureStore:
+        conn, placeholder, description, _ = connect(conn_id)
+        store = cls(conn, placeholder, description)
+        store.ensure_table()
+        return store
+
+    @classmethod
+    def beside(cls, state: StateStore) -> ErasureStore:
+        """The receipts in a state store's database, over its connection (closed with the state store)."""
+        store = cls(state.conn, state.ph, state.description, owned=False)
+        store.ensure_table()
+        return store
+
+    def _run(self, sql: str, params: Iterable[Any] = ()) -> Any:
+        cursor = self.conn.cursor()
+        cursor.execute(sql.replace("?", self.ph), list(params))
+        return cursor
+
+    def ensure_table(self) -> None:
+        self._run(_ERASURES_DDL).close()
+        self.conn.commit()
+
+    def receipt(self, request_id: str, conn_id: str, target_id: str) -> tuple[str | None, str | None] | None:
+        """(answered_at, answer) of a request's receipt for a target, or None when it was never sent there."""
+        cursor = self._run(
+            f"SELECT answered_at, answer FROM {ERASURES_TABLE} WHERE request_id = ? AND conn_id = ? AND target_id = ?",
+            (request_id, conn_id, target_id),
+        )
+        row = cursor.fetchone()
+        cursor.close()
+        return None if row is None else (row[0], row[1])
+
+    def receipts_for(self, conn_id: str, target_id: str) -> dict[str, tuple[str | None, str | None]]:
+        """request id -> (answered_at, answer) of every receipt of one target (one query for a whole run)."""
+        cursor = self._run(f"SELECT request_id, answered_at, answer FROM {ERASURES_TABLE} WHERE conn_id = ? AND target_id = ?",
+                           (conn_id, target_id))
+        found = {row[0]: (row[1], row[2]) for row in cursor.fetchall()}
+        cursor.close()
+        return found
+
+    def record(self, request_id: str, destination: str, conn_id: str, target_id: str, profile_key: str,
+               requested_at: str | None, answer: str, answered: bool, when: str | None = None) -> None:
+        """Write (or, for a retry, replace) a request's receipt for a target; ``answered`` False: try again later.
+        A replaced receipt keeps its first ``sent_at``."""
+        now = when or _now()
+        previous = self.receipt(request_id, conn_id, target_id)
+        if previous is not None:
+            self._run(
+                f"UPDATE {ERASURES_TABLE} SET answered_at = ?, answer = ? WHERE request_id = ? AND conn_id = ? "
+                "AND target_id = ?", (now if answered else None, answer, request_id, conn_id, target_id),
+            ).close()
+        else:
+            self._run(
+                f"INSERT INTO {ERASURES_TABLE} (request_id, destination, conn_id, target_id, profile_key, requested_at,"
+                " sent_at, answered_at, answer) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (request_id, destination, conn_id, target_id, profile_key, requested_at, now,
+                 now if answered else None, answer),
+            ).close()
+        self.conn.commit()
+
+    def erased(self, conn_id: str) -> dict[str, str]:
+        """Every address erased through a destination connection: profile key -> the date (YYYY-MM-DD) its
+        erasure was first sent. A request sent but not answered yet counts: the person asked, and an export must
+        not re-create them meanwhile."""
+        cursor = self._run(f"SELECT profile_key, sent_at FROM {ERASURES_TABLE} WHERE conn_id = ?", (conn_id,))
+        found: dict[str, str] = {}
+        for key, sent_at in cursor.fetchall():
+            day = str(sent_at)[:10]
+            if key not in found or day < found[key]:
+                found[key] = day
+        cursor.close()
+        return found
+
+    def receipts(self) -> list[dict[str, Any]]:
+        """Every receipt (for the demo, tests and audits), oldest first."""
+        cursor = self._run(
+            f"SELECT request_id, destination, conn_id, target_id, requested_at, sent_at, answered_at, answer "
+            f"FROM {ERASURES_TABLE} ORDER BY sent_at, request_id, conn_id, target_id"
+        )
+        names = ("request_id", "destination", "conn_id", "target_id", "requested_at", "sent_at", "answered_at", "answer")
+        rows = [dict(zip(names, row)) for row in cursor.fetchall()]
+        cursor.close()
+        return rows
+
+    def forget_in_state(self, export_ids: list[str], profile_key: str) -> int:
+        """Drop an erased address from these exports' sync state: the destination no longer holds it, so the state
+        must not say it does (the next run sees it as new, and skips it as erased)."""
+        forgotten = 0
+        try:
+            for export_id in export_ids:
+                cursor = self._run(f"DELETE FROM {STATE_TABLE} WHERE export_id = ? AND profile_key = ?",
+                                   (export_id, profile_key))
+                forgotten += max(cursor.rowcount or 0, 0)
+                cursor.close()
+        except Exception:  # noqa: BLE001 - no state table yet (no export has run here): nothing to forget
+            self.conn.rollback()
+            return 0
+        self.conn.commit()
+        return forgotten
+
+    def close(self) -> None:
+        if self._owned:
+            try:
+                self.conn.close()
+            except Exception:  # noqa: BLE001 - closing is best effort
+                pass

@@ -77,3 +77,13 @@ def test_a_declaration_is_frozen():
     with pytest.raises(Exception):
         KLAVIYO.max_profiles = 1  # type: ignore[misc]
     assert isinstance(KLAVIYO, DestinationType)
+
+
+def test_every_built_in_destination_declares_how_it_erases():
+    from segment_export.destinations.base import Eraser
+
+    assert all(issubclass(load(kind.eraser), Eraser) for kind in (KLAVIYO, MAILCHIMP))
+    assert destination_type("klaviyo").build_eraser("k").targets(["L1", "L2"]) == ["account"]  # one per account
+    assert destination_type("mailchimp").build_eraser("m").targets(["A", "B", "A"]) == ["A", "B"]  # one per audience
+    with pytest.raises(ValueError, match="declares no erasure capability"):
+        replace(KLAVIYO, eraser=None).build_eraser("k")

@@ -46,7 +46,7 @@ def test_state_layout_and_no_keys_leak(sb):
     assert state == json.loads(json.dumps(sb.state()))
     assert set(state) == {"klaviyo", "mailchimp", "requests"}
     k_acc = state["klaviyo"]["accounts"][KLAVIYO_ACCOUNT_ID]
-    assert set(k_acc) == {"lists", "profiles", "jobs"}
+    assert set(k_acc) == {"lists", "profiles", "jobs", "deletions"}
     assert k_acc["lists"][KLAVIYO_LIST_ID] == {"name": "Sandbox list", "profile_ids": []}
     audience = state["mailchimp"]["accounts"][MAILCHIMP_ACCOUNT_ID]["audiences"][MAILCHIMP_AUDIENCE_ID]
     assert set(audience) >= {"name", "members", "merge_fields", "segments"}

@@ -131,3 +131,30 @@ class Destination(ABC):
     @abstractmethod
     def request_stats(self) -> dict[str, int]:
         """Requests sent and retried so far (for the summary and benchmarks)."""
+
+
+class Eraser(ABC):
+    """A destination's erasure capability: forget one person everywhere an export put them (issue 13).
+
+    Declared by the destination's :class:`~segment_export.destinations.registry.DestinationType` (``eraser``) and
+    built per destination connection. An erasure goes to each of the connection's *erasure targets*: what one
+    deletion request reaches there (a whole Klaviyo account; one Mailchimp audience)."""
+
+    type: str
+    conn_id: str
+
+    @classmethod
+    @abstractmethod
+    def from_connection(cls, conn_id: str) -> Eraser:
+        """The eraser of one destination connection (no request is made here)."""
+
+    def targets(self, target_ids: list[str]) -> list[str]:
+        """The erasure targets that cover what exports on this connection write to (``target_ids``: their lists
+        or audiences). Default: each of them."""
+        return list(dict.fromkeys(target_ids))
+
+    @abstractmethod
+    def erase(self, email: str, target: str) -> str:
+        """Ask the destination to erase ``email`` from ``target`` and return its answer, in words and without the
+        address (it is the receipt's ``answer``). Raise ``DestinationError`` when it did not answer the request
+        (the receipt then says so, and the request is sent again by the next erasure run)."""

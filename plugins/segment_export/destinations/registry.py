@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from segment_export.destinations.base import Destination
+    from segment_export.destinations.base import Destination, Eraser
     from segment_export.spec import DestinationSpec, ExportSpec
 
 #: the built-in destinations: "<module>:<attribute>" of each one's DestinationType
@@ -93,6 +93,9 @@ class DestinationType:
     async_hook: str | None = None
     #: True when its Destination implements ``membership`` (a verify run can read the target's real membership)
     verifies: bool = False
+    #: "<module>:<class>" of its :class:`~segment_export.destinations.base.Eraser` (None: erasure requests cannot
+    #: reach it, and an erasure spec covering one of its exports is refused)
+    eraser: str | None = None
 
     def __post_init__(self) -> None:
         unknown = set(self.on_leave) - set(ON_LEAVE)
@@ -106,6 +109,12 @@ class DestinationType:
     def build(self, spec: ExportSpec) -> Destination:
         """The destination an export sends to, with its hook (no request is made here)."""
         return load(self.destination).from_spec(spec)
+
+    def build_eraser(self, conn_id: str) -> Eraser:
+        """The eraser of one of its connections (no request is made here)."""
+        if self.eraser is None:
+            raise ValueError(f"{self.display_name} declares no erasure capability")
+        return load(self.eraser).from_connection(conn_id)
 
 
 _registry: dict[str, DestinationType] = {}

@@ -54,7 +54,9 @@ by account id, never by API key::
               "status": "queued" | "processing" | "complete",
               "total_count", "completed_count", "failed_count",
               "list_ids": [...], "profile_ids": [...],
-              "errors": [{"code", "detail", "pointer"}], "created_at"}}}}},
+              "errors": [{"code", "detail", "pointer"}], "created_at"}},
+          "deletions": [{"identifier": "email" | "phone_number" | "id", "status": "pending" | "done",
+                         "deleted": <profiles deleted>}]}}},
       "mailchimp": {"accounts": {<account id>: {"audiences": {<audience id>: {
           "name": str,
           "members": {<subscriber hash>: {"email_address", "status", "merge_fields": {...}, "tags": [names]}},

@@ -39,6 +39,9 @@ LATENCY_KINDS = (
     "mailchimp_batch_operations",  # not a request's: how long a POST /3.0/batches job takes before it is finished
     "mailchimp_write",  # other Mailchimp writes (segments, tags)
     "mailchimp_read",  # Mailchimp GETs
+    # not a request's: how long after its request a Klaviyo profile deletion is carried out, under behaviour
+    # klaviyo_profile_deletion: deferred (default 0: at the next request)
+    "klaviyo_deletion",
 )
 
 
@@ -151,6 +154,10 @@ BEHAVIOURS: dict[str, tuple[Any, ...]] = {
     # GET /lists/{id}/segments/{segment_id}/members without include_cleaned/include_transactional/
     # include_unsubscribed: false leaves those members out (the parameters' names), true lists them anyway
     "mailchimp_segment_members_include_by_default": (False, True),
+    # when Request Profile Deletion (POST /api/data-privacy-deletion-jobs) deletes the profile: at once, or
+    # later ("The deletion occurs asynchronously"; how long it takes is not documented): latency.klaviyo_deletion
+    # seconds after the request, at the first request after that
+    "klaviyo_profile_deletion": ("immediate", "deferred"),
 }
 
 

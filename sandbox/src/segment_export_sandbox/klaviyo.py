@@ -108,6 +108,18 @@ Modelled behaviour (and where it comes from)
   editing the list by hand in Klaviyo (add creates the profile if needed; neither touches consent).
 * Cursor pagination: ``page[size]`` (spec min/max/default per endpoint), opaque
   ``page[cursor]``, ``links.self/next/prev``; bad values -> 400.
+* ``POST /api/data-privacy-deletion-jobs`` (Request Profile Deletion): body checked against the spec's
+  ``DataPrivacyCreateDeletionJobQuery`` (``data.type`` ``data-privacy-deletion-job``, ``attributes.profile.data``
+  a profile with exactly one of ``id``, ``attributes.email``, ``attributes.phone_number``: "If multiple
+  identifiers are provided, we will return an error" -> 400 pointing at the profile's data); answers 202 with no
+  body (the spec's only success). "All profiles that match the provided identifier will be deleted": the
+  profile leaves every list and the store (a later import of the address creates a new profile, as on Klaviyo).
+  An identifier no profile has is accepted too (202; *guess*: the spec does not say, and a deletion request for
+  someone Klaviyo never held has nothing to refuse). "The deletion occurs asynchronously" and its delay is not
+  documented: switch ``klaviyo_profile_deletion``: ``immediate`` (default) deletes while answering;
+  ``deferred`` deletes ``latency.klaviyo_deletion`` seconds later (default 0: at the next request). State:
+  ``deletions`` per account (identifier kind, status ``pending``/``done``, deleted profile count, never the
+  address). Rate limits 3/s burst, 60/min steady (``x-klaviyo-ratelimit``).
 * Rate limits (per account, per endpoint, fixed windows) are the spec's
   ``x-klaviyo-ratelimit`` values, listed in ``RATE_LIMITS`` below.
 """
@@ -162,6 +174,7 @@ RATE_LIMITS: dict[str, tuple[int, int]] = {
     "profiles_read": (75, 750),
     "list_profiles": (75, 750),  # get_profiles_for_list
     "subscribe": (75, 750),
+    "data_privacy": (3, 60),  # Request Profile Deletion
 }
 MAX_SUBSCRIBE_PROFILES = 1_000
 
@@ -440,6 +453,18 @@ class KAccount:
     by_phone: dict[str, str] = field(default_factory=dict)
     by_external_id: dict[str, str] = field(default_factory=dict)
     jobs: dict[str, ImportJob] = field(default_factory=dict)
+    deletions: list["Deletion"] = field(default_factory=list)
+
+
+@dataclass
+class Deletion:
+    """A Request Profile Deletion: the identifier it names, when it was asked, whether it was carried out."""
+
+    kind: str  # "id", "email" or "phone_number"
+    value: str
+    requested: float
+    done: Optional[float] = None
+    deleted: int = 0
 
 
 def _phone_ok(value: Any) -> bool:
@@ -556,6 +581,7 @@ class KlaviyoService:
             Route("POST", "/api/profile-import", self.profile_import, "klaviyo_write", rl["profile_import"]),
             Route("GET", "/api/profiles", self.get_profiles, "klaviyo_read", rl["profiles_read"]),
             Route("POST", "/api/profile-subscription-bulk-create-jobs", self.bulk_subscribe, "klaviyo_write", rl["subscribe"]),
+            Route("POST", "/api/data-privacy-deletion-jobs", self.request_deletion, "klaviyo_write", rl["data_privacy"]),
         ]
 
     def authenticate(self, req: ApiRequest) -> Optional[ApiResponse]:
@@ -627,6 +653,7 @@ class KlaviyoService:
     def advance(self, now: Optional[float] = None) -> None:
         """Bring every job to where elapsed time says it is; apply processed profiles."""
         now = self.clock() if now is None else now
+        self._carry_out_deletions(now)
         speed = self.config.klaviyo_profiles_per_second
         queue = self.config.klaviyo_job_queue_seconds
         with self.lock:
@@ -1258,6 +1285,73 @@ class KlaviyoService:
             self._subscribe(acc, profile, pending["list_id"] if pending["list_id"] in acc.lists else None, pending["source"], when)
             return {"id": pid, "consent": profile["consent"]}
 
+    # --- data privacy: profile deletion ----------------------------------------------
+
+    def request_deletion(self, req: ApiRequest) -> ApiResponse:
+        """Request Profile Deletion (see the module docstring: one identifier, 202, asynchronous)."""
+        acc: KAccount = req.account
+        body = self._body(req)
+        data = body.get("data") if isinstance(body, dict) else None
+        if not isinstance(data, dict):
+            raise invalid("'data' is a required field.", "/data")
+        if data.get("type") != "data-privacy-deletion-job":
+            raise invalid(f"'{data.get('type')}' is not a valid resource type for this endpoint; expected "
+                          "'data-privacy-deletion-job'.", "/data/type")
+        attributes = data.get("attributes")
+        profile = ((attributes or {}).get("profile") or {}).get("data") if isinstance(attributes, dict) else None
+        pointer = "/data/attributes/profile/data"
+        if not isinstance(profile, dict) or profile.get("type") != "profile":
+            raise invalid("'profile' must be a profile resource.", pointer)
+        attrs = profile.get("attributes")
+        if not isinstance(attrs, dict):
+            raise invalid("'attributes' is a required field.", pointer + "/attributes")
+        unknown = set(attrs) - {"email", "phone_number"}
+        if unknown:
+            raise invalid(f"'{sorted(unknown)[0]}' is not a valid field for the resource 'profile'.", pointer + "/attributes")
+        given = [(k, v) for k, v in (("id", profile.get("id")), ("email", attrs.get("email")),
+                                     ("phone_number", attrs.get("phone_number"))) if v is not None]
+        if len(given) != 1:
+            raise invalid("Exactly one of 'id', 'email' or 'phone_number' must be provided"
+                          f" (got {len(given)}).", pointer)
+        kind, value = given[0]
+        if not isinstance(value, str) or (kind == "email" and not is_valid_email(value)) or (
+                kind == "phone_number" and not _phone_ok(value)):
+            raise invalid(f"Invalid {kind}.", pointer + ("" if kind == "id" else f"/attributes/{kind}"))
+        deletion = Deletion(kind, value, self.clock())
+        acc.deletions.append(deletion)
+        if self.config.behaviour["klaviyo_profile_deletion"] == "immediate":
+            self._delete(acc, deletion, deletion.requested)
+        return ApiResponse(202, None, CONTENT_TYPE)
+
+    def _carry_out_deletions(self, now: float) -> None:
+        """Deferred deletions whose time has come (``latency.klaviyo_deletion`` after their request)."""
+        delay = self.config.latency_for("klaviyo_deletion")
+        with self.lock:
+            for acc in self.accounts.values():
+                for deletion in acc.deletions:
+                    if deletion.done is None and now >= deletion.requested + delay:
+                        self._delete(acc, deletion, now)
+
+    @staticmethod
+    def _delete(acc: KAccount, deletion: Deletion, now: float) -> None:
+        """Every profile the identifier matches leaves every list and the store (and its identifier indexes)."""
+        if deletion.kind == "id":
+            matched = [deletion.value] if deletion.value in acc.profiles else []
+        else:
+            index = acc.by_email if deletion.kind == "email" else acc.by_phone
+            pid = index.get(deletion.value.lower() if deletion.kind == "email" else deletion.value)
+            matched = [pid] if pid else []
+        for pid in matched:
+            profile = acc.profiles.pop(pid)
+            for lst in acc.lists.values():
+                lst.profile_ids.pop(pid, None)
+            for index, value in ((acc.by_email, (profile.get("email") or "").lower()),
+                                 (acc.by_phone, profile.get("phone_number")),
+                                 (acc.by_external_id, profile.get("external_id"))):
+                if value and index.get(value) == pid:
+                    del index[value]
+        deletion.done, deletion.deleted = now, len(matched)
+
     # --- handlers: single profile ----------------------------------------------------
 
     def profile_import(self, req: ApiRequest) -> ApiResponse:
@@ -1301,5 +1395,8 @@ class KlaviyoService:
                         }
                         for job in acc.jobs.values()
                     },
+                    # never the address: what kind of identifier, and whether it was carried out
+                    "deletions": [{"identifier": d.kind, "status": "done" if d.done is not None else "pending",
+                                   "deleted": d.deleted} for d in acc.deletions],
                 }
             return {"accounts": accounts}

@@ -99,6 +99,12 @@ Modelled behaviour (and where it comes from)
   asked for, as the names suggest) or true (listed anyway). Archived members are not tagged members: left out.
 * Control: ``POST /_sandbox/mailchimp/audiences/{id}/untag {"email_address", "tag"}`` plays someone removing a
   tag from a member by hand in Mailchimp.
+* ``POST /lists/{id}/members/{hash}/actions/delete-permanent`` (reference: "Delete all personally identifiable
+  information related to a list member, and remove them from a list. This will make it impossible to re-import
+  the list member."): 204; the member leaves the audience and every tag, and its address joins the audience's
+  ``forgotten`` addresses, so batch subscribe and PUT answer "Forgotten Email Not Subscribed" for it from then
+  on. A hash that is not a member -> 404 "Resource Not Found" (the API's answer for an unknown member).
+  ``DELETE`` on a member (archive) is not modelled: the exporter never archives.
 * Paging: ``count`` (default 10, max 1000 -> over: 400) and ``offset``.
 """
 
@@ -580,6 +586,7 @@ class MailchimpService:
             Route("GET", "/3.0/lists/{list_id}/members/{subscriber_hash}", self.get_member, "mailchimp_read"),
             Route("PUT", "/3.0/lists/{list_id}/members/{subscriber_hash}", self.put_member, "mailchimp_write"),
             Route("POST", "/3.0/lists/{list_id}/members/{subscriber_hash}/tags", self.post_member_tags, "mailchimp_write"),
+            Route("POST", "/3.0/lists/{list_id}/members/{subscriber_hash}/actions/delete-permanent", self.delete_permanent, "mailchimp_write"),
             Route("GET", "/3.0/lists/{list_id}/segments", self.get_segments, "mailchimp_read"),
             Route("POST", "/3.0/lists/{list_id}/segments", self.create_segment, "mailchimp_write"),
             Route("GET", "/3.0/lists/{list_id}/segments/{segment_id}", self.get_segment, "mailchimp_read"),
@@ -840,6 +847,19 @@ class MailchimpService:
         if member is None:
             raise resource_not_found()
         return ApiResponse(200, self._member_json(req, au, member))
+
+    def delete_permanent(self, req: ApiRequest) -> ApiResponse:
+        """Permanently delete a member: out of the audience and its tags, its address forgotten (module docstring)."""
+        au = self._audience(req)
+        key = req.path_params["subscriber_hash"].lower()
+        member = au.members.get(key)
+        if member is None:
+            raise resource_not_found()
+        del au.members[key]
+        for seg in au.segments.values():
+            seg.member_ids.pop(key, None)
+        au.forgotten.add(member.email_address.lower())
+        return ApiResponse(204, None)
 
     def batch_subscribe(self, req: ApiRequest) -> ApiResponse:
         au = self._audience(req)

@@ -15,6 +15,7 @@ KLAVIYO = DestinationType(
     destination="segment_export.destinations.klaviyo.destination:KlaviyoDestination",
     hook="segment_export.destinations.klaviyo.hook.KlaviyoHook",
     async_hook="segment_export.destinations.klaviyo.hook.KlaviyoAsyncHook",
+    eraser="segment_export.destinations.klaviyo.erasure:KlaviyoEraser",
     # The seed product's cap per export (its docs: "up to 100,000 profiles per export").
     max_profiles=100_000,
     api_host="a.klaviyo.com",

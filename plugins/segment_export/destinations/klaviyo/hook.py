@@ -53,6 +53,7 @@ class KlaviyoApi(DestinationApi):
         "profiles": (75, 750),
         "subscriptions": (75, 750),  # POST /api/profile-subscription-bulk-create-jobs
         "list-profiles": (75, 750),  # GET /api/lists/{id}/profiles (get_profiles_for_list)
+        "data-privacy": (3, 60),  # POST /api/data-privacy-deletion-jobs (Request Profile Deletion)
     }
 
     def default_base_url(self, connection: Any) -> str:
@@ -180,6 +181,15 @@ class KlaviyoHook(KlaviyoApi, DestinationHook):
         suppressions). Cursor pagination; 75/s, 750/min (the operation's documented limits)."""
         params = {"page[size]": 100, "fields[profile]": "email,subscriptions", "additional-fields[profile]": "subscriptions"}
         return self._page_data(f"/api/lists/{list_id}/profiles", params, "list-profiles")
+
+    def request_profile_deletion(self, email: str) -> None:
+        """Request Profile Deletion (``POST /api/data-privacy-deletion-jobs``, revision 2026-07-15): every profile
+        with this address is deleted, asynchronously; Klaviyo answers 202 with no body once it has the request.
+        One identifier per request ("If multiple identifiers are provided, we will return an error"); rate
+        limits 3/s burst, 60/min steady (the operation's ``x-klaviyo-ratelimit``); scope ``data-privacy:write``."""
+        body = {"data": {"type": "data-privacy-deletion-job",
+                         "attributes": {"profile": {"data": {"type": "profile", "attributes": {"email": email}}}}}}
+        self.request_json("POST", "/api/data-privacy-deletion-jobs", json=body, limit_key="data-privacy")
 
     def add_to_list(self, list_id: str, profile_ids: list[str]) -> None:
         """Add up to 1,000 existing profiles to a list (membership, not consent)."""

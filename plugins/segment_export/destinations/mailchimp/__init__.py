@@ -14,6 +14,7 @@ MAILCHIMP = DestinationType(
     spec_model=MailchimpDestinationSpec,
     destination="segment_export.destinations.mailchimp.destination:MailchimpDestination",
     hook="segment_export.destinations.mailchimp.hook.MailchimpHook",
+    eraser="segment_export.destinations.mailchimp.erasure:MailchimpEraser",
     # The seed product's cap per export (its docs: up to 1,000,000 profiles).
     max_profiles=1_000_000,
     api_host="api.mailchimp.com",

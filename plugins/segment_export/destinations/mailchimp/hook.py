@@ -205,6 +205,14 @@ class MailchimpHook(MailchimpApi, DestinationHook):
         anonymous.proxies, anonymous.verify, anonymous.cert = session.proxies, session.verify, session.cert
         return anonymous
 
+    def delete_permanent(self, audience_id: str, email: str) -> None:
+        """Permanently delete a member (``POST /lists/{list_id}/members/{subscriber_hash}/actions/delete-permanent``,
+        Marketing API 3.0.55): "Delete all personally identifiable information related to a list member, and
+        remove them from a list. This will make it impossible to re-import the list member." Answers 204; an
+        address that is not a member is a 404 ``DestinationError`` (``DELETE`` on the member would only archive
+        it, which is not an erasure)."""
+        self.request_json("POST", f"/lists/{audience_id}/members/{subscriber_hash(email)}/actions/delete-permanent")
+
     def find_member(self, audience_id: str, email: str, fields: str = "status,tags") -> dict[str, Any] | None:
         """One member by address (its subscriber hash), or None when the audience has no such member."""
         try:
