@@ -141,3 +141,23 @@ def test_numbers_written_in_e164_get_the_same_answer_as_through_the_librarys_par
             full = None
         got = normalise(number)
         assert (got if isinstance(got, str) else None) == full, number
+
+
+def test_the_phone_validity_shortcut_answers_as_the_library_does():
+    """mapping.phone_normaliser's shortcut (the country code's first region tried first) against
+    phonenumbers.is_valid_number, on valid and invalid numbers of several countries, +1's regions included."""
+    import phonenumbers
+
+    import segment_data
+
+    written = [segment_data.phone(i) for i in range(1, 200)] + [
+        "+14165550123", "+16135550199", "+18095550123", "+12425550123", "+12025550142", "+12345678901",
+        "+447911123456", "+441624123456", "+441534123456", "+442071234567", "+4479111234",  # GB, IM, JE
+        "+79161234567", "+77012345678", "+33612345678", "+3361234", "+393123456789", "+390612345678",
+        "+61412345678", "+8613812345678", "+5511912345678", "+4915112345678", "+12125550000", "+19999999999",
+    ]
+    mapper = RowMapper(MappingSpec(email="e", phone_number="p"), ["e", "p"])
+    for number in written:
+        expected = phonenumbers.is_valid_number(phonenumbers.parse(number, None))
+        result = mapper.map(("a@example.com", number))
+        assert (not isinstance(result, Rejection)) == expected, number

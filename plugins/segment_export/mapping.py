@@ -122,11 +122,11 @@ def phone_normaliser(region: str | None):
     Cost (per number, measured on North American numbers): ``parse`` 20 µs and ``is_valid_number`` 9-18 µs. A
     number already written in E.164 (``+`` and digits, the warehouse's usual form) skips ``parse``: its country
     code is the one prefix of 1 to 3 digits that the library knows (E.164 country codes are prefix-free), the
-    rest is the national number, and it is sent as written; the validity check is the library's either way.
-    About 10 µs a number then, against 28 µs through ``parse``."""
+    rest is the national number, and it is sent as written; the validity check is the library's either way
+    (``valid`` below halves it for most numbers)."""
     import phonenumbers
     from phonenumbers import NumberParseException, PhoneNumber, PhoneNumberFormat
-    from phonenumbers.phonenumberutil import COUNTRY_CODE_TO_REGION_CODE
+    from phonenumbers.phonenumberutil import COUNTRY_CODE_TO_REGION_CODE, PhoneMetadata
 
     parse, is_valid, format_number, e164 = phonenumbers.parse, phonenumbers.is_valid_number, phonenumbers.format_number, PhoneNumberFormat.E164
     no_country = Rejection("phone_number has no country code (+...) and mapping.phone_region is not set")
@@ -136,6 +136,25 @@ def phone_normaliser(region: str | None):
 
     country_codes = frozenset(COUNTRY_CODE_TO_REGION_CODE)
     e164_match = _E164_RE.fullmatch
+    is_valid_for = phonenumbers.is_valid_number_for_region
+    main_regions: dict[int, str | None] = {}
+
+    def valid(number: PhoneNumber) -> bool:
+        """``is_valid_number``, at half its cost for most numbers. It finds the number's region first (for +1,
+        the first of 25 whose patterns match) and then checks the number against that region's patterns: two
+        passes over the same patterns when the region is the country code's first (the US for +1). So the
+        first region is tried directly; when the number is valid there, ``is_valid_number`` would have picked
+        that region (it is the first of the list, and chosen by validity, not by leading digits) and said
+        valid. Otherwise the library's own answer. Measured: 19 -> 10 µs a North American number."""
+        code = number.country_code
+        if code not in main_regions:
+            regions = COUNTRY_CODE_TO_REGION_CODE.get(code) or ()
+            first = regions[0] if regions else None
+            metadata = PhoneMetadata.metadata_for_region(first, None) if first else None
+            by_validity = metadata is not None and (len(regions) == 1 or metadata.leading_digits is None)
+            main_regions[code] = first if by_validity else None
+        main = main_regions[code]
+        return (main is not None and is_valid_for(number, main)) or is_valid(number)
 
     def normalise(text: str) -> str | Rejection:
         if e164_match(text):
@@ -144,7 +163,7 @@ def phone_normaliser(region: str | None):
                 if code in country_codes:
                     # A national number with a leading zero (Italy's) is parse's to represent: it goes that way.
                     if text[end] != "0":
-                        return text if is_valid(PhoneNumber(country_code=code, national_number=int(text[end:]))) else invalid
+                        return text if valid(PhoneNumber(country_code=code, national_number=int(text[end:]))) else invalid
                     break
         try:
             number = parse(text, region)
@@ -152,7 +171,7 @@ def phone_normaliser(region: str | None):
             if exc.error_type != NumberParseException.INVALID_COUNTRY_CODE:
                 return not_a_number
             return no_country if region is None and not text.startswith("+") else unknown_country
-        return format_number(number, e164) if is_valid(number) else invalid
+        return format_number(number, e164) if valid(number) else invalid
 
     return normalise
 
