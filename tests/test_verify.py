@@ -12,6 +12,8 @@ import pytest
 import segment_data
 from sandbox_state import klaviyo_profiles, mailchimp_members
 from segment_export_sandbox import KLAVIYO_LIST_ID, MAILCHIMP_AUDIENCE_ID
+from test_sync import KLAVIYO, MAILCHIMP, WRITES, run
+from test_sync import make_spec as sync_spec
 
 from segment_export.destinations import destination_for
 from segment_export.drift import ADDED_OUTSIDE, REMOVED_OUTSIDE, SUPPRESSED, UNSUBSCRIBED
@@ -21,32 +23,15 @@ from segment_export.spec import ExportSpec
 from segment_export.state import OUTCOMES_TABLE, STATE_TABLE, StateStore
 from segment_export.verify import VerifyOptions, export_segments, run_verify
 
-KLAVIYO = {"type": "klaviyo", "list_id": KLAVIYO_LIST_ID}
-MAILCHIMP = {"type": "mailchimp", "audience_id": MAILCHIMP_AUDIENCE_ID, "new_member_status": "subscribed"}
-WRITES = ("POST ", "DELETE ", "PUT ", "PATCH ")
-
-
 def make_spec(destination, segments=("vip",), **extra) -> ExportSpec:
-    raw = {
-        "id": "verify_test",
-        "privacy_acknowledged": True,
-        "source": {"conn_id": "warehouse", "table": "segment_members", "segment_column": "segment", "segments": list(segments)},
-        "destination": destination,
-        "mapping": {"email": "email", "first_name": "first_name"},
-        "verify": {"repair": True},
-    }
-    raw.update(extra)
-    return ExportSpec.model_validate(raw)
+    """test_sync's spec, as a verify_test export that verifies and repairs unless told otherwise."""
+    extra.setdefault("id", "verify_test")
+    extra.setdefault("verify", {"repair": True})
+    return sync_spec(destination, segments, **extra)
 
 
 def export(spec: ExportSpec, run_id: str = "r"):
-    source, destination = source_for(spec.source), destination_for(spec)
-    state = StateStore.open(spec.state_conn_id, spec.id, destination.target_id)
-    try:
-        return run_export(spec, source, destination, state=state, options=RunOptions(run_id=run_id))
-    finally:
-        source.close()
-        state.close()
+    return run(spec, run_id=run_id)
 
 
 def verify(spec: ExportSpec, run_id: str = "v", repair: bool = True, dry_run: bool = False):
