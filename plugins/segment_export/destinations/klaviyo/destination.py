@@ -134,7 +134,7 @@ class KlaviyoDestination(Destination):
 
     def __init__(self, hook: KlaviyoHook, list_id: str | None, *, lists: dict[str, str] | None = None,
                  subscribe: bool = False, report_suppressed: bool = True, source: str = "segment-export",
-                 concurrency: int = 10, jobs_in_flight: int = JOBS_IN_FLIGHT, poll_interval: float = 0.5,
+                 concurrency: int = 10, jobs_in_flight: int = JOBS_IN_FLIGHT, poll_interval: float = 0.75,
                  remember_ids: bool = True):
         """One ``list_id`` for every profile, or ``lists`` (segment → list) where profiles follow their segments.
 

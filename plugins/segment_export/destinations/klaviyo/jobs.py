@@ -4,16 +4,17 @@ Klaviyo documents no cap on bulk profile import jobs in progress (it does for ot
 "The maximum number of jobs in progress at one time is 500"; the profile import job says only "up to 10,000
 profiles per request", 5 MB, and its rate limits, 10/s burst and 150/m steady). So an export keeps many jobs in
 flight, and what bounds it is how fast it learns that one finished. Polling each job costs one
-``GET /api/profile-bulk-import-jobs/{id}`` per job per interval, all drawn from that endpoint's 150 a minute;
-with twenty jobs in flight that is one look at each every eight seconds. Instead :class:`JobBoard` asks the
+``GET /api/profile-bulk-import-jobs/{id}`` per job per interval, all drawn from the 150 a minute those reads
+share; with ten jobs in flight that is one look at each every four seconds. Instead :class:`JobBoard` asks the
 documented collection, ``GET /api/profile-bulk-import-jobs`` with ``filter=any(status,["complete","cancelled"])``,
 ``sort=-created_at`` and ``page[size]=100`` (Get Bulk Import Profiles Jobs: "Returns a maximum of 100 jobs per
-request"; filter ``status``: ``any``, ``equals``), twice a second: one request finds every job of ours that
-finished, newest first, with the same attributes as the job's own resource.
+request"; filter ``status``: ``any``, ``equals``), every ``interval`` (0.75 s: 80 of the 150 a minute): one
+request finds every job of ours that finished, newest first, with the same attributes as the job's own resource.
 
-The collection is only a hint. A job it does not show yet (the documents do not say how soon a finished job is
-listed, nor whether other jobs of the account crowd ours off the first page) is looked up by its own ``GET``
-every ``direct_every`` rounds, which is authoritative; so a job is never missed, only seen later.
+The collection is only a hint. A job it has not shown after ``direct_after`` seconds (the documents do not say
+how soon a finished job is listed, nor whether other jobs of the account crowd ours off the first pages) is
+looked up by its own ``GET``, which is authoritative, and again every ``direct_after`` seconds while it waits:
+a job is never missed, only seen later, and a long job costs a few reads a minute, not one per round.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import logging
 import threading
 import time
 from datetime import datetime, timezone
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 from segment_export.destinations.klaviyo.hook import bulk_import_finished
 
@@ -51,18 +52,22 @@ class JobBoard:
 
     A sending thread calls :meth:`wait` with the job Klaviyo answered its submission with; one poller thread
     (started while anyone waits, gone when nobody does) reads the finished jobs every ``interval`` seconds and
-    hands each waiting thread its job. A round that fails (after the hook's own retries) is tried again; when
-    ``MAX_FAILED_ROUNDS`` fail in a row, the error is raised in every thread waiting then (their batches fail,
-    and the run resumes their jobs next time: the handles are in the in-flight table)."""
+    hands each waiting thread its job. A read that fails (after the hook's own retries) is tried again: when the
+    collection fails ``MAX_FAILED_ROUNDS`` rounds in a row, every thread waiting then gets the error; when one
+    job's own ``GET`` fails that many times in a row, its thread does (their batches fail, and the run resumes
+    their jobs next time: the handles are in the in-flight table)."""
 
-    def __init__(self, hook: KlaviyoHook, interval: float = 0.5, direct_every: int = 10):
-        self.hook, self.interval, self.direct_every = hook, interval, direct_every
+    def __init__(self, hook: KlaviyoHook, interval: float = 0.75, direct_after: float = 30.0,
+                 clock: Callable[[], float] = time.monotonic):
+        self.hook, self.interval, self.direct_after, self.clock = hook, interval, direct_after, clock
         self._cond = threading.Condition()
         self._waiting: dict[str, dict[str, Any]] = {}  # job id → the job as submitted
         self._answers: dict[str, dict[str, Any] | BaseException] = {}
+        self._look_at: dict[str, float] = {}  # job id → when to look it up by its own GET
+        self._job_failures: dict[str, int] = {}  # job id → its own GETs failed in a row
         self._poller: threading.Thread | None = None
         self.rounds = 0
-        self.failed_rounds = 0  # in a row
+        self.failed_rounds = 0  # of the collection, in a row
 
     def wait(self, job: dict[str, Any]) -> dict[str, Any]:
         """The job once it is complete or cancelled."""
@@ -71,9 +76,15 @@ class JobBoard:
         job_id = job["id"]
         with self._cond:
             self._waiting[job_id] = job
+            self._look_at[job_id] = self.clock() + self.direct_after
             if self._poller is None:
-                self._poller = threading.Thread(target=self._poll, name="segment-export-klaviyo-jobs", daemon=True)
-                self._poller.start()
+                poller = threading.Thread(target=self._poll, name="segment-export-klaviyo-jobs", daemon=True)
+                try:
+                    poller.start()
+                except BaseException:
+                    self._forget(job_id)
+                    raise
+                self._poller = poller
             while job_id not in self._answers:
                 self._cond.wait()
             answer = self._answers.pop(job_id)
@@ -81,13 +92,19 @@ class JobBoard:
             raise answer
         return answer
 
+    def _forget(self, job_id: str) -> None:
+        self._waiting.pop(job_id, None)
+        self._look_at.pop(job_id, None)
+        self._job_failures.pop(job_id, None)
+
     def _poll(self) -> None:
         try:
             self._rounds()
         except BaseException as exc:  # noqa: BLE001 - the poller is going away: nobody may wait on it for ever
             with self._cond:
-                self._answers.update((job_id, exc) for job_id in self._waiting)
-                self._waiting.clear()
+                for job_id in list(self._waiting):
+                    self._answers[job_id] = exc
+                    self._forget(job_id)
                 self._poller = None
                 self._cond.notify_all()
             raise
@@ -100,24 +117,49 @@ class JobBoard:
                 if not waiting:
                     self._poller = None
                     return
-            try:
-                found: dict[str, Any] = self._finished(waiting)
-                self.failed_rounds = 0
-            except Exception as exc:  # noqa: BLE001 - tried again, then raised in every thread waiting
-                self.failed_rounds += 1
-                log.warning("looking for finished Klaviyo import jobs failed (%d in a row): %s", self.failed_rounds,
-                            exc, exc_info=self.failed_rounds == 1)
-                found = {job_id: exc for job_id in waiting} if self.failed_rounds >= MAX_FAILED_ROUNDS else {}
+            found = self._round(waiting)
             with self._cond:
                 for job_id, answer in found.items():
-                    self._waiting.pop(job_id, None)
+                    self._forget(job_id)
                     self._answers[job_id] = answer
                 if found:
                     self._cond.notify_all()
 
-    def _finished(self, waiting: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
-        """The waiting jobs that are finished: from the collection, else (every ``direct_every`` rounds) by id."""
+    def _round(self, waiting: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any] | BaseException]:
+        """The waiting jobs that are finished (or whose reads failed for good): from the collection, and by
+        their own ``GET`` for those it has not shown for ``direct_after`` seconds."""
         self.rounds += 1
+        found: dict[str, dict[str, Any] | BaseException] = {}
+        try:
+            found.update(self._listed(waiting))
+            self.failed_rounds = 0
+        except Exception as exc:  # noqa: BLE001 - tried again, then raised in every thread waiting
+            self.failed_rounds += 1
+            log.warning("looking for finished Klaviyo import jobs failed (%d in a row): %s", self.failed_rounds,
+                        exc, exc_info=self.failed_rounds == 1)
+            if self.failed_rounds >= MAX_FAILED_ROUNDS:
+                self.failed_rounds = 0
+                return {job_id: exc for job_id in waiting}
+        now = self.clock()
+        for job_id in waiting.keys() - found.keys():
+            if self._look_at.get(job_id, now) > now:
+                continue
+            self._look_at[job_id] = now + self.direct_after
+            try:
+                job = self.hook.get_bulk_import_job(job_id)
+            except Exception as exc:  # noqa: BLE001 - this job's thread gets it after MAX_FAILED_ROUNDS in a row
+                failures = self._job_failures[job_id] = self._job_failures.get(job_id, 0) + 1
+                log.warning("looking up Klaviyo import job %s failed (%d in a row): %s", job_id, failures, exc)
+                if failures >= MAX_FAILED_ROUNDS:
+                    found[job_id] = exc
+                continue
+            self._job_failures.pop(job_id, None)
+            if bulk_import_finished(job):
+                found[job_id] = job
+        return found
+
+    def _listed(self, waiting: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        """The waiting jobs the finished-jobs collection shows (newest first, at most ``MAX_PAGES`` pages)."""
         found: dict[str, dict[str, Any]] = {}
         dates = [d for d in map(_created, waiting.values()) if d is not None]
         oldest = min(dates) if len(dates) == len(waiting) else None
@@ -129,9 +171,4 @@ class JobBoard:
             # Newest first: once a page reaches back past our oldest job, later pages hold none of ours.
             if len(found) == len(waiting) or (oldest is not None and last is not None and last < oldest):
                 break
-        if self.rounds % self.direct_every == 0:
-            for job_id in waiting.keys() - found.keys():
-                job = self.hook.get_bulk_import_job(job_id)
-                if bulk_import_finished(job):
-                    found[job_id] = job
         return found
