@@ -155,9 +155,13 @@ def test_the_phone_validity_shortcut_answers_as_the_library_does():
         "+447911123456", "+441624123456", "+441534123456", "+442071234567", "+4479111234",  # GB, IM, JE
         "+79161234567", "+77012345678", "+33612345678", "+3361234", "+393123456789", "+390612345678",
         "+61412345678", "+8613812345678", "+5511912345678", "+4915112345678", "+12125550000", "+19999999999",
+        "+2615353704", "+67287545",  # valid once parse applies Madagascar's and Norfolk Island's prefix rules
     ]
     mapper = RowMapper(MappingSpec(email="e", phone_number="p"), ["e", "p"])
     for number in written:
-        expected = phonenumbers.is_valid_number(phonenumbers.parse(number, None))
+        parsed = phonenumbers.parse(number, None)
+        expected = phonenumbers.is_valid_number(parsed)
         result = mapper.map(("a@example.com", number))
         assert (not isinstance(result, Rejection)) == expected, number
+        if expected:
+            assert result.phone_number == phonenumbers.format_number(parsed, phonenumbers.PhoneNumberFormat.E164)

@@ -162,8 +162,10 @@ def phone_normaliser(region: str | None):
                 code = int(text[1:end])
                 if code in country_codes:
                     # A national number with a leading zero (Italy's) is parse's to represent: it goes that way.
-                    if text[end] != "0":
-                        return text if valid(PhoneNumber(country_code=code, national_number=int(text[end:]))) else invalid
+                    # Invalid as written: parse's turn, which applies the country's national-prefix rules
+                    # (Madagascar's +2615353704 is +261205353704) before judging it.
+                    if text[end] != "0" and valid(PhoneNumber(country_code=code, national_number=int(text[end:]))):
+                        return text
                     break
         try:
             number = parse(text, region)
