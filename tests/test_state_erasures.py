@@ -7,26 +7,15 @@ from __future__ import annotations
 import sqlite3
 
 import pytest
-from test_state import _OtherDriver
+from test_state import store  # noqa: F401 - the fixture, on SQLite, PostgreSQL and a generic driver
 
 from segment_export.state import ERASURES_TABLE, ErasureStore, StateStore
 
 
-@pytest.fixture(params=["sqlite", "postgres", "generic"])
-def state(request, tmp_path):
-    if request.param == "postgres":
-        conn, schema = request.getfixturevalue("pg_schema")
-        import psycopg
-
-        pg = psycopg.connect(f"host=127.0.0.1 port=5432 user=postgres dbname=test options=-csearch_path={schema}")
-        s = StateStore(pg, "%s", "exp", "list1", "postgres")
-    elif request.param == "sqlite":
-        s = StateStore(sqlite3.connect(tmp_path / "state.db"), "?", "exp", "list1", "sqlite")
-    else:
-        s = StateStore(_OtherDriver(sqlite3.connect(tmp_path / "state.db")), "?", "exp", "list1", "generic")
-    s.ensure_tables()
-    yield s
-    s.close()
+@pytest.fixture
+def state(store):
+    """test_state's store (SQLite, PostgreSQL, a generic driver), under this module's name for it."""
+    return store
 
 
 def test_receipts_are_recorded_replaced_on_retry_and_read_back(state):

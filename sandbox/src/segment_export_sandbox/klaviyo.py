@@ -1001,6 +1001,23 @@ class KlaviyoService:
         with_count = "profile_count" in (req.arg("additional-fields[list]") or "")
         return self._ok(200, {"data": self._list_resource(req, lst, with_count), "links": {"self": req.url()}})
 
+    @staticmethod
+    def _email_filter(req: ApiRequest) -> Optional[list[str]]:
+        """The addresses of an ``equals(email,"a")`` / ``any(email,["a","b"])`` filter (None without a filter);
+        any other filter is refused with 400 ``invalid``."""
+        text = (req.arg("filter") or "").strip()
+        if not text:
+            return None
+        match = re.fullmatch(r'(equals|any)\(email,(.*)\)', text, re.S)
+        try:
+            value = json.loads(match.group(2)) if match else None
+        except ValueError:
+            value = None
+        emails = [value] if match and match.group(1) == "equals" and isinstance(value, str) else value
+        if not isinstance(emails, list) or not all(isinstance(e, str) for e in emails):
+            raise invalid(f"Invalid filter provided: {text!r}. Supported here: equals(email,...), any(email,[...]).", "/data/")
+        return emails
+
     def get_profiles(self, req: ApiRequest) -> ApiResponse:
         """``GET /api/profiles`` with the email filters the exporter uses to find profile ids.
 
@@ -1008,19 +1025,10 @@ class KlaviyoService:
         email); other filters get Klaviyo's 400. Matching is case-insensitive, like profile identity.
         """
         acc: KAccount = req.account
-        text = (req.arg("filter") or "").strip()
-        ids: list[str]
-        if not text:
+        emails = self._email_filter(req)
+        if emails is None:
             ids = list(acc.profiles)
         else:
-            match = re.fullmatch(r'(equals|any)\(email,(.*)\)', text, re.S)
-            try:
-                value = json.loads(match.group(2)) if match else None
-            except ValueError:
-                value = None
-            emails = [value] if match and match.group(1) == "equals" and isinstance(value, str) else value
-            if not isinstance(emails, list) or not all(isinstance(e, str) for e in emails):
-                raise invalid(f"Invalid filter provided: {text!r}. Supported here: equals(email,...), any(email,[...]).", "/data/")
             ids = [acc.by_email[e.lower()] for e in emails if e.lower() in acc.by_email]
         page, links = self._page(req, ids, 20, 100)
         return self._ok(200, {"data": [self._profile_resource(req, acc.profiles[pid]) for pid in page], "links": links})
@@ -1041,16 +1049,8 @@ class KlaviyoService:
         newest = sort == "-joined_group_at" or (sort is None and self.config.behaviour["klaviyo_list_profiles_order"] == "newest")
         if newest:
             ids.reverse()
-        text = (req.arg("filter") or "").strip()
-        if text:
-            match = re.fullmatch(r'(equals|any)\(email,(.*)\)', text, re.S)
-            try:
-                value = json.loads(match.group(2)) if match else None
-            except ValueError:
-                value = None
-            emails = [value] if match and match.group(1) == "equals" and isinstance(value, str) else value
-            if not isinstance(emails, list) or not all(isinstance(e, str) for e in emails):
-                raise invalid(f"Invalid filter provided: {text!r}. Supported here: equals(email,...), any(email,[...]).", "/data/")
+        emails = self._email_filter(req)
+        if emails is not None:
             wanted = {e.lower() for e in emails}
             ids = [pid for pid in ids if (acc.profiles[pid].get("email") or "").lower() in wanted]
         page, links = self._page(req, ids, 20, 100)
