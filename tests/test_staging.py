@@ -24,10 +24,10 @@ def staging(tmp_path):
     s.close()
 
 
-def row(key: str, segment: str = "vip", fingerprint: str | None = None) -> tuple[str, str, bytes, str]:
+def row(key: str, segment: str = "vip", fingerprint: str | None = None) -> tuple[str, str, bytes, str, None]:
     """A staged source row; the payload names its fingerprint so a test can tell which row's payload won."""
     fingerprint = fingerprint or f"fp-{key}"
-    return key, fingerprint, f"payload {fingerprint}".encode(), segment
+    return key, fingerprint, f"payload {fingerprint}".encode(), segment, None
 
 
 # -- the file ---------------------------------------------------------------------------------------------------
@@ -126,7 +126,7 @@ def test_reading_a_side_back_holds_a_chunk_in_memory_not_the_whole_segment(stagi
     # Python objects read at once; streamed 5,000 at a time, ~4 MB.
     n, padding = 30_000, "x" * 100
     if side == "current":
-        staging.add([(f"k{i:06d}@x.com", f"{i:032x}", padding.encode(), "vip") for i in range(n)])
+        staging.add([(f"k{i:06d}@x.com", f"{i:032x}", padding.encode(), "vip", None) for i in range(n)])
     else:
         staging.load_previous(Previous(f"k{i:06d}@x.com", f"{i:032x}", (padding,)) for i in range(n))
     tracemalloc.start()

@@ -85,6 +85,8 @@ class RunContext:
     #: profile key -> date of every address erased through this export's destination connection (``erasure``):
     #: the plan never sends them, they are counted skipped ("erased on <date>")
     erased: dict[str, str] = field(default_factory=dict)
+    #: how this run reads its segment (``changes.ChangeDetection``), chosen once the source is checked
+    change_detection: Any = None
 
     @property
     def tracks_batches(self) -> bool:

@@ -29,6 +29,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from segment_export import changes
 from segment_export.apply import apply_changes
 from segment_export.context import ExportError, MassLeaveError, PhaseClock, RejectedShareError, RunContext
 from segment_export.destinations.base import Destination
@@ -85,12 +86,14 @@ class RunOptions:
 def check_rejected_share(spec: ExportSpec, summary: ExportSummary) -> None:
     limit = spec.limit.max_rejected_share
     bad = summary.invalid + summary.rejected
-    if limit is None or summary.read == 0 or bad / summary.read <= limit:
+    # A warehouse diff reads only what changed (its invalid rows among them, every run): the share is of the segment.
+    rows = summary.segment_rows if summary.change_detection == changes.WAREHOUSE else summary.read
+    if limit is None or rows == 0 or bad / rows <= limit:
         return
     reasons = (summary.invalid_reasons + summary.rejected_reasons).most_common(3)
     top = "; ".join(f"{count} x {reason}" for reason, count in reasons)
     raise RejectedShareError(
-        f"export {spec.id}: {bad} of {summary.read} rows ({bad / summary.read:.1%}) were invalid or rejected, over "
+        f"export {spec.id}: {bad} of {rows} rows ({bad / rows:.1%}) were invalid or rejected, over "
         f"the limit of {limit:.1%} (limit.max_rejected_share). Accepted: {summary.accepted}. Top reasons: {top}",
         summary,
     )
@@ -170,11 +173,24 @@ class _Reader:
         ctx.summary.skipped_by_limit = decision.skipped
         ctx.destination.preflight()  # read-only requests: a dry run checks the target too
 
-        clock = ctx.clock
-        chunks = iter(source.chunks(
-            self.columns, order_by=order_by if decision.truncated else None, tie_breaker=spec.mapping.email,
-            limit=decision.read_limit,
-        ))
+        detection = ctx.change_detection = changes.choose(ctx, self.columns, truncated=decision.truncated)
+        ctx.summary.change_detection = detection.mode
+        ctx.summary.segment_rows = total - decision.skipped
+        ctx.log.info("change detection: %s read (%s)", detection.mode, detection.reason)
+        if detection.mode == changes.WAREHOUSE:
+            changes.read_changes(ctx, self.columns, self._chunk)
+        else:
+            self._read_all(order_by if decision.truncated else None, decision.read_limit, detection.hashes_rows)
+        with ctx.clock.phase("stage"):
+            ctx.staging.seal()
+
+    def _read_all(self, order_by: str | None, limit: int | None, row_hash: bool) -> None:
+        """The full read: every row of the segment (each with its hash when the run keeps a snapshot)."""
+        ctx, clock = self.ctx, self.ctx.clock
+        hashed = {"row_hash": True} if row_hash else {}
+        chunks = iter(ctx.source.chunks(self.columns, order_by=order_by, tie_breaker=ctx.spec.mapping.email,
+                                        limit=limit, **hashed))
+        hash_index = len(self.columns) if row_hash else None
         while True:
             previous_phase = clock.switch("read")
             rows = next(chunks, None)
@@ -182,21 +198,21 @@ class _Reader:
             if rows is None:
                 clock.switch(previous_phase)
                 break
-            self._chunk(rows)
+            self._chunk(rows, hash_index)
             clock.switch(previous_phase)
         with clock.phase("stage"):
             if ctx.state is not None:
                 ctx.staging.load_previous(ctx.state.previous())
-            ctx.staging.seal()
 
-    def _chunk(self, rows: list[tuple[Any, ...]]) -> None:
-        """Map, validate and stage one chunk of rows; invalid rows get their outcome row."""
+    def _chunk(self, rows: list[tuple[Any, ...]], hash_index: int | None = None) -> None:
+        """Map, validate and stage one chunk of rows; invalid rows get their outcome row. ``hash_index``: the
+        position of each row's hash (a run that keeps a snapshot of the segment, ``changes``)."""
         ctx = self.ctx
         summary, encode, clock, mapper = ctx.summary, ctx.destination.encode, ctx.clock, self.mapper
         seg_index, default_segment = self.seg_index, ctx.spec.id  # no segment column: the export is the one segment
         first = summary.read
         summary.read += len(rows)
-        profiles: list[tuple[str, str, bytes, str]] = []
+        profiles: list[tuple[str, str, bytes, str, str | None]] = []
         invalid: list[tuple[str, str, str]] = []
         for i, row in enumerate(rows):
             profile = mapper.map(row)
@@ -210,7 +226,8 @@ class _Reader:
                 invalid.append((profile.key, "invalid", fragment.reason))
                 continue
             segment = str(row[seg_index]) if seg_index is not None else default_segment
-            profiles.append((profile.key, fingerprint(fragment), fragment, segment))
+            profiles.append((profile.key, fingerprint(fragment), fragment, segment,
+                             row[hash_index] if hash_index is not None else None))
         clock.switch("stage")
         ctx.staging.add(profiles)
         # A submit pass leaves them to the pass that finishes the run (it reads the segment again): once per run.
@@ -273,6 +290,7 @@ def _execute(ctx: RunContext) -> None:
         ctx.summary.unchanged = plan.unchanged
     if ctx.applies_changes:
         apply_changes(ctx, plan)
+        changes.write_snapshot(ctx)
     elif plan.removal_verdict:
         ctx.log.warning("the next pass will stop before its removals: %s", plan.removal_verdict)
 

@@ -37,7 +37,9 @@ class Plan:
         self._ctx, self._changes, self._queue = ctx, changes, queue
         self._iterated = False
         self.complete = False
-        self.creates = self.updates = self.unchanged = 0
+        self.creates = self.updates = 0
+        # a warehouse diff counts the profiles it did not plan as unchanged (``changes``): the full read would
+        self.unchanged = ctx.staging.unchanged_elsewhere
         self.leavers = self.untagged = 0
         self.tags_added = self.tags_removed = 0
         #: (key, kind, fingerprint, previous segments) of erased profiles the plan did not send (``erasure``)
@@ -111,7 +113,7 @@ class Plan:
         what = (f"export {spec.id}: this run would remove, untag or unsubscribe {losing} of the {remembered} profiles "
                 f"the export remembers ({share:.1%}: {self.leavers} left the segment, on_leave: {spec.on_leave}; "
                 f"{self.untagged} lost one of their segments)")
-        if ctx.staging.rows == 0:
+        if ctx.staging.rows == 0 and ctx.staging.unchanged_elsewhere == 0:
             return f"{what}, because the segment came back empty (0 valid profiles of {ctx.summary.read} rows read)"
         if limit is not None and share > limit:
             return f"{what}, over the limit of {limit:.1%} (sync.max_leave_share)"

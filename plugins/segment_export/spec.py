@@ -332,6 +332,12 @@ class SyncSpec(_Strict):
     allow_mass_leave: bool = Field(
         False, description="Let every run remove more than 'max_leave_share' (one run: the trigger form's option)."
     )
+    warehouse_diff: bool = Field(
+        True, description="On SQLite and PostgreSQL sources whose state lives beside the segment, runs after the first "
+        "read only the rows that changed: the database compares the segment with a snapshot the last run left in "
+        "'segment_export_snapshot' (about the size of the segment's mapped columns). false: every run reads the "
+        "whole segment and keeps no snapshot.",
+    )
 
 
 class VerifySpec(_Strict):

@@ -36,7 +36,9 @@ class Staging:
             -- the sort that orders the staged segment may use a helper thread (in C, outside Python's lock)
             PRAGMA threads = 1;
             -- one row per source row, in arrival order; read back sorted by key (see the module's docstring)
-            CREATE TABLE profiles (key TEXT NOT NULL, fingerprint TEXT NOT NULL, fragment BLOB NOT NULL, segment TEXT NOT NULL);
+            -- row_hash: the source row's hash, when the run keeps a snapshot of the segment (``changes``)
+            CREATE TABLE profiles (key TEXT NOT NULL, fingerprint TEXT NOT NULL, fragment BLOB NOT NULL, segment TEXT NOT NULL,
+                                   row_hash TEXT);
             CREATE TABLE previous (key TEXT NOT NULL, fingerprint TEXT NOT NULL, segments TEXT NOT NULL);
             -- work queued while the diff streams: tag changes, profiles waiting on them, profiles that left
             CREATE TABLE tag_ops (segment TEXT NOT NULL, op TEXT NOT NULL, key TEXT NOT NULL);
@@ -44,17 +46,74 @@ class Staging:
             CREATE TABLE pending (key TEXT PRIMARY KEY, fingerprint TEXT NOT NULL, segments TEXT NOT NULL,
                                   removed TEXT NOT NULL) WITHOUT ROWID;
             CREATE TABLE leavers (key TEXT PRIMARY KEY, segments TEXT NOT NULL) WITHOUT ROWID;
+            -- a warehouse diff's planned profiles (``changes.read_changes``)
+            CREATE TABLE affected (key TEXT PRIMARY KEY) WITHOUT ROWID;
             """
         )
         self.conn.execute("BEGIN")
         self.rows = 0
         self.previous_rows = 0  # profiles the export's state remembers
         self.duplicates = 0  # rows that repeated a key already staged, counted by current()
+        #: a warehouse diff: the remembered profiles it did not plan (unchanged without being read)
+        self.unchanged_elsewhere = 0
 
-    def add(self, profiles: list[tuple[str, str, bytes, str]]) -> None:
-        """Stage one chunk of (key, fingerprint, fragment, segment): rows as read, duplicates included."""
+    def add(self, profiles: list[tuple[str, str, bytes, str, str | None]]) -> None:
+        """Stage one chunk of (key, fingerprint, fragment, segment, row hash or None): rows as read, duplicates
+        included."""
         self.rows += len(profiles)
-        self.conn.executemany("INSERT INTO profiles VALUES (?, ?, ?, ?)", profiles)
+        self.conn.executemany("INSERT INTO profiles VALUES (?, ?, ?, ?, ?)", profiles)
+
+    def add_staged(self, rows: list[tuple[str, str, str, str]]) -> None:
+        """Stage rows as a snapshot kept them: (row hash, key, fragment text, segment)."""
+        from segment_export.exporter import fingerprint
+
+        encoded = [(key, fragment.encode(), segment, row_hash) for row_hash, key, fragment, segment in rows]
+        self.add([(key, fingerprint(fragment), fragment, segment, row_hash) for key, fragment, segment, row_hash in encoded])
+
+    # -- a warehouse diff's planned profiles -------------------------------------------------------------------
+    def add_affected(self, keys: Iterable[str]) -> None:
+        self.conn.executemany("INSERT OR IGNORE INTO affected VALUES (?)", ((key,) for key in keys))
+
+    def affected_from_profiles(self) -> None:
+        """Every profile staged so far is planned."""
+        self.conn.execute("INSERT OR IGNORE INTO affected SELECT DISTINCT key FROM profiles")
+
+    def affected_count(self) -> int:
+        return self.conn.execute("SELECT COUNT(*) FROM affected").fetchone()[0]
+
+    def affected_chunks(self, size: int) -> Iterator[list[str]]:
+        cursor = self.conn.cursor().execute("SELECT key FROM affected ORDER BY key")
+        while rows := cursor.fetchmany(size):
+            yield [key for (key,) in rows]
+
+    def snapshot_rows(self, size: int) -> Iterator[list[tuple[str, str, str, str, str, str]]]:
+        """The staged rows as a snapshot keeps them (``snapshot.SnapshotRow``), ``size`` at a time, each with the
+        profile its key's rows make: the fingerprint and segments ``current`` folds them into."""
+        from segment_export.state import segments_json
+
+        cursor = self.conn.cursor().execute(
+            "SELECT key, fingerprint, fragment, segment, row_hash FROM profiles WHERE row_hash IS NOT NULL "
+            "ORDER BY key, fingerprint")
+        out: list[tuple[str, str, str, str, str, str]] = []
+        group: list[tuple[Any, ...]] = []
+
+        def flush() -> None:
+            segments = segments_json(tuple(sorted({row[3] for row in group})))
+            out.extend((row[4], row[0], row[2].decode(), row[3], group[0][1], segments) for row in group)
+
+        while rows := cursor.fetchmany(5000):
+            for row in rows:
+                if group and group[0][0] != row[0]:
+                    flush()
+                    group = []
+                group.append(row)
+            if len(out) >= size:
+                yield out
+                out = []
+        if group:
+            flush()
+        if out:
+            yield out
 
     def load_previous(self, rows: Iterable[Previous]) -> None:
         """Copy the state's profiles (one row per key: the state's primary key)."""

@@ -219,6 +219,20 @@ class StateStore:
         finally:
             cursor.close()
 
+    def previous_for(self, keys: list[str]) -> list[Previous]:
+        """The remembered profiles among ``keys`` (a warehouse diff's planned profiles, ``changes``)."""
+        return [Previous(key, fp, _segments_tuple(segments))
+                for key, fp, segments in self._select_in("profile_key, fingerprint, segments", "profile_key", keys)]
+
+    def count(self) -> int:
+        """How many profiles this export's target remembers."""
+        cursor = self._run(f"SELECT COUNT(*) FROM {STATE_TABLE} WHERE export_id = ? AND target_id = ?",
+                           (self.export_id, self.target_id))
+        try:
+            return int(cursor.fetchone()[0])
+        finally:
+            cursor.close()
+
     @cached_property
     def dialect(self) -> str:
         """``sqlite`` or ``postgres`` when the database is one of those (rows then go in as one JSON array per

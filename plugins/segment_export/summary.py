@@ -59,7 +59,9 @@ class ExportSummary:
     export_id: str
     destination: str
     target_id: str
-    read: int = 0
+    read: int = 0  # rows read from the source (a warehouse diff: only those new or changed since the last run)
+    segment_rows: int = 0  # rows the segment has within the limit (counted by the source)
+    change_detection: str = "full"  # "full": every row read; "warehouse": only what changed (``changes``)
     invalid: int = 0
     duplicates: int = 0
     skipped_by_limit: int = 0
@@ -128,6 +130,8 @@ class ExportSummary:
             "destination": self.destination,
             "target_id": self.target_id,
             "read": self.read,
+            "segment_rows": self.segment_rows,
+            "change_detection": self.change_detection,
             "invalid": self.invalid,
             "duplicates": self.duplicates,
             "skipped_by_limit": self.skipped_by_limit,
@@ -164,6 +168,7 @@ class ExportSummary:
         """A small fixed-width table for the task log and the demo."""
         rows = [
             ("read", self.read),
+            *([("rows in the segment", self.segment_rows)] if self.change_detection == "warehouse" else []),
             ("invalid (not sent)", self.invalid),
             ("duplicates (not sent)", self.duplicates),
             ("skipped by the limit", self.skipped_by_limit),

@@ -11,9 +11,12 @@ memory. Which database a connection is comes from common-sql (``DbApiHook.dialec
 
 from __future__ import annotations
 
+import hashlib
 import uuid
 from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
+
+import msgspec
 
 from segment_export.sources.base import Row, Source, SourceError, check_columns
 from segment_export.spec import SourceSpec
@@ -91,6 +94,35 @@ def build_from(spec: SourceSpec, dialect: SqlDialect) -> tuple[str, list[Any]]:
     return sql, params
 
 
+#: common-sql dialects whose rows can be hashed in SQL (``row_hash_sql``), which the warehouse diff needs
+ROW_HASH_DIALECTS = frozenset({"sqlite", "postgresql"})
+#: the SQL function registered on a SQLite source connection to hash a row (``sqlite_row_hash``)
+SQLITE_ROW_HASH = "segment_export_row_hash"
+
+
+def sqlite_row_hash(*values: Any) -> str:
+    """A row's hash on SQLite, which has no hash function of its own (registered on the source's connection, so
+    it runs inside SQLite's query): 128 bits of BLAKE2b over the values' MessagePack encoding, which tells every
+    SQLite value apart (NULL, integer, real to the bit, text, blob: ``1``, ``1.0`` and ``'1'`` differ)."""
+    return hashlib.blake2b(msgspec.msgpack.encode(values), digest_size=16).hexdigest()
+
+
+def row_hash_sql(dialect: SqlDialect, columns: Sequence[str]) -> str:
+    """An SQL expression hashing a row's ``columns`` (what the warehouse diff compares between runs).
+
+    PostgreSQL: ``md5`` of the row's text form (``ROW(a, b)::text``), which quotes every value that needs it, so a
+    NULL (nothing) and an empty string (``""``) differ, as do ``("a,b")`` and ``(a,b)``; floats print exactly
+    (the source session sets ``extra_float_digits = 3``). Values that print alike are equal for the mapping too,
+    and a value printed differently between runs (another session time zone) only makes its row read again: the
+    hash can report a change that did not happen, never miss one. SQLite: :func:`sqlite_row_hash`."""
+    quoted = ", ".join(dialect.q(c) for c in columns)
+    if dialect.name == "postgresql":
+        return f"md5(ROW({quoted})::text)"
+    if dialect.name == "sqlite":
+        return f"{SQLITE_ROW_HASH}({quoted})"
+    raise SourceError(f"rows cannot be hashed in SQL on {dialect.name!r} (only on {', '.join(sorted(ROW_HASH_DIALECTS))})")
+
+
 def build_select(
     spec: SourceSpec,
     dialect: SqlDialect,
@@ -99,15 +131,37 @@ def build_select(
     order_by: str | None = None,
     tie_breaker: str | None = None,
     limit: int | None = None,
+    row_hash: bool = False,
 ) -> tuple[str, list[Any]]:
-    """The SELECT that reads the segment's rows (pure, so it can be tested without a database)."""
+    """The SELECT that reads the segment's rows (pure, so it can be tested without a database); ``row_hash``
+    appends each row's hash (``row_hash_sql``) as a last column."""
     from_sql, params = build_from(spec, dialect)
-    sql = f"SELECT {', '.join(dialect.q(c) for c in columns)} {from_sql}"
+    hashed = f", {row_hash_sql(dialect, columns)}" if row_hash else ""
+    sql = f"SELECT {', '.join(dialect.q(c) for c in columns)}{hashed} {from_sql}"
     if order_by:
         keys = [order_by] + ([tie_breaker] if tie_breaker and tie_breaker != order_by else [])
         sql += " ORDER BY " + ", ".join(dialect.q(k) for k in keys)
     if limit is not None:
         sql += f" LIMIT {int(limit)}"
+    return sql, params
+
+
+def build_changed_rows(spec: SourceSpec, dialect: SqlDialect, columns: Sequence[str], snapshot_table: str) -> tuple[str, list[Any]]:
+    """The warehouse diff's one pass over the segment: the rows whose hash the export's snapshot does not hold
+    (new or changed), each as its ``columns``, its hash and NULL; and the snapshot's rows the segment no longer
+    holds (changed or gone), each as NULLs, its hash and its profile key. A full outer join on the hash: PostgreSQL
+    hashes or merges it, SQLite (3.39 and later) looks each row's hash up in the snapshot's primary key. The
+    snapshot's export and target are the last two parameters."""
+    from_sql, params = build_from(spec, dialect)
+    quoted = [dialect.q(c) for c in columns]
+    inner = [f"{q} AS c{i}" for i, q in enumerate(quoted)]
+    ph = dialect.placeholder
+    sql = (
+        f"SELECT {', '.join(f'src.c{i}' for i in range(len(columns)))}, COALESCE(src.row_hash, snap.row_hash), "
+        f"snap.profile_key FROM (SELECT {', '.join(inner)}, {row_hash_sql(dialect, columns)} AS row_hash {from_sql}) src "
+        f"FULL OUTER JOIN (SELECT row_hash, profile_key FROM {snapshot_table} WHERE export_id = {ph} AND target_id = {ph}) snap "
+        "ON snap.row_hash = src.row_hash WHERE src.row_hash IS NULL OR snap.row_hash IS NULL"
+    )
     return sql, params
 
 
@@ -137,8 +191,25 @@ class SqlSource(Source):
     @property
     def conn(self) -> Any:
         if self._conn is None:
-            self._conn = self.hook.get_conn()
+            conn = self.hook.get_conn()
+            if self.hashes_rows:
+                self._prepare_row_hash(conn)
+            self._conn = conn
         return self._conn
+
+    @property
+    def hashes_rows(self) -> bool:
+        """Whether this source can hash its rows in SQL (``row_hash_sql``): the warehouse diff's condition."""
+        return self.dialect.name in ROW_HASH_DIALECTS
+
+    def _prepare_row_hash(self, conn: Any) -> None:
+        """SQLite: register the row hash function; PostgreSQL: print floats exactly (their text is what is hashed)."""
+        if self.dialect.name == "sqlite":
+            conn.create_function(SQLITE_ROW_HASH, -1, sqlite_row_hash, deterministic=True)
+        elif self.dialect.name == "postgresql":
+            cursor = conn.cursor()
+            cursor.execute("SET extra_float_digits = 3")
+            cursor.close()
 
     def _execute(self, sql: str, params: list[Any], *, stream: bool = False) -> Any:
         conn = self.conn
@@ -181,9 +252,21 @@ class SqlSource(Source):
         finally:
             cursor.close()
 
-    def chunks(self, columns, *, order_by=None, tie_breaker=None, limit=None) -> Iterator[list[Row]]:
+    def chunks(self, columns, *, order_by=None, tie_breaker=None, limit=None, row_hash=False) -> Iterator[list[Row]]:
+        """The rows (see ``Source.chunks``); ``row_hash``: each with its hash (``row_hash_sql``) appended."""
         self._check(columns, order_by, tie_breaker)
-        sql, params = build_select(self.spec, self.dialect, columns, order_by=order_by, tie_breaker=tie_breaker, limit=limit)
+        sql, params = build_select(self.spec, self.dialect, columns, order_by=order_by, tie_breaker=tie_breaker,
+                                   limit=limit, row_hash=row_hash)
+        return self._stream(sql, params)
+
+    def changed_rows(self, columns: Sequence[str], snapshot_table: str, export_id: str, target_id: str) -> Iterator[list[Row]]:
+        """The warehouse diff's rows (``build_changed_rows``): ``(*values, hash, None)`` for a row new or changed
+        since the snapshot, ``(None, ..., hash, profile key)`` for a snapshot row the segment no longer holds."""
+        self._check(columns)
+        sql, params = build_changed_rows(self.spec, self.dialect, columns, snapshot_table)
+        return self._stream(sql, params + [export_id, target_id])
+
+    def _stream(self, sql: str, params: list[Any]) -> Iterator[list[Row]]:
         cursor = self._execute(sql, params, stream=True)
         try:
             while rows := cursor.fetchmany(self.chunk_size):

@@ -1,0 +1,135 @@
+"""The segment as the export's last run read it, kept in the warehouse beside the state: the warehouse diff's memory.
+
+``segment_export_snapshot`` holds one row per source row of the segment that mapped to a profile: the hash of the
+row's source columns (computed by the database, ``sources.sql.row_hash_sql``), the profile key, what the row was
+staged as (its payload fragment and segment), and the profile those rows made (its fingerprint and segments, as the
+state stores them). ``segment_export_snapshots`` holds one row per export target: the signature of the mapping the
+rows were staged under (``changes.signature``), their count and when they were written.
+
+Why the staged form and not the source's values: the staged form is the exporter's own text, so it goes in and
+comes back exactly, whatever the source's column types (a PostgreSQL ``json`` or ``timestamptz`` would not survive
+a trip through Python and back). It is also all the diff needs: a profile one of whose rows changed is staged again
+from its other rows' snapshot rows without reading or mapping them.
+
+The snapshot is only ever a cache: the run compares it with the state (``affected_keys``), so a profile the
+destination did not accept, one the mass-removal guard held back, one a drift repair or an erasure made the state
+forget, or a state edited by hand, is planned again as the full diff would plan it.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterable, Iterator
+
+from segment_export.state import STATE_TABLE, StateStore, _json_text, _now
+
+SNAPSHOT_TABLE = "segment_export_snapshot"
+SNAPSHOTS_TABLE = "segment_export_snapshots"
+
+_DDL = (
+    f"CREATE TABLE IF NOT EXISTS {SNAPSHOT_TABLE} ("
+    " export_id VARCHAR(200) NOT NULL, target_id VARCHAR(200) NOT NULL, row_hash VARCHAR(64) NOT NULL,"
+    " profile_key VARCHAR(320) NOT NULL, fragment TEXT NOT NULL, segment TEXT NOT NULL,"
+    " profile_fingerprint VARCHAR(64) NOT NULL, profile_segments TEXT NOT NULL,"
+    " PRIMARY KEY (export_id, target_id, row_hash))",
+    f"CREATE INDEX IF NOT EXISTS {SNAPSHOT_TABLE}_by_key ON {SNAPSHOT_TABLE} (export_id, target_id, profile_key)",
+    f"CREATE TABLE IF NOT EXISTS {SNAPSHOTS_TABLE} ("
+    " export_id VARCHAR(200) NOT NULL, target_id VARCHAR(200) NOT NULL, signature VARCHAR(64) NOT NULL,"
+    " row_count INTEGER NOT NULL, written_at VARCHAR(40) NOT NULL, PRIMARY KEY (export_id, target_id))",
+)
+
+#: a snapshot row as written: (row hash, profile key, fragment, segment, profile fingerprint, profile segments JSON)
+SnapshotRow = tuple[str, str, str, str, str, str]
+_CHUNK = 5000
+
+
+class SnapshotStore:
+    """The snapshot of one export target, on the state's connection (SQLite or PostgreSQL: the JSON statements)."""
+
+    def __init__(self, state: StateStore):
+        self.state = state
+        self.ids = (state.export_id, state.target_id)
+
+    def ensure_tables(self) -> None:
+        for ddl in _DDL:
+            self.state._run(ddl).close()
+        self.state.conn.commit()
+
+    def signature(self) -> str | None:
+        """The signature the snapshot was written under; None when there is none."""
+        cursor = self.state._run(f"SELECT signature FROM {SNAPSHOTS_TABLE} WHERE export_id = ? AND target_id = ?", self.ids)
+        row = cursor.fetchone()
+        cursor.close()
+        return row[0] if row else None
+
+    def affected_keys(self) -> Iterator[str]:
+        """The profiles whose state is not what the snapshot says their rows make (not accepted, accepted
+        differently, forgotten, held back), and those the state holds without any snapshot row: the run plans
+        them from their current rows whether or not a row changed."""
+        sql = (
+            f"SELECT n.profile_key FROM {SNAPSHOT_TABLE} n LEFT JOIN {STATE_TABLE} s ON s.export_id = n.export_id "
+            "AND s.target_id = n.target_id AND s.profile_key = n.profile_key WHERE n.export_id = ? AND n.target_id = ? "
+            "AND (s.profile_key IS NULL OR s.fingerprint <> n.profile_fingerprint OR s.segments <> n.profile_segments) "
+            f"UNION SELECT s.profile_key FROM {STATE_TABLE} s WHERE s.export_id = ? AND s.target_id = ? AND NOT EXISTS "
+            f"(SELECT 1 FROM {SNAPSHOT_TABLE} n WHERE n.export_id = s.export_id AND n.target_id = s.target_id "
+            "AND n.profile_key = s.profile_key)"
+        )
+        cursor = self.state._run(sql, self.ids + self.ids)
+        try:
+            while rows := cursor.fetchmany(_CHUNK):
+                for (key,) in rows:
+                    yield key
+        finally:
+            cursor.close()
+
+    def rows_for(self, keys: list[str]) -> list[tuple[str, str, str, str]]:
+        """(row hash, profile key, fragment, segment) of the snapshot rows of these profiles."""
+        return self._select_keys("row_hash, profile_key, fragment, segment", keys)
+
+    def _select_keys(self, columns: str, keys: list[str]) -> list[tuple[Any, ...]]:
+        from segment_export.state import _JSON_KEYS
+
+        if not keys:
+            return []
+        cursor = self.state._run(
+            f"SELECT {columns} FROM {SNAPSHOT_TABLE} WHERE export_id = ? AND target_id = ? "
+            f"AND profile_key IN ({_JSON_KEYS[self.state.dialect]})", (*self.ids, _json_text(keys)),
+        )
+        rows = [tuple(r) for r in cursor.fetchall()]
+        cursor.close()
+        return rows
+
+    def replace(self, rows: Iterable[list[SnapshotRow]], signature: str) -> int:
+        """A full run's snapshot: every row, in place of whatever was there. Returns the rows written."""
+        self.state._run(f"DELETE FROM {SNAPSHOT_TABLE} WHERE export_id = ? AND target_id = ?", self.ids).close()
+        return self._write(rows, signature, replace=True)
+
+    def update(self, keys: Iterable[list[str]], rows: Iterable[list[SnapshotRow]], signature: str) -> int:
+        """A warehouse-diff run's snapshot: the rows of the profiles it planned (``keys``) in place of theirs."""
+        for chunk in keys:
+            from segment_export.state import _JSON_KEYS
+
+            self.state._run(
+                f"DELETE FROM {SNAPSHOT_TABLE} WHERE export_id = ? AND target_id = ? "
+                f"AND profile_key IN ({_JSON_KEYS[self.state.dialect]})", (*self.ids, _json_text(chunk)),
+            ).close()
+        return self._write(rows, signature, replace=False)
+
+    def _write(self, rows: Iterable[list[SnapshotRow]], signature: str, *, replace: bool) -> int:
+        written = 0
+        for chunk in rows:
+            # A row repeated in the source (same hash) is one snapshot row.
+            self.state._insert(SNAPSHOT_TABLE, self.ids, chunk, (), upsert="ON CONFLICT DO NOTHING")
+            written += len(chunk)
+        count = self.state._run(f"SELECT COUNT(*) FROM {SNAPSHOT_TABLE} WHERE export_id = ? AND target_id = ?", self.ids)
+        total = int(count.fetchone()[0])
+        count.close()
+        self.state._run(f"DELETE FROM {SNAPSHOTS_TABLE} WHERE export_id = ? AND target_id = ?", self.ids).close()
+        self.state._run(f"INSERT INTO {SNAPSHOTS_TABLE} VALUES (?, ?, ?, ?, ?)", (*self.ids, signature, total, _now())).close()
+        self.state.conn.commit()
+        return written
+
+    def clear(self) -> None:
+        """Forget the snapshot (the next run reads the whole segment)."""
+        for table in (SNAPSHOT_TABLE, SNAPSHOTS_TABLE):
+            self.state._run(f"DELETE FROM {table} WHERE export_id = ? AND target_id = ?", self.ids).close()
+        self.state.conn.commit()
