@@ -18,7 +18,9 @@ What it does:
 4. Computes each case's floor: the least time the destination's limits and the latency allow (formula
    printed), the ratio wall/floor and the CPU microseconds per exported profile.
 5. Runs the baseline (one profile per request, Klaviyo ``POST /api/profile-import`` at 75/s, 750/min) on
-   ``--baseline-profiles`` profiles, and the 1%-changed rerun when the exporter keeps sync state.
+   ``--baseline-profiles`` profiles, the 1%-changed rerun of the SQLite segment, and the 1%-changed reruns of
+   the PostgreSQL segment at ``--rerun-postgres`` sizes (default 1,000,000 and 10,000,000: the warehouse diff).
+   Their ``bench-rerun:`` lines come last.
 6. Prints a table, then one ``bench:`` line per destination x source case, and writes ``results.json``.
 """
 
@@ -342,7 +344,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--klaviyo-profiles-per-second", type=float, default=10_000.0,
                         help="Klaviyo's processing speed of one job (default 10,000: 1 s per full job)")
     parser.add_argument("--baseline-profiles", type=int, default=2_000, help="profiles for the one-per-request baseline (0: skip)")
-    parser.add_argument("--no-rerun", action="store_true", help="skip the 1%%-changed rerun")
+    parser.add_argument("--no-rerun", action="store_true", help="skip the 1%%-changed reruns")
+    parser.add_argument("--rerun-postgres", default="1000000,10000000", metavar="N,N",
+                        help="profile counts of the 1%%-changed rerun cases on PostgreSQL (bench-rerun: lines; '' to skip)")
+    parser.add_argument("--rerun-destinations", default="klaviyo", help="destinations of the PostgreSQL rerun cases")
     parser.add_argument("--data-dir", type=Path, default=HERE / "data")
     parser.add_argument("--results", type=Path, default=HERE / "results.json")
     parser.add_argument("--py-spy", type=Path, metavar="DIR", help="record each case with py-spy (raw stacks) into DIR")
@@ -388,6 +393,12 @@ def main(argv: list[str] | None = None) -> int:
                 for destination in destinations:
                     results.extend(rerun(destination, n, paths, env, workdir, sandbox, args))
 
+        reruns = [int(x) for x in args.rerun_postgres.split(",") if x] if not args.no_rerun and "postgres" in sources else []
+        for size in reruns:
+            rerun_paths = {**paths, "postgres": postgres_table(size) if size != n else paths["postgres"]}
+            for destination in (d for d in args.rerun_destinations.split(",") if d):
+                results.append(rerun_postgres(destination, size, rerun_paths, env, workdir, sandbox))
+
         if args.baseline_profiles > 0:
             b = args.baseline_profiles
             print(f"running baseline: {b:,} profiles, one POST /api/profile-import each...", flush=True)
@@ -420,7 +431,52 @@ def main(argv: list[str] | None = None) -> int:
     for r in results:
         if r["case"] == "export":
             print(line(r))
+    for r in results:
+        if r["case"] == "rerun-postgres":
+            print(rerun_line(r))
     return 0
+
+
+def rerun_postgres(destination: str, n: int, paths: dict[str, Any], env: dict[str, str], workdir: Path,
+                   sandbox: SandboxProcess) -> dict[str, Any]:
+    """A first export of the PostgreSQL segment of ``n`` customers, 1 % of its rows changed, the next run: the
+    warehouse diff's case (issue 14). The rows are restored afterwards."""
+    import psycopg
+
+    name = f"{destination}-postgres-{n}-rerun"
+    spec = export_spec(destination, "postgres", n, paths)
+    schema, table = paths["postgres"].split(".")
+    qualified = f'"{schema}"."{table}"'
+    print(f"running {name}: full run of {n:,} profiles, then 1% of rows changed...", flush=True)
+    sandbox.call("POST", "/_sandbox/reset")
+    full = run_child({"mode": "export", "spec": spec, "params": {}, "fresh_state": True}, env, workdir, name + "-full", None)
+    with psycopg.connect(PG_CONNINFO, autocommit=True) as conn:
+        changed = conn.execute(f"UPDATE {qualified} SET first_name = first_name || 'x' WHERE customer_id % 100 = 0").rowcount
+        try:
+            cpu0 = sandbox.cpu_seconds()
+            result = run_child({"mode": "export", "spec": spec, "params": {}}, env, workdir, name, None)
+            sandbox_cpu = sandbox.cpu_seconds() - cpu0
+        finally:
+            conn.execute(f"UPDATE {qualified} SET first_name = left(first_name, -1) WHERE customer_id % 100 = 0")
+            conn.execute(f"VACUUM ANALYZE {qualified}")
+    summary = result.get("summary", {})
+    out = {
+        "case": "rerun-postgres", "destination": destination, "source": "postgres", "profiles": n, "changed": changed,
+        "rows_read": summary.get("read"), "change_detection": summary.get("change_detection"),
+        "wall_s": round(result["wall_s"], 2), "full_wall_s": round(full["wall_s"], 2),
+        "share": round(result["wall_s"] / full["wall_s"], 4), "sent": summary.get("sent"),
+        "cpu_s": round(result["cpu_s"], 2), "peak_rss_mb": round(result["peak_rss_mb"], 1),
+        "full_peak_rss_mb": round(full["peak_rss_mb"], 1), "sandbox_cpu_s": round(sandbox_cpu, 2),
+        "cpu_seconds_by_phase": result.get("cpu_seconds") or {}, "full_cpu_seconds_by_phase": full.get("cpu_seconds") or {},
+    }
+    print(f"  {rerun_line(out)}", flush=True)
+    return out
+
+
+def rerun_line(r: dict[str, Any]) -> str:
+    return (f"bench-rerun: destination={r['destination']} source={r['source']} profiles={r['profiles']} "
+            f"changed={r['changed']} rows_read={r['rows_read']} wall_s={r['wall_s']:.2f} "
+            f"full_wall_s={r['full_wall_s']:.2f} share={r['share']:.3f}")
 
 
 def rerun(destination: str, n: int, paths: dict[str, Any], env: dict[str, str], workdir: Path,
@@ -493,7 +549,7 @@ def print_table(results: list[dict[str, Any]], notes: list[str]) -> None:
     print()
     print(head)
     print("-" * len(head))
-    for r in results:
+    for r in (r for r in results if r["case"] != "rerun-postgres"):
         print(f"{r['case']:<24}{r['destination']:<12}{r['source']:<10}{r['profiles']:>10,}{r['wall_s']:>9.1f}"
               f"{r['floor_s']:>9.1f}{r['ratio']:>7.2f}{r['cpu_us_per_profile']:>10.1f}"
               f"{'' if r.get('core_cpu_us_per_profile') is None else format(r['core_cpu_us_per_profile'], '.1f'):>10}"
@@ -501,7 +557,7 @@ def print_table(results: list[dict[str, Any]], notes: list[str]) -> None:
               f"{r['requests']:>9,}{r['retried']:>8,}{r['sandbox_cpu_s']:>10.1f}")
     print()
     seen = set()
-    for r in results:
+    for r in (r for r in results if r["case"] != "rerun-postgres"):
         key = (r["case"], r["destination"])
         if key not in seen:
             seen.add(key)
@@ -509,7 +565,7 @@ def print_table(results: list[dict[str, Any]], notes: list[str]) -> None:
     for r in results:
         if r.get("cpu_seconds_by_phase"):
             phases = ", ".join(f"{k} {v:.1f}" for k, v in r["cpu_seconds_by_phase"].items())
-            print(f"cpu s by phase {r['case']} {r['destination']} {r['source']}: {phases}")
+            print(f"cpu s by phase {r['case']} {r['destination']} {r['source']} {r['profiles']:,}: {phases}")
     print("core us/p: the read and map phases (read, map, validate, serialize): the issue's CPU target")
     for note in notes:
         print(f"note: {note}")

@@ -54,7 +54,8 @@ def export(case: dict[str, Any]) -> dict[str, Any]:
     return {
         "wall_s": wall1 - wall0,
         "cpu_s": cpu1 - cpu0,
-        "summary": {k: summary.get(k) for k in ("read", "invalid", "duplicates", "sent", "accepted", "rejected", "batches", "skipped_by_limit") if k in summary},
+        "summary": {k: summary.get(k) for k in ("read", "segment_rows", "change_detection", "invalid", "duplicates", "sent", "accepted", "rejected",
+                                                 "unchanged", "batches", "skipped_by_limit") if k in summary},
         "cpu_seconds": summary.get("cpu_seconds") or {},  # by phase, as the exporter counted it
         "client_requests": stats.get("requests"),
         "client_retries": stats.get("retries"),
