@@ -86,6 +86,10 @@ def test_a_spike_of_rejections_or_a_drop_of_accepted_stands_out():
     assert rejection_alert([run("rerun", read=1000, sent=10, accepted=10), *steady]) is None  # the sync, not a drop
     assert "fell to 300 rows (from 1,000)" in rejection_alert([run("new", read=300, sent=10, accepted=10), *steady])
     assert rejection_alert([run("only", rejected=5)]) is None  # nothing to compare with
+    # a warehouse diff reads only the changed rows: the segment's size is segment_rows
+    diffed = run("diffed", read=12, segment_rows=1000, sent=10, accepted=10)
+    assert rejection_alert([diffed, *steady]) is None
+    assert "fell to 300 rows" in rejection_alert([run("new", read=3, segment_rows=300, sent=1, accepted=1), diffed, *steady])
 
 
 def test_schedule_as_the_spec_says_it():

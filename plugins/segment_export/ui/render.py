@@ -188,7 +188,7 @@ def render_list(rows: list[ExportRow], *, spec_errors: int = 0) -> str:
     )
 
 
-SUMMARY_FIELDS = ("read", "invalid", "duplicates", "skipped_by_limit", "sent", "accepted", "created", "updated",
+SUMMARY_FIELDS = ("read", "segment_rows", "invalid", "duplicates", "skipped_by_limit", "sent", "accepted", "created", "updated",
                   "rejected", "skipped", "unchanged", "removed", "held_back", "subscribed", "pending",
                   "tags_added", "tags_removed", "batches")
 

@@ -49,6 +49,11 @@ class RunInfo:
         value = self.summary.get(name)
         return int(value) if isinstance(value, (int, float)) else None
 
+    def segment_size(self) -> int:
+        """The rows the segment had: ``segment_rows`` (a warehouse diff reads only the changed ones, ``read``
+        counts those), else, for summaries from before it existed, ``read``."""
+        return self.count("segment_rows") or self.count("read") or 0
+
 
 @dataclass(frozen=True)
 class ExportInfo:
@@ -204,7 +209,7 @@ def rejection_alert(runs: list[RunInfo]) -> str | None:
     usual = max((r.count("rejected") or 0) for r in before)
     if rejected > 0 and rejected > 2 * usual:
         return f"{rejected:,} rejected in the last run (at most {usual:,} in the {len(before)} before)"
-    read, previous = last.count("read") or 0, before[0].count("read") or 0
+    read, previous = last.segment_size(), before[0].segment_size()
     if previous > 0 and read < 0.5 * previous:
         return f"the segment fell to {read:,} rows (from {previous:,})"
     return None
