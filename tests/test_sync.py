@@ -241,3 +241,20 @@ def test_klaviyo_one_list_per_segment_and_moves_between_lists(segment_db, sandbo
         make_spec({"type": "klaviyo", "lists": {"vip": "A"}}, segments=("vip", "newsletter"))
     with pytest.raises(ValueError, match="either 'list_id'"):
         make_spec({"type": "klaviyo", "list_id": "A", "lists": {"vip": "A"}})
+
+
+@pytest.mark.parametrize("warehouse_diff", [True, False])
+def test_invalid_rows_beyond_the_first_chunk_with_the_state_in_the_segments_own_sqlite_file(segment_db, sandbox, warehouse_diff):
+    # The outcome rows of invalid rows used to be committed while the read's statement was open: SQLite made the
+    # write wait for the reader (this same thread) and failed with "database is locked" after 5 s.
+    sql(segment_db, "UPDATE segment_members SET email = 'not-an-address-' || customer_id WHERE customer_id % 250 = 0")
+    spec = make_spec(KLAVIYO, segments=segment_data.SEGMENTS, sync={"warehouse_diff": warehouse_diff})
+    spec = spec.model_copy(update={"source": spec.source.model_copy(update={"chunk_size": 100})})
+    (bad,) = sql(segment_db, "SELECT COUNT(*) FROM segment_members WHERE email LIKE 'not-an-address-%'")[0]
+    assert bad == 8  # customers 250, 500, 750 and 1000, two rows each, in chunks 3 to 11
+    for run_id in ("r1", "r2"):
+        summary = run(spec, run_id=run_id)
+        assert summary.invalid == bad
+        recorded = sql(segment_db, f"SELECT COUNT(*) FROM {OUTCOMES_TABLE} WHERE run_id = ? AND action = 'invalid'", (run_id,))
+        assert recorded == [(bad,)]
+    assert summary.change_detection == ("warehouse" if warehouse_diff else "full")

@@ -181,8 +181,21 @@ class _Reader:
             changes.read_changes(ctx, self.columns, self._chunk)
         else:
             self._read_all(order_by if decision.truncated else None, decision.read_limit, detection.hashes_rows)
+        self._record_invalid()
         with ctx.clock.phase("stage"):
             ctx.staging.seal()
+
+    def _record_invalid(self) -> None:
+        """The invalid rows' outcome rows, written once the source's cursor is closed: with the state in the
+        source's own SQLite file (the default), a write committed while the read's statement is still open waits
+        for the reader, which is this same thread ("database is locked" after 5 s, as soon as a segment had invalid
+        rows beyond its first chunk). Queued in the staging file meanwhile, so memory stays bounded."""
+        ctx = self.ctx
+        if ctx.state is None:
+            return
+        with ctx.clock.phase("state"):
+            for chunk in ctx.staging.queued_outcomes(10_000):
+                ctx.state.record_outcomes(ctx.options.run_id, chunk)
 
     def _read_all(self, order_by: str | None, limit: int | None, row_hash: bool) -> None:
         """The full read: every row of the segment (each with its hash when the run keeps a snapshot)."""
@@ -232,8 +245,7 @@ class _Reader:
         ctx.staging.add(profiles)
         # A submit pass leaves them to the pass that finishes the run (it reads the segment again): once per run.
         if invalid and ctx.state is not None and not ctx.options.dry_run and not ctx.options.submit_only:
-            with clock.phase("state"):  # per chunk: memory stays bounded however many rows are invalid
-                ctx.state.record_outcomes(ctx.options.run_id, invalid)
+            ctx.staging.queue_outcomes(invalid)  # recorded once the source is read (``_record_invalid``)
 
     def _row_key(self, row: tuple[Any, ...], position: int) -> str:
         """The outcome key of a row rejected before sending: its profile key (the lower-cased email) when the

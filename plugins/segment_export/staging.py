@@ -46,6 +46,8 @@ class Staging:
             CREATE TABLE pending (key TEXT PRIMARY KEY, fingerprint TEXT NOT NULL, segments TEXT NOT NULL,
                                   removed TEXT NOT NULL) WITHOUT ROWID;
             CREATE TABLE leavers (key TEXT PRIMARY KEY, segments TEXT NOT NULL) WITHOUT ROWID;
+            -- outcome rows of invalid rows, written to the state once the source is read
+            CREATE TABLE outcomes (key TEXT NOT NULL, action TEXT NOT NULL, reason TEXT);
             -- a warehouse diff's planned profiles (``changes.read_changes``)
             CREATE TABLE affected (key TEXT PRIMARY KEY) WITHOUT ROWID;
             """
@@ -69,6 +71,14 @@ class Staging:
 
         encoded = [(key, fragment.encode(), segment, row_hash) for row_hash, key, fragment, segment in rows]
         self.add([(key, fingerprint(fragment), fragment, segment, row_hash) for key, fragment, segment, row_hash in encoded])
+
+    def queue_outcomes(self, outcomes: list[tuple[str, str, str | None]]) -> None:
+        self.conn.executemany("INSERT INTO outcomes VALUES (?, ?, ?)", outcomes)
+
+    def queued_outcomes(self, size: int) -> Iterator[list[tuple[str, str, str | None]]]:
+        cursor = self.conn.cursor().execute("SELECT key, action, reason FROM outcomes ORDER BY rowid")
+        while rows := cursor.fetchmany(size):
+            yield [tuple(r) for r in rows]  # type: ignore[misc]
 
     # -- a warehouse diff's planned profiles -------------------------------------------------------------------
     def add_affected(self, keys: Iterable[str]) -> None:

@@ -149,20 +149,36 @@ def build_select(
 def build_changed_rows(spec: SourceSpec, dialect: SqlDialect, columns: Sequence[str], snapshot_table: str) -> tuple[str, list[Any]]:
     """The warehouse diff's one pass over the segment: the rows whose hash the export's snapshot does not hold
     (new or changed), each as its ``columns``, its hash and NULL; and the snapshot's rows the segment no longer
-    holds (changed or gone), each as NULLs, its hash and its profile key. A full outer join on the hash: PostgreSQL
-    hashes or merges it, SQLite (3.39 and later) looks each row's hash up in the snapshot's primary key. The
-    snapshot's export and target are the last two parameters."""
+    holds (changed or gone), each as NULLs, its hash and its profile key. A full outer join on the hash; the
+    snapshot's export and target are the last parameters (``changed_rows_params``).
+
+    PostgreSQL hashes (or merges) the join, which must then be on the hash alone: the snapshot is a subquery of
+    this export's rows. SQLite (3.39 and later) would scan such a subquery once per row (measured: 10 s for 3,300
+    rows); joined to the table itself, with the export and target in the join condition, it looks each row's
+    hash up in the snapshot's primary key, and the snapshot rows left over are filtered to this export's."""
     from_sql, params = build_from(spec, dialect)
     quoted = [dialect.q(c) for c in columns]
     inner = [f"{q} AS c{i}" for i, q in enumerate(quoted)]
     ph = dialect.placeholder
-    sql = (
-        f"SELECT {', '.join(f'src.c{i}' for i in range(len(columns)))}, COALESCE(src.row_hash, snap.row_hash), "
-        f"snap.profile_key FROM (SELECT {', '.join(inner)}, {row_hash_sql(dialect, columns)} AS row_hash {from_sql}) src "
-        f"FULL OUTER JOIN (SELECT row_hash, profile_key FROM {snapshot_table} WHERE export_id = {ph} AND target_id = {ph}) snap "
-        "ON snap.row_hash = src.row_hash WHERE src.row_hash IS NULL OR snap.row_hash IS NULL"
-    )
+    src = f"(SELECT {', '.join(inner)}, {row_hash_sql(dialect, columns)} AS row_hash {from_sql}) src"
+    head = f"SELECT {', '.join(f'src.c{i}' for i in range(len(columns)))}, COALESCE(src.row_hash, snap.row_hash), snap.profile_key FROM {src} "
+    if dialect.name == "sqlite":
+        sql = head + (
+            f"FULL OUTER JOIN {snapshot_table} snap ON snap.export_id = {ph} AND snap.target_id = {ph} "
+            f"AND snap.row_hash = src.row_hash WHERE snap.row_hash IS NULL "
+            f"OR (src.row_hash IS NULL AND snap.export_id = {ph} AND snap.target_id = {ph})"
+        )
+    else:
+        sql = head + (
+            f"FULL OUTER JOIN (SELECT row_hash, profile_key FROM {snapshot_table} WHERE export_id = {ph} AND target_id = {ph}) snap "
+            "ON snap.row_hash = src.row_hash WHERE src.row_hash IS NULL OR snap.row_hash IS NULL"
+        )
     return sql, params
+
+
+def changed_rows_params(dialect: SqlDialect, export_id: str, target_id: str) -> list[Any]:
+    """The snapshot's parameters of ``build_changed_rows``, after the segment's."""
+    return [export_id, target_id] * (2 if dialect.name == "sqlite" else 1)
 
 
 class SqlSource(Source):
@@ -264,7 +280,7 @@ class SqlSource(Source):
         since the snapshot, ``(None, ..., hash, profile key)`` for a snapshot row the segment no longer holds."""
         self._check(columns)
         sql, params = build_changed_rows(self.spec, self.dialect, columns, snapshot_table)
-        return self._stream(sql, params + [export_id, target_id])
+        return self._stream(sql, params + changed_rows_params(self.dialect, export_id, target_id))
 
     def _stream(self, sql: str, params: list[Any]) -> Iterator[list[Row]]:
         cursor = self._execute(sql, params, stream=True)
