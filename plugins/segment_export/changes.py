@@ -132,14 +132,7 @@ def read_changes(ctx: RunContext, columns: Sequence[str], stage_chunk: Any) -> N
     snapshot: SnapshotStore = detection.snapshot
     hash_index = len(columns)
     gone: set[str] = set()
-    chunks = iter(ctx.source.changed_rows(columns, SNAPSHOT_TABLE, *snapshot.ids))  # type: ignore[attr-defined]
-    while True:
-        previous_phase = clock.switch("read")
-        rows = next(chunks, None)
-        clock.switch("map")
-        if rows is None:
-            clock.switch(previous_phase)
-            break
+    for rows in clock.fetched(ctx.source.changed_rows(columns, SNAPSHOT_TABLE, *snapshot.ids)):  # type: ignore[attr-defined]
         current = [row for row in rows if row[-1] is None]
         left = [(row[-2], row[-1]) for row in rows if row[-1] is not None]
         if left:
@@ -147,7 +140,6 @@ def read_changes(ctx: RunContext, columns: Sequence[str], stage_chunk: Any) -> N
             staging.add_affected([key for _, key in left])
         if current:
             stage_chunk(current, hash_index)
-        clock.switch(previous_phase)
     with clock.phase("stage"):
         staging.affected_from_profiles()
         staging.add_affected(snapshot.affected_keys())

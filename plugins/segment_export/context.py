@@ -8,7 +8,7 @@ import logging
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterable, Iterator
 
 from segment_export.destinations.base import Destination
 from segment_export.diff import Change
@@ -55,6 +55,20 @@ class PhaseClock:
             self.seconds[self.current] = self.seconds.get(self.current, 0.0) + now - self.since
         previous, self.current, self.since = self.current, phase, now
         return previous
+
+    def fetched(self, chunks: Iterable[Any], fetch: str = "read", work: str = "map") -> Iterator[Any]:
+        """Each chunk of ``chunks``: the time taken to fetch it counts for ``fetch``, the caller's work on it (until
+        it asks for the next) for ``work``; the phase before the loop counts again after it."""
+        source = iter(chunks)
+        while True:
+            previous = self.switch(fetch)
+            chunk = next(source, None)
+            self.switch(work)
+            if chunk is None:
+                self.switch(previous)
+                return
+            yield chunk
+            self.switch(previous)
 
     @contextmanager
     def phase(self, name: str) -> Iterator[None]:

@@ -201,18 +201,10 @@ class _Reader:
         """The full read: every row of the segment (each with its hash when the run keeps a snapshot)."""
         ctx, clock = self.ctx, self.ctx.clock
         hashed = {"row_hash": True} if row_hash else {}
-        chunks = iter(ctx.source.chunks(self.columns, order_by=order_by, tie_breaker=ctx.spec.mapping.email,
-                                        limit=limit, **hashed))
+        chunks = ctx.source.chunks(self.columns, order_by=order_by, tie_breaker=ctx.spec.mapping.email, limit=limit, **hashed)
         hash_index = len(self.columns) if row_hash else None
-        while True:
-            previous_phase = clock.switch("read")
-            rows = next(chunks, None)
-            clock.switch("map")
-            if rows is None:
-                clock.switch(previous_phase)
-                break
+        for rows in clock.fetched(chunks):
             self._chunk(rows, hash_index)
-            clock.switch(previous_phase)
         with clock.phase("stage"):
             if ctx.state is not None:
                 ctx.staging.load_previous(ctx.state.previous())
