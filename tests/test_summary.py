@@ -87,7 +87,7 @@ def test_invalid_rows_are_counted_by_reason_and_are_not_sent():
 
 # -- as_dict: the XCom value ------------------------------------------------------------------------------------
 
-README_COUNTS = {"read", "invalid", "duplicates", "skipped_by_limit", "sent", "accepted", "created", "updated",
+README_COUNTS = {"read", "segment_rows", "change_detection", "invalid", "duplicates", "skipped_by_limit", "sent", "accepted", "created", "updated",
                  "rejected", "skipped", "unchanged", "removed", "held_back", "tags_added", "tags_removed",
                  "subscribed", "pending", "batches", "seconds", "cpu_seconds"}
 
@@ -102,7 +102,7 @@ def test_the_xcom_value_is_plain_json_with_every_count():
     assert README_COUNTS <= set(value)
     assert value == {
         "export_id": "vip_to_klaviyo", "destination": "klaviyo", "target_id": "Y6nRLr",
-        "read": 12, "invalid": 1, "duplicates": 1, "skipped_by_limit": 2, "sent": 8, "accepted": 6,
+        "read": 12, "segment_rows": 0, "change_detection": "full", "invalid": 1, "duplicates": 1, "skipped_by_limit": 2, "sent": 8, "accepted": 6,
         "created": 5, "updated": 1, "rejected": 1, "skipped": 1, "unchanged": 3, "removed": 1, "held_back": 0,
         "subscribed": None, "pending": None, "tags_added": 4, "tags_removed": 1, "resumed": 2, "submitted": 0, "handles": [], "batches": 1,
         "seconds": 1.235, "dry_run": False, "planned": 0,
