@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import threading
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -154,17 +155,74 @@ def read_changes(ctx: RunContext, columns: Sequence[str], stage_chunk: Any) -> N
                  ctx.summary.read, len(gone), staging.affected_count(), staging.unchanged_elsewhere)
 
 
-def write_snapshot(ctx: RunContext) -> None:
-    """After a run that applied its changes: the snapshot the next run diffs against (all of it after a full read,
-    the planned profiles' rows after a warehouse diff)."""
-    detection = ctx.change_detection
-    if detection is None or detection.snapshot is None or not ctx.applies_changes:
-        return
-    with ctx.clock.phase("state"):
-        rows = ctx.staging.snapshot_rows(KEYS_PER_STATEMENT)
-        if detection.mode == FULL:
-            written = detection.snapshot.replace(rows, detection.signature)
-        else:
-            written = detection.snapshot.update(ctx.staging.affected_chunks(KEYS_PER_STATEMENT), rows, detection.signature)
-    ctx.log.info("segment snapshot for the next run's warehouse diff: %d rows written (%s)", written,
-                 "all" if detection.mode == FULL else "the planned profiles'")
+class SnapshotWriter:
+    """Writes the snapshot the next run diffs against (all of it after a full read, the planned profiles' rows after
+    a warehouse diff) while the run plans and sends: at a million rows the write is ~10-20 s of the database's time,
+    which would otherwise come after the last batch. On its own connection to the state's database (the export's
+    state writes go on meanwhile; SQLite makes them wait for each of its short transactions), reading the staged
+    rows through the staging file's connection (SQLite serializes the two threads' statements on it). Writing it
+    before the run's outcome is known is sound: the snapshot says what the segment held, the state what the
+    destination accepted, and the next run plans every profile where the two differ. A failed write is logged and
+    leaves no snapshot (the next run reads the whole segment)."""
+
+    def __init__(self, ctx: RunContext):
+        self.ctx = ctx
+        self.detection: ChangeDetection | None = ctx.change_detection
+        self.thread: threading.Thread | None = None
+        self.written: int | None = None
+        self.error: BaseException | None = None
+
+    @property
+    def wanted(self) -> bool:
+        return self.detection is not None and self.detection.snapshot is not None and self.ctx.applies_changes
+
+    def start(self) -> None:
+        """Begin writing beside the run, when the state can open a second connection (else ``finish`` writes)."""
+        if not self.wanted or self.ctx.state.reconnect is None:  # type: ignore[union-attr]
+            return
+        self.thread = threading.Thread(target=self._write_beside, name="segment-export-snapshot", daemon=True)
+        self.thread.start()
+
+    def _write_beside(self) -> None:
+        try:
+            store = self.ctx.state.reconnect()  # type: ignore[union-attr]
+        except BaseException as exc:  # noqa: BLE001 - reported by finish()
+            self.error = exc
+            return
+        try:
+            self.written = self._write(SnapshotStore(store))
+        except BaseException as exc:  # noqa: BLE001 - reported by finish()
+            self.error = exc
+            store.rollback()
+        finally:
+            store.close()
+
+    def _write(self, snapshot: SnapshotStore) -> int:
+        detection, staging = self.detection, self.ctx.staging
+        rows = staging.snapshot_rows(KEYS_PER_STATEMENT)
+        if detection.mode == FULL:  # type: ignore[union-attr]
+            return snapshot.replace(rows, detection.signature)  # type: ignore[union-attr]
+        return snapshot.update(staging.affected_chunks(KEYS_PER_STATEMENT), rows, detection.signature)  # type: ignore[union-attr]
+
+    def finish(self, *, succeeded: bool) -> None:
+        """Wait for the write (or write now, without a second connection, after a run that succeeded) and log it."""
+        if not self.wanted:
+            return
+        ctx = self.ctx
+        if self.thread is not None:
+            self.thread.join()
+        elif succeeded:
+            with ctx.clock.phase("state"):
+                try:
+                    self.written = self._write(self.detection.snapshot)  # type: ignore[union-attr]
+                except Exception as exc:  # noqa: BLE001 - the snapshot is a cache: the run's outcome stands
+                    self.error = exc
+                    ctx.state.rollback()  # type: ignore[union-attr]
+        if self.error is not None:
+            ctx.log.warning("the segment snapshot could not be written (%s: %s); the next run reads the whole segment",
+                            type(self.error).__name__, self.error)
+        elif self.written is not None:
+            if self.detection.mode == FULL and succeeded:  # type: ignore[union-attr]
+                self.detection.snapshot.analyze_state()  # type: ignore[union-attr]
+            ctx.log.info("segment snapshot for the next run's warehouse diff: %d rows written (%s)", self.written,
+                         "all" if self.detection.mode == FULL else "the planned profiles'")  # type: ignore[union-attr]

@@ -281,6 +281,17 @@ def _execute(ctx: RunContext) -> None:
     executor.resume(count=ctx.options.resume_counts)
     _Reader(ctx).stage()
     ctx.erased = erased_keys(ctx)  # erasure requests: the addresses this run must not send
+    snapshot = changes.SnapshotWriter(ctx)
+    snapshot.start()  # beside the run: what the next run diffs against
+    succeeded = False
+    try:
+        _plan_and_apply(ctx, executor)
+        succeeded = True
+    finally:
+        snapshot.finish(succeeded=succeeded)
+
+
+def _plan_and_apply(ctx: RunContext, executor: Executor) -> None:
     plan = plan_run(ctx)
     try:
         if ctx.options.dry_run:
@@ -294,7 +305,6 @@ def _execute(ctx: RunContext) -> None:
         ctx.summary.unchanged = plan.unchanged
     if ctx.applies_changes:
         apply_changes(ctx, plan)
-        changes.write_snapshot(ctx)
     elif plan.removal_verdict:
         ctx.log.warning("the next pass will stop before its removals: %s", plan.removal_verdict)
 

@@ -65,15 +65,27 @@ class SnapshotStore:
         """The profiles whose state is not what the snapshot says their rows make (not accepted, accepted
         differently, forgotten, held back), and those the state holds without any snapshot row: the run plans
         them from their current rows whether or not a row changed."""
-        # One full outer join by key (a hash join on PostgreSQL: one pass over each table). A profile of several
-        # rows comes out once per row; the caller keeps each key once.
-        sql = (
-            "SELECT COALESCE(n.profile_key, s.profile_key) FROM (SELECT profile_key, profile_fingerprint, profile_segments "
-            f"FROM {SNAPSHOT_TABLE} WHERE export_id = ? AND target_id = ?) n FULL OUTER JOIN (SELECT profile_key, "
-            f"fingerprint, segments FROM {STATE_TABLE} WHERE export_id = ? AND target_id = ?) s ON s.profile_key = n.profile_key "
-            "WHERE n.profile_key IS NULL OR s.profile_key IS NULL OR s.fingerprint <> n.profile_fingerprint "
-            "OR s.segments <> n.profile_segments"
-        )
+        # PostgreSQL: one full outer join by key (a hash join: one pass over each table). SQLite would scan one
+        # side's subquery once per row of the other (quadratic: 127 s at 50,000 rows), so there: a join and an
+        # anti-join, each looking keys up in the other table's index. A profile of several rows comes out once per
+        # row; the caller keeps each key once.
+        if self.state.dialect == "postgres":
+            sql = (
+                "SELECT COALESCE(n.profile_key, s.profile_key) FROM (SELECT profile_key, profile_fingerprint, "
+                f"profile_segments FROM {SNAPSHOT_TABLE} WHERE export_id = ? AND target_id = ?) n FULL OUTER JOIN "
+                f"(SELECT profile_key, fingerprint, segments FROM {STATE_TABLE} WHERE export_id = ? AND target_id = ?) s "
+                "ON s.profile_key = n.profile_key WHERE n.profile_key IS NULL OR s.profile_key IS NULL "
+                "OR s.fingerprint <> n.profile_fingerprint OR s.segments <> n.profile_segments"
+            )
+        else:
+            sql = (
+                f"SELECT n.profile_key FROM {SNAPSHOT_TABLE} n LEFT JOIN {STATE_TABLE} s ON s.export_id = n.export_id "
+                "AND s.target_id = n.target_id AND s.profile_key = n.profile_key WHERE n.export_id = ? AND n.target_id = ? "
+                "AND (s.profile_key IS NULL OR s.fingerprint <> n.profile_fingerprint OR s.segments <> n.profile_segments) "
+                f"UNION ALL SELECT s.profile_key FROM {STATE_TABLE} s WHERE s.export_id = ? AND s.target_id = ? AND NOT EXISTS "
+                f"(SELECT 1 FROM {SNAPSHOT_TABLE} n WHERE n.export_id = s.export_id AND n.target_id = s.target_id "
+                "AND n.profile_key = s.profile_key)"
+            )
         cursor = self.state._run(sql, self.ids + self.ids)
         try:
             while rows := cursor.fetchmany(_CHUNK):
@@ -101,40 +113,55 @@ class SnapshotStore:
 
     def replace(self, rows: Iterable[list[SnapshotRow]], signature: str) -> int:
         """A full run's snapshot: every row, in place of whatever was there. Returns the rows written."""
+        self._forget_signature()
         self.state._run(f"DELETE FROM {SNAPSHOT_TABLE} WHERE export_id = ? AND target_id = ?", self.ids).close()
         return self._write(rows, signature, replace=True)
 
     def update(self, keys: Iterable[list[str]], rows: Iterable[list[SnapshotRow]], signature: str) -> int:
         """A warehouse-diff run's snapshot: the rows of the profiles it planned (``keys``) in place of theirs."""
-        for chunk in keys:
-            from segment_export.state import _JSON_KEYS
+        from segment_export.state import _JSON_KEYS
 
+        self._forget_signature()
+        for chunk in keys:
             self.state._run(
                 f"DELETE FROM {SNAPSHOT_TABLE} WHERE export_id = ? AND target_id = ? "
                 f"AND profile_key IN ({_JSON_KEYS[self.state.dialect]})", (*self.ids, _json_text(chunk)),
             ).close()
         return self._write(rows, signature, replace=False)
 
+    def _forget_signature(self) -> None:
+        """Before rows change: without its signature, a snapshot left half-written (a killed task, a failed write)
+        is never used; the next run reads the whole segment and writes it again."""
+        self.state._run(f"DELETE FROM {SNAPSHOTS_TABLE} WHERE export_id = ? AND target_id = ?", self.ids).close()
+        self.state.conn.commit()
+
     def _write(self, rows: Iterable[list[SnapshotRow]], signature: str, *, replace: bool) -> int:
-        """Write the rows and the snapshot's signature; on PostgreSQL, refresh the statistics after a large write."""
+        """Write the rows, a transaction a chunk (it runs beside the export's own state writes, which on SQLite
+        wait for each: short transactions keep those waits short), then the signature; on PostgreSQL, refresh the
+        statistics after a large write."""
         written = 0
         for chunk in rows:
             # A row repeated in the source (same hash) is one snapshot row.
             self.state._insert(SNAPSHOT_TABLE, self.ids, chunk, (), upsert="ON CONFLICT DO NOTHING")
+            self.state.conn.commit()
             written += len(chunk)
         count = self.state._run(f"SELECT COUNT(*) FROM {SNAPSHOT_TABLE} WHERE export_id = ? AND target_id = ?", self.ids)
         total = int(count.fetchone()[0])
         count.close()
-        self.state._run(f"DELETE FROM {SNAPSHOTS_TABLE} WHERE export_id = ? AND target_id = ?", self.ids).close()
         self.state._run(f"INSERT INTO {SNAPSHOTS_TABLE} VALUES (?, ?, ?, ?, ?)", (*self.ids, signature, total, _now())).close()
         if self.state.dialect == "postgres" and (replace or written * 10 > total):
             # Fresh statistics for the next run's plans: a table just filled by this run is planned from its old,
             # near-empty statistics (autovacuum has not looked yet), and affected_keys, planned as a nested loop
             # over "one" row, took 6.7 s on 5,500 rows instead of milliseconds. ANALYZE reads a sample (30,000 rows).
             self.state._run(f"ANALYZE {SNAPSHOT_TABLE}").close()
-            self.state._run(f"ANALYZE {STATE_TABLE}").close()
         self.state.conn.commit()
         return written
+
+    def analyze_state(self) -> None:
+        """PostgreSQL: fresh statistics of the state table once a full run has written it (see ``_write``)."""
+        if self.state.dialect == "postgres":
+            self.state._run(f"ANALYZE {STATE_TABLE}").close()
+            self.state.conn.commit()
 
     def clear(self) -> None:
         """Forget the snapshot (the next run reads the whole segment)."""

@@ -147,7 +147,11 @@ class StateStore:
         conn, placeholder, description, dialect = connect(conn_id)
         store = cls(conn, placeholder, export_id, target_id, description, dialect_name=dialect)
         store.ensure_tables()
+        store.reconnect = lambda: cls.open(conn_id, export_id, target_id)
         return store
+
+    #: a new store on its own connection to the same database (for another thread); None for a bare connection
+    reconnect: Any = None
 
     def _run(self, sql: str, params: Iterable[Any] = ()) -> Any:
         cursor = self.conn.cursor()
