@@ -157,10 +157,10 @@ def read_changes(ctx: RunContext, columns: Sequence[str], stage_chunk: Any) -> N
 
 class SnapshotWriter:
     """Writes the snapshot the next run diffs against (all of it after a full read, the planned profiles' rows after
-    a warehouse diff) while the run plans and sends: at a million rows the write is ~10-20 s of the database's time,
-    which would otherwise come after the last batch. On its own connection to the state's database (the export's
-    state writes go on meanwhile; SQLite makes them wait for each of its short transactions), reading the staged
-    rows through the staging file's connection (SQLite serializes the two threads' statements on it). Writing it
+    a warehouse diff) while the run plans and sends, on PostgreSQL: at a million rows the write is ~10-20 s of the
+    database's time, which would otherwise come after the last batch. On its own connection to the state's
+    database, reading the staged rows through the staging file's connection (SQLite serializes the two threads'
+    statements on it). On SQLite, after the run (one writer at a time; see ``start``). Writing it
     before the run's outcome is known is sound: the snapshot says what the segment held, the state what the
     destination accepted, and the next run plans every profile where the two differ. A failed write is logged and
     leaves no snapshot (the next run reads the whole segment)."""
@@ -178,7 +178,10 @@ class SnapshotWriter:
 
     def start(self) -> None:
         """Begin writing beside the run, when the state can open a second connection (else ``finish`` writes)."""
-        if not self.wanted or self.ctx.state.reconnect is None:  # type: ignore[union-attr]
+        state = self.ctx.state
+        # SQLite has one writer at a time: the write's statements (deleting a million old rows is one) would make
+        # the export's own state writes wait past their 5 s timeout ("database is locked", measured at 1M rows).
+        if not self.wanted or state.reconnect is None or state.dialect != "postgres":  # type: ignore[union-attr]
             return
         self.thread = threading.Thread(target=self._write_beside, name="segment-export-snapshot", daemon=True)
         self.thread.start()

@@ -136,9 +136,8 @@ class SnapshotStore:
         self.state.conn.commit()
 
     def _write(self, rows: Iterable[list[SnapshotRow]], signature: str, *, replace: bool) -> int:
-        """Write the rows, a transaction a chunk (it runs beside the export's own state writes, which on SQLite
-        wait for each: short transactions keep those waits short), then the signature; on PostgreSQL, refresh the
-        statistics after a large write."""
+        """Write the rows, a transaction a chunk (on PostgreSQL it runs beside the export's own state writes), then
+        the signature; on PostgreSQL, refresh the statistics after a large write."""
         written = 0
         for chunk in rows:
             # A row repeated in the source (same hash) is one snapshot row.
