@@ -19,11 +19,10 @@ import segment_data
 from sandbox_state import klaviyo_profiles, mailchimp_members
 from segment_export_sandbox import KLAVIYO_LIST_ID, MAILCHIMP_AUDIENCE_ID
 from segment_export_sandbox.config import default_behaviour
+from test_sync import run
 
 from segment_export.destinations import destination_for
-from segment_export.exporter import RunOptions, run_export
 from segment_export.snapshot import SNAPSHOT_TABLE, SnapshotStore
-from segment_export.sources import source_for
 from segment_export.spec import ExportSpec
 from segment_export.state import STATE_TABLE, StateStore
 
@@ -50,16 +49,6 @@ def _spec(destination: str, conn_id: str, table: str, warehouse: bool, *, last_n
         "source": {"conn_id": conn_id, "table": table, "segment_column": "segment", "segments": segment_data.SEGMENTS},
         "destination": dest, "mapping": mapping, "sync": {**sync, "warehouse_diff": warehouse, "max_leave_share": None},
     })
-
-
-def _run(spec: ExportSpec, run_id: str):
-    source, destination = source_for(spec.source), destination_for(spec)
-    state = StateStore.open(spec.state_conn_id, spec.id, destination.target_id)
-    try:
-        return run_export(spec, source, destination, state=state, options=RunOptions(run_id=run_id))
-    finally:
-        source.close()
-        state.close()
 
 
 def _held(sandbox, destination: str) -> dict[str, Any]:
@@ -146,7 +135,7 @@ def _scenario(sandbox_server, wh: Warehouse, destination: str, warehouse: bool) 
     steps = []
     for n, (name, edit, last_name) in enumerate(_edits(wh, destination)):
         edit()
-        summary = _run(_spec(destination, wh.conn_id, wh.table, warehouse, last_name=last_name), f"run{n}")
+        summary = run(_spec(destination, wh.conn_id, wh.table, warehouse, last_name=last_name), run_id=f"run{n}")
         assert summary.consistent
         steps.append({"step": name, "counts": {c: getattr(summary, c) for c in COUNTS}, "held": _held(sandbox_server, destination),
                       "read": summary.read, "segment_rows": summary.segment_rows, "mode": summary.change_detection})
@@ -188,34 +177,34 @@ def test_a_rejected_profile_is_sent_again_by_the_next_warehouse_diff(segment_db,
     """The destination refused a profile: its rows do not change, but the state does not hold it, so every run
     plans it again (as the full read would), until it is accepted."""
     spec = _spec("mailchimp", "warehouse", "segment_members", True)
-    first = _run(spec, "r1")
+    first = run(spec, run_id="r1")
     assert first.change_detection == "full"
     email = sqlite3.connect(segment_db).execute("SELECT email FROM segment_members WHERE customer_id = 20").fetchone()[0]
     with sqlite3.connect(segment_db) as conn:
         conn.execute(f"DELETE FROM {STATE_TABLE} WHERE profile_key = ?", (email.lower(),))
-    second = _run(spec, "r2")
+    second = run(spec, run_id="r2")
     assert (second.change_detection, second.read, second.sent, second.accepted) == ("warehouse", 0, 1, 1)
-    third = _run(spec, "r3")
+    third = run(spec, run_id="r3")
     assert (third.read, third.sent) == (0, 0)
 
 
 def test_no_snapshot_for_file_sources_truncating_limits_or_when_switched_off(segment_db, sandbox, tmp_path):
     off = _spec("klaviyo", "warehouse", "segment_members", False)
-    _run(off, "r1")
-    assert _run(off, "r2").change_detection == "full"
+    run(off, run_id="r1")
+    assert run(off, run_id="r2").change_detection == "full"
     with sqlite3.connect(segment_db) as conn:
         assert conn.execute("SELECT COUNT(*) FROM sqlite_master WHERE name = ?", (SNAPSHOT_TABLE,)).fetchone()[0] == 0
     csv = segment_data.write_csv(tmp_path / "segment.csv", 50)
     file_spec = ExportSpec.model_validate({**off.model_dump(exclude_none=True), "id": "changes_file",
                                            "source": {"path": str(csv), "segment_column": "segment", "segments": ["vip"]},
                                            "sync": {"on_leave": "remove"}})
-    _run(file_spec, "f1")
-    assert _run(file_spec, "f2").change_detection == "full"
+    run(file_spec, run_id="f1")
+    assert run(file_spec, run_id="f2").change_detection == "full"
 
 
 def test_snapshot_rows_are_the_segment_hashed_by_the_database(segment_db, sandbox):
     spec = _spec("klaviyo", "warehouse", "segment_members", True)
-    _run(spec, "r1")
+    run(spec, run_id="r1")
     state = StateStore.open("warehouse", spec.id, destination_for(spec).target_id)
     try:
         snapshot = SnapshotStore(state)
