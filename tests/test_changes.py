@@ -215,3 +215,19 @@ def test_snapshot_rows_are_the_segment_hashed_by_the_database(segment_db, sandbo
         assert list(snapshot.affected_keys()) == []  # the state is what the snapshot says
     finally:
         state.close()
+
+
+def test_a_failed_snapshot_write_is_logged_and_the_next_run_reads_the_whole_segment(segment_db, sandbox, monkeypatch, caplog):
+    spec = _spec("klaviyo", "warehouse", "segment_members", True)
+
+    def fail(self, *args, **kwargs):
+        raise RuntimeError("disk full")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(SnapshotStore, "_write", fail)
+        first = run(spec, run_id="r1")
+    assert first.sent == first.accepted > 0  # the run's outcome stands: the snapshot is a cache
+    assert "snapshot could not be written (RuntimeError: disk full)" in caplog.text
+    second = run(spec, run_id="r2")
+    assert (second.change_detection, second.sent) == ("full", 0)  # no snapshot: everything read, nothing changed
+    assert run(spec, run_id="r3").change_detection == "warehouse"

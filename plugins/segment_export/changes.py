@@ -183,15 +183,16 @@ class SnapshotWriter:
         # the export's own state writes wait past their 5 s timeout ("database is locked", measured at 1M rows).
         if not self.wanted or state.reconnect is None or state.dialect != "postgres":  # type: ignore[union-attr]
             return
-        self.thread = threading.Thread(target=self._write_beside, name="segment-export-snapshot", daemon=True)
+        try:
+            # Opened here, in the task's own thread: in a task, reading a connection talks to Airflow's supervisor.
+            store = state.reconnect()  # type: ignore[union-attr]
+        except Exception as exc:  # noqa: BLE001 - then written after the run, on the state's own connection
+            self.ctx.log.info("the segment snapshot is written after the run (a second connection failed: %s)", exc)
+            return
+        self.thread = threading.Thread(target=self._write_beside, args=(store,), name="segment-export-snapshot", daemon=True)
         self.thread.start()
 
-    def _write_beside(self) -> None:
-        try:
-            store = self.ctx.state.reconnect()  # type: ignore[union-attr]
-        except BaseException as exc:  # noqa: BLE001 - reported by finish()
-            self.error = exc
-            return
+    def _write_beside(self, store: Any) -> None:
         try:
             self.written = self._write(SnapshotStore(store))
         except BaseException as exc:  # noqa: BLE001 - reported by finish()
