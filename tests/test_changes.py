@@ -231,3 +231,10 @@ def test_a_failed_snapshot_write_is_logged_and_the_next_run_reads_the_whole_segm
     second = run(spec, run_id="r2")
     assert (second.change_detection, second.sent) == ("full", 0)  # no snapshot: everything read, nothing changed
     assert run(spec, run_id="r3").change_detection == "warehouse"
+
+
+def test_sqlite_before_3_39_reads_the_whole_segment(segment_db, sandbox, monkeypatch):
+    spec = _spec("klaviyo", "warehouse", "segment_members", True)
+    run(spec, run_id="r1")
+    monkeypatch.setattr("segment_export.changes.sqlite3.sqlite_version_info", (3, 34, 1))
+    assert run(spec, run_id="r2").change_detection == "full"  # no FULL OUTER JOIN there: the full read, logged

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sqlite3
 import threading
 from dataclasses import dataclass
 from functools import lru_cache
@@ -93,6 +94,8 @@ def _unsupported(ctx: RunContext, truncated: bool) -> str | None:
         return "the run keeps no sync state"
     if not getattr(source, "hashes_rows", False):
         return f"the {source.description} cannot hash rows in SQL (SQLite and PostgreSQL can)"
+    if getattr(source, "dialect", None) is not None and source.dialect.name == "sqlite" and sqlite3.sqlite_version_info < (3, 39):
+        return f"SQLite {sqlite3.sqlite_version} has no full outer join (3.39 and later do)"
     if spec.sync.state_conn_id not in (None, spec.source.conn_id):
         return f"the state lives on connection {spec.state_conn_id}, not beside the segment"
     if state.dialect not in ("sqlite", "postgres"):
