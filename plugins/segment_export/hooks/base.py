@@ -17,8 +17,7 @@ so nothing here depends on another provider's private methods. What a request *i
   (they were not applied and say "later"), other transient failures at most ``max_retries`` times;
 - client-side pacing per endpoint (:class:`RateLimiter`, usable from threads and from an event loop), or,
   with a Redis connection configured, one budget per API key shared by every export on every worker
-  (:mod:`segment_export.hooks.budget`: sliding 1 s / 60 s windows per endpoint, a semaphore for a
-  connection cap);
+  (:mod:`segment_export.hooks.budget`: token buckets per endpoint, a semaphore for a connection cap);
 - under throttling a synchronous hook with ``adaptive_concurrency`` lowers how many requests its threads may
   have in flight (:class:`AdaptiveConcurrency`) and raises it again as answers succeed, so an export shares a
   connection cap with other apps instead of failing on it.

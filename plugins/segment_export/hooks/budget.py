@@ -7,30 +7,15 @@ connection's extra ``rate_budget_conn_id``, or ``[segment_export] rate_budget_co
 every request first draws from the budget of its API key:
 
 - **rate limits** (Klaviyo's per-endpoint burst and steady limits, declared by the destination's hook as
-  ``rate_limits``): a two-window limiter per key and endpoint, taken atomically by a Lua script on Redis's own
+  ``rate_limits``): one token bucket per key and endpoint, taken atomically by a Lua script on Redis's own
   clock (``TIME``), so the workers' clocks do not matter. Klaviyo counts in fixed windows of one second and one
-  minute (reference README: "per-account fixed-window rate limits per endpoint"): bulk import jobs may send 10 a
-  second until 150 are spent in the minute. A request *reserves* a time to be sent: the script keeps the times it
-  granted (a sorted set per key and endpoint, trimmed of those older than a window) and grants the earliest time,
-  no earlier than the last one granted (first asked, first served, no polling), at which every **sliding** window
-  of ``second`` seconds holds at most ``burst`` grants, the new one included, and every one of ``minute`` seconds
-  at most ``steady``; the caller is told how long to wait. Why sliding: Klaviyo's windows are fixed but how they
-  line up with Redis's clock is unknown, and windows fixed on Redis's clock could put 2 x 10 requests into one of
-  Klaviyo's seconds (10 at the end of one Redis second, 10 at the start of the next); fixed windows would be safe
-  only at half the limits (5/s, 75/min). A sliding window bounds *every* interval, so every fixed window, whatever
-  its alignment, at the full count. The headroom (``RATE_SHARE``, 0.95) stretches the windows rather than cutting
-  the counts: ``second`` = 1 / 0.95 = 1.053 s and ``minute`` = 60 / 0.95 = 63.2 s, so the limiter uses 95 % of
-  both rates (also for small limits, 1/s or 3/s, where 95 % of the count would round down to much less) and an
-  interval of 1 s holds at most ``burst`` requests as long as the delays between grant and arrival at Klaviyo
-  differ by at most 52 ms, one of 60 s at most ``steady`` as long as they differ by at most 3.1 s. Bulk import
-  jobs (10/s, 150/min): 150 requests asked at once are granted 10 every 1.053 s, all within 14.7 s of the first
-  (measured: 14.7 s), the 151st 63.2 s after the first; in the long run 9.5 a second and 142.5 a minute. (The
-  token bucket this replaces had to keep every 1 s window within 10 and every 60 s within 150 from one depth and
-  refill: 7 at once, then 2.4 a second, the 150th at 60 s.) A 429's ``Retry-After`` holds the endpoint for every
-  worker until then; Klaviyo's ``RateLimit-Remaining`` / ``RateLimit-Reset`` headers (on every answer, for its
-  steady window) cap it: at most ``remaining`` more grants before the reset, less those already granted for that
-  time (requests sent but not yet counted by Klaviyo are not: the windows still bound them), the newest answer
-  replacing the cap (another app using the same key shows there); none left holds until the reset;
+  minute (reference README: "per-account fixed-window rate limits per endpoint"), so the bucket's depth and
+  refill are chosen such that no interval of 1 s holds more than the burst and none of 60 s more than the steady
+  count: ``depth + refill * 1 s <= burst`` and ``depth + refill * 60 s <= steady``, with the refill at
+  ``STEADY_SHARE`` of the steady rate. A token is *reserved*: the bucket may go below zero, and the caller is
+  told how long to wait before sending, so waiting workers are served in the order they asked, without polling.
+  An answer's ``Retry-After`` holds the bucket for every worker; Klaviyo's ``RateLimit-Remaining`` /
+  ``RateLimit-Reset`` headers, when an answer carries them, cap it (another app using the same key shows there);
 - **a connection cap** (Mailchimp's 10 simultaneous connections per key, declared as ``connections_per_key``):
   a distributed semaphore, a sorted set of slot holders scored by their expiry time. A holder renews its slots
   while its requests run (a thread per process, every third of ``slot_ttl``); the slots of a worker that died
@@ -52,9 +37,8 @@ import uuid
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-#: the share of each documented rate (burst and steady) the budget uses, by stretching its windows to
-#: 1 / RATE_SHARE and 60 / RATE_SHARE seconds: headroom for the delay between grant and arrival (see the module)
-RATE_SHARE = 0.95
+#: the refill of a bucket, as a share of the documented steady rate: headroom for clock skew and network jitter
+STEADY_SHARE = 0.95
 #: Redis key prefix (a deployment sharing a Redis with others may set another in the Redis connection's extra)
 DEFAULT_PREFIX = "segment_export:budget"
 #: how long a Mailchimp connection slot lives without renewal: a dead worker's slots are free after this
@@ -64,63 +48,46 @@ CONFIG_SECTION, CONFIG_OPTION = "segment_export", "rate_budget_conn_id"
 #: the destination connection's extra naming the Redis connection (wins over the configuration)
 EXTRA_FIELD = "rate_budget_conn_id"
 
-# KEYS[1]: a sorted set of the granted send times (score: Redis time; member: unique), KEYS[2]: a hash of what
-# the destination said {hold, cap_until, cap_left}. Every constraint on the new time ``at`` is a lower bound, so
-# the earliest time is their maximum: now; the hold; the last time granted (FIFO, and so the new time is the
-# latest of the set: the windows to check are the ones ending at it); the burst-th latest grant + ``second``
-# (then (at - second, at] holds burst - 1 earlier grants at most); the steady-th latest + ``minute``. A cap
-# (``cap_left`` grants until ``cap_until``) then takes one, or, none left, moves ``at`` to its end (later only
-# loosens the windows). Times are written with '%.6f' rounded up: Lua's tostring keeps 14 digits (0.1 ms here).
+# A bucket is a hash {tokens, at, hold}; ``at`` is when ``tokens`` was counted. Reserving takes one token even
+# below zero and answers how long the caller waits before its token exists (FIFO between callers).
 _RESERVE = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
-local burst, steady = tonumber(ARGV[1]), tonumber(ARGV[2])
-local second, minute = tonumber(ARGV[3]), tonumber(ARGV[4])
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', string.format('%.6f', now - minute - 0.001))
-local h = redis.call('HMGET', KEYS[2], 'hold', 'cap_until', 'cap_left')
-local at = math.max(now, tonumber(h[1]) or 0)
-local function nth_latest(n)
-  local r = redis.call('ZREVRANGE', KEYS[1], n - 1, n - 1, 'WITHSCORES')
-  return tonumber(r[2])
-end
-local last = nth_latest(1)
-if last then at = math.max(at, last) end
-local b = nth_latest(burst)
-if b then at = math.max(at, b + second) end
-local s = nth_latest(steady)
-if s then at = math.max(at, s + minute) end
-local cap_until, cap_left = tonumber(h[2]) or 0, tonumber(h[3]) or 0
-if at < cap_until then
-  if cap_left >= 1 then redis.call('HSET', KEYS[2], 'cap_left', tostring(cap_left - 1)) else at = cap_until end
-end
-at = math.ceil(at * 1000000) / 1000000
-redis.call('ZADD', KEYS[1], string.format('%.6f', at), ARGV[5])
-redis.call('EXPIRE', KEYS[1], math.ceil(at - now + minute) + 1)
-return string.format('%.6f', math.max(0, at - now))
+local depth, refill, ttl = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local s = redis.call('HMGET', KEYS[1], 'tokens', 'at', 'hold')
+local tokens = tonumber(s[1]) or depth
+local at = tonumber(s[2]) or now
+local hold = tonumber(s[3]) or 0
+if now > at then tokens = math.min(depth, tokens + (now - at) * refill); at = now end
+tokens = tokens - 1
+local ready = at
+if tokens < 0 then ready = at + (-tokens) / refill end
+if hold > ready then ready = hold end
+redis.call('HSET', KEYS[1], 'tokens', tostring(tokens), 'at', tostring(at))
+redis.call('EXPIRE', KEYS[1], ttl)
+return tostring(math.max(0, ready - now))
 """
 
-# What the destination said: ``remaining`` more requests (its count, so our grants still to be sent for that
-# time are taken off) before its window resets in ``reset`` seconds (no reset given: ``second``), 0 remaining
-# holding until then; ``retry_after``: hold for that long (a 429's answer). Returns the hold (Redis time).
+# Cap the bucket from what the destination says: ``remaining`` more requests before the window resets in
+# ``reset`` seconds (0 remaining: hold until then); ``retry_after``: hold for that long (a 429's answer).
 _OBSERVE = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
-local remaining, reset, retry_after, second = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
-local h = redis.call('HMGET', KEYS[2], 'hold', 'cap_until', 'cap_left')
-local hold = tonumber(h[1]) or 0
-local cap_until, cap_left = tonumber(h[2]) or 0, tonumber(h[3]) or 0
+local depth, refill, ttl = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local remaining, reset, retry_after = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
+local s = redis.call('HMGET', KEYS[1], 'tokens', 'at', 'hold')
+local tokens = tonumber(s[1]) or depth
+local at = tonumber(s[2]) or now
+local hold = tonumber(s[3]) or 0
+if now > at then tokens = math.min(depth, tokens + (now - at) * refill); at = now end
 if remaining >= 0 then
-  if reset <= 0 then reset = second end
-  cap_until = now + reset
-  local queued = redis.call('ZCOUNT', KEYS[1], string.format('(%.6f', now), string.format('(%.6f', cap_until))
-  cap_left = math.max(0, math.floor(remaining) - queued)
-  if remaining < 1 then hold = math.max(hold, cap_until) end
+  if remaining == 0 and reset > 0 then hold = math.max(hold, now + reset) end
+  tokens = math.min(tokens, remaining)
 end
-if retry_after > 0 then hold = math.max(hold, now + retry_after) end
-redis.call('HSET', KEYS[2], 'hold', string.format('%.6f', hold), 'cap_until', string.format('%.6f', cap_until),
-           'cap_left', tostring(cap_left))
-redis.call('EXPIRE', KEYS[2], math.max(1, math.ceil(math.max(hold, cap_until) - now) + 1))
-return string.format('%.6f', hold)
+if retry_after > 0 then hold = math.max(hold, now + retry_after); tokens = math.min(tokens, 0) end
+redis.call('HSET', KEYS[1], 'tokens', tostring(tokens), 'at', tostring(at), 'hold', tostring(hold))
+redis.call('EXPIRE', KEYS[1], ttl)
+return tostring(hold)
 """
 
 # The connection semaphore: a sorted set of holder -> expiry (Redis time). Expired holders are dropped first.
@@ -158,18 +125,18 @@ def key_id(destination: str, api_key: str) -> str:
 
 
 @dataclass(frozen=True)
-class Windows:
-    """The two sliding windows of one endpoint's limit (see the module): at most ``burst`` grants in any
-    ``second`` seconds and ``steady`` in any ``minute`` seconds, the windows stretched by :data:`RATE_SHARE`."""
+class Bucket:
+    """A token bucket that never lets a fixed 1-second window hold more than ``burst`` requests, nor a fixed
+    60-second window more than ``steady`` (see the module): ``depth`` tokens at most, ``refill`` per second."""
 
-    burst: int
-    steady: int
-    second: float
-    minute: float
+    depth: float
+    refill: float
 
     @classmethod
-    def for_limits(cls, burst: int, steady: int) -> Windows:
-        return cls(max(1, int(burst)), max(1, int(steady)), 1.0 / RATE_SHARE, 60.0 / RATE_SHARE)
+    def for_limits(cls, burst: int, steady: int) -> Bucket:
+        refill = STEADY_SHARE * steady / 60.0
+        depth = max(1.0, math.floor(min(burst - refill, steady - 60.0 * refill)))
+        return cls(depth, refill)
 
 
 def redis_client(connection: Any) -> Any:
@@ -190,7 +157,7 @@ def redis_client(connection: Any) -> Any:
 
 
 class RateBudget:
-    """The shared budget of one API key at one destination: its endpoints' windows and its connection slots.
+    """The shared budget of one API key at one destination: its endpoints' buckets and its connection slots.
 
     ``limits`` are the destination's documented ``(burst per second, steady per minute)`` per endpoint key;
     ``connections`` its simultaneous connection cap per key (``None``: none)."""
@@ -199,7 +166,7 @@ class RateBudget:
                  connections: int | None = None, *, prefix: str = DEFAULT_PREFIX, slot_ttl: float = DEFAULT_SLOT_TTL):
         self.client = client
         self.name = f"{prefix}:{destination}:{key_id(destination, api_key)}"
-        self.windows = {key: Windows.for_limits(*value) for key, value in limits.items()}
+        self.buckets = {key: Bucket.for_limits(*value) for key, value in limits.items()}
         self.connections = connections
         self.slot_ttl = float(slot_ttl)
         self._reserve = client.register_script(_RESERVE)
@@ -215,35 +182,34 @@ class RateBudget:
         return f"RateBudget({self.name!r})"
 
     # -- rate limits --------------------------------------------------------------------------------------
-    def granted_key(self, limit_key: str) -> str:
-        """The sorted set of the endpoint's granted send times."""
+    def bucket_key(self, limit_key: str) -> str:
         return f"{self.name}:rate:{limit_key}"
 
-    def observed_key(self, limit_key: str) -> str:
-        """The hash of what the destination said of the endpoint's limit (hold, cap)."""
-        return f"{self.name}:rate:{limit_key}:observed"
-
     def paces(self, limit_key: str | None) -> bool:
-        return limit_key is not None and limit_key in self.windows
+        return limit_key is not None and limit_key in self.buckets
 
     def reserve(self, limit_key: str) -> float:
-        """Reserve a send time in the endpoint's windows; the seconds to wait before sending (0: send now)."""
-        w = self.windows[limit_key]
-        wait = self._reserve(keys=[self.granted_key(limit_key), self.observed_key(limit_key)],
-                             args=[w.burst, w.steady, w.second, w.minute, uuid.uuid4().hex])
+        """Take a token of the endpoint's bucket; the seconds to wait before sending (0: send now)."""
+        bucket = self.buckets[limit_key]
+        wait = self._reserve(keys=[self.bucket_key(limit_key)], args=[bucket.depth, bucket.refill, self._bucket_ttl(bucket)])
         return float(wait)
 
     def observe(self, limit_key: str, headers: Mapping[str, str], retry_after: float | None = None) -> None:
-        """Tell the endpoint's limiter what an answer said: ``RateLimit-Remaining``/``-Reset`` and a 429's
-        ``Retry-After``."""
-        w = self.windows[limit_key]
+        """Tell the bucket what an answer said: ``RateLimit-Remaining``/``-Reset`` and a 429's ``Retry-After``."""
+        bucket = self.buckets[limit_key]
         remaining = _number(headers.get("RateLimit-Remaining"))
         reset = _number(headers.get("RateLimit-Reset"))
         if remaining is None and not retry_after:
             return
-        self._observe(keys=[self.granted_key(limit_key), self.observed_key(limit_key)], args=[
-            -1 if remaining is None else remaining, reset or 0, retry_after or 0, w.second,
+        self._observe(keys=[self.bucket_key(limit_key)], args=[
+            bucket.depth, bucket.refill, self._bucket_ttl(bucket),
+            -1 if remaining is None else remaining, reset or 0, retry_after or 0,
         ])
+
+    @staticmethod
+    def _bucket_ttl(bucket: Bucket) -> int:
+        """A bucket untouched for long enough to be full again is forgotten (it would read as full anyway)."""
+        return int(math.ceil(bucket.depth / bucket.refill)) + 120
 
     # -- connection slots ----------------------------------------------------------------------------------
     @property

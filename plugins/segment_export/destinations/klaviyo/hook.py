@@ -42,8 +42,8 @@ class KlaviyoApi(DestinationApi):
     conn_type = "klaviyo"
     hook_name = "Klaviyo"
     # Documented per-account limits (burst per second, steady per minute), see x-klaviyo-ratelimit; fixed windows
-    # (reference README). Paced per process, or with a rate budget (hooks/budget.py) by one limiter per API key
-    # and endpoint (sliding 1 s and 60 s windows) shared by every export on every worker.
+    # (reference README). Paced per process, or with a rate budget (hooks/budget.py) as one token bucket per API
+    # key and endpoint shared by every export on every worker.
     rate_limits = {
         "bulk-import": (10, 150),
         "bulk-import-read": (10, 150),
