@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from typing import Any, Iterable, Iterator
 
-from segment_export.state import STATE_TABLE, StateStore, _json_text, _now
+from segment_export.state import _JSON_KEYS, STATE_TABLE, StateStore, _json_text, _now
 
 SNAPSHOT_TABLE = "segment_export_snapshot"
 SNAPSHOTS_TABLE = "segment_export_snapshots"
@@ -96,20 +96,18 @@ class SnapshotStore:
 
     def rows_for(self, keys: list[str]) -> list[tuple[str, str, str, str]]:
         """(row hash, profile key, fragment, segment) of the snapshot rows of these profiles."""
-        return self._select_keys("row_hash, profile_key, fragment, segment", keys)
-
-    def _select_keys(self, columns: str, keys: list[str]) -> list[tuple[Any, ...]]:
-        from segment_export.state import _JSON_KEYS
-
         if not keys:
             return []
-        cursor = self.state._run(
-            f"SELECT {columns} FROM {SNAPSHOT_TABLE} WHERE export_id = ? AND target_id = ? "
-            f"AND profile_key IN ({_JSON_KEYS[self.state.dialect]})", (*self.ids, _json_text(keys)),
-        )
+        cursor = self.state._run(f"SELECT row_hash, profile_key, fragment, segment {self._of_keys}", (*self.ids, _json_text(keys)))
         rows = [tuple(r) for r in cursor.fetchall()]
         cursor.close()
-        return rows
+        return rows  # type: ignore[return-value]
+
+    @property
+    def _of_keys(self) -> str:
+        """``FROM … WHERE`` this target's rows of the profiles in one bound JSON array of keys."""
+        return (f"FROM {SNAPSHOT_TABLE} WHERE export_id = ? AND target_id = ? "
+                f"AND profile_key IN ({_JSON_KEYS[self.state.dialect]})")
 
     def replace(self, rows: Iterable[list[SnapshotRow]], signature: str) -> int:
         """A full run's snapshot: every row, in place of whatever was there. Returns the rows written."""
@@ -119,14 +117,9 @@ class SnapshotStore:
 
     def update(self, keys: Iterable[list[str]], rows: Iterable[list[SnapshotRow]], signature: str) -> int:
         """A warehouse-diff run's snapshot: the rows of the profiles it planned (``keys``) in place of theirs."""
-        from segment_export.state import _JSON_KEYS
-
         self._forget_signature()
         for chunk in keys:
-            self.state._run(
-                f"DELETE FROM {SNAPSHOT_TABLE} WHERE export_id = ? AND target_id = ? "
-                f"AND profile_key IN ({_JSON_KEYS[self.state.dialect]})", (*self.ids, _json_text(chunk)),
-            ).close()
+            self.state._run(f"DELETE {self._of_keys}", (*self.ids, _json_text(chunk))).close()
         return self._write(rows, signature, replace=False)
 
     def _forget_signature(self) -> None:
