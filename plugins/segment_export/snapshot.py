@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from typing import Any, Iterable, Iterator
 
+from segment_export.sources.sql import tune_diff_transaction
 from segment_export.state import _JSON_KEYS, STATE_TABLE, StateStore, _json_text, _now
 
 SNAPSHOT_TABLE = "segment_export_snapshot"
@@ -86,6 +87,8 @@ class SnapshotStore:
                 f"(SELECT 1 FROM {SNAPSHOT_TABLE} n WHERE n.export_id = s.export_id AND n.target_id = s.target_id "
                 "AND n.profile_key = s.profile_key)"
             )
+        if self.state.dialect == "postgres":
+            tune_diff_transaction(self.state.conn)  # until the transaction ends (the state commits after each write)
         cursor = self.state._run(sql, self.ids + self.ids)
         try:
             while rows := cursor.fetchmany(_CHUNK):

@@ -160,7 +160,10 @@ def build_changed_rows(spec: SourceSpec, dialect: SqlDialect, columns: Sequence[
     quoted = [dialect.q(c) for c in columns]
     inner = [f"{q} AS c{i}" for i, q in enumerate(quoted)]
     ph = dialect.placeholder
-    src = f"(SELECT {', '.join(inner)}, {row_hash_sql(dialect, columns)} AS row_hash {from_sql}) src"
+    # PostgreSQL: OFFSET 0 keeps the segment's subquery from being inlined; inlined, the hash expression is
+    # evaluated where it is used (the join condition, the filter, the output), not once a row (5.0 → 4.6 s at 1.1M).
+    fence = " OFFSET 0" if dialect.name == "postgresql" else ""
+    src = f"(SELECT {', '.join(inner)}, {row_hash_sql(dialect, columns)} AS row_hash {from_sql}{fence}) src"
     head = f"SELECT {', '.join(f'src.c{i}' for i in range(len(columns)))}, COALESCE(src.row_hash, snap.row_hash), snap.profile_key FROM {src} "
     if dialect.name == "sqlite":
         sql = head + (
@@ -174,6 +177,29 @@ def build_changed_rows(spec: SourceSpec, dialect: SqlDialect, columns: Sequence[
             "ON snap.row_hash = src.row_hash WHERE src.row_hash IS NULL OR snap.row_hash IS NULL"
         )
     return sql, params
+
+
+#: PostgreSQL settings for the warehouse diff's statements, for their transaction only (``SET LOCAL``):
+#: - ``work_mem``: at the default 4 MB a hash join over a million hashes is split into 32 batches spilled to
+#:   temporary files; 128 MB (a hash table gets twice that, ``hash_mem_multiplier``) keeps a million rows' join in
+#:   memory (2.0 → 1.2 s measured for the snapshot-to-state join at 1M). Larger segments spill again: slower, not wrong.
+#: - ``parallel_tuple_cost`` (segment side only): the planner prices each row a parallel worker hands over at 0.1 and
+#:   so scans a million rows in one backend, though hashing them (~3 µs a row) is the scan's real cost; at 0.01 the
+#:   scan gets its parallel workers (~6.3 → ~4.5 s measured at 1.1M rows on two cores). Without workers
+#:   (``max_parallel_workers_per_gather = 0``) nothing changes.
+DIFF_SETTINGS = {"work_mem": "128MB"}
+SEGMENT_DIFF_SETTINGS = {**DIFF_SETTINGS, "parallel_tuple_cost": "0.01"}
+
+
+def tune_diff_transaction(conn: Any, settings: dict[str, str] = DIFF_SETTINGS) -> None:
+    """``SET LOCAL`` the diff's settings (see ``DIFF_SETTINGS``) for the open transaction: the connection's other
+    statements and later transactions keep the server's. On an autocommit connection PostgreSQL ignores them."""
+    cursor = conn.cursor()
+    try:
+        for name, value in settings.items():
+            cursor.execute(f"SET LOCAL {name} = '{value}'")
+    finally:
+        cursor.close()
 
 
 def changed_rows_params(dialect: SqlDialect, export_id: str, target_id: str) -> list[Any]:
@@ -280,6 +306,8 @@ class SqlSource(Source):
         since the snapshot, ``(None, ..., hash, profile key)`` for a snapshot row the segment no longer holds."""
         self._check(columns)
         sql, params = build_changed_rows(self.spec, self.dialect, columns, snapshot_table)
+        if self.dialect.name == "postgresql":
+            tune_diff_transaction(self.conn, SEGMENT_DIFF_SETTINGS)  # the read's transaction ends when the source is closed
         return self._stream(sql, params + changed_rows_params(self.dialect, export_id, target_id))
 
     def _stream(self, sql: str, params: list[Any]) -> Iterator[list[Row]]:
