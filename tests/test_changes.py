@@ -238,3 +238,30 @@ def test_sqlite_before_3_39_reads_the_whole_segment(segment_db, sandbox, monkeyp
     run(spec, run_id="r1")
     monkeypatch.setattr("segment_export.changes.sqlite3.sqlite_version_info", (3, 34, 1))
     assert run(spec, run_id="r2").change_detection == "full"  # no FULL OUTER JOIN there: the full read, logged
+
+
+def test_without_a_second_connection_the_state_is_compared_after_the_read(pg_schema, tmp_path, airflow_conn, sandbox,
+                                                                          monkeypatch, caplog):
+    """On PostgreSQL the snapshot is compared with the state on a second connection while the segment is read;
+    when that connection cannot be opened, the comparison runs after the read and plans the same profiles."""
+    wh = Warehouse("postgresql", tmp_path, airflow_conn, pg_schema)
+    wh.reset()
+    spec = _spec("klaviyo", wh.conn_id, wh.table, True)
+    run(spec, run_id="r1")
+    email = wh.execute("SELECT email FROM {t} WHERE customer_id = 7 LIMIT 1")[0][0]
+    wh.execute(f"DELETE FROM {STATE_TABLE} WHERE export_id = ? AND profile_key = ?", (spec.id, email.lower()))
+    opened = StateStore.open.__func__
+
+    def without_second_connection(cls, *args, **kwargs):
+        store = opened(cls, *args, **kwargs)
+
+        def refuse():
+            raise RuntimeError("too many connections")
+
+        store.reconnect = refuse
+        return store
+
+    monkeypatch.setattr(StateStore, "open", classmethod(without_second_connection))
+    second = run(spec, run_id="r2")
+    assert (second.change_detection, second.read, second.sent, second.accepted) == ("warehouse", 0, 1, 1)
+    assert "compared with the state after the read (a second connection failed: too many connections)" in caplog.text
