@@ -224,7 +224,7 @@ def test_a_failed_snapshot_write_is_logged_and_the_next_run_reads_the_whole_segm
         raise RuntimeError("disk full")
 
     with monkeypatch.context() as patched:
-        patched.setattr(SnapshotStore, "_write", fail)
+        patched.setattr(SnapshotStore, "_finish", fail)  # the rows are written, the signature is not
         first = run(spec, run_id="r1")
     assert first.sent == first.accepted > 0  # the run's outcome stands: the snapshot is a cache
     assert "snapshot could not be written (RuntimeError: disk full)" in caplog.text

@@ -41,6 +41,8 @@ _DDL = (
 #: a snapshot row as written: (row hash, profile key, fragment, segment, profile fingerprint, profile segments JSON)
 SnapshotRow = tuple[str, str, str, str, str, str]
 _CHUNK = 5000
+#: SQLite: the temporary table a full snapshot is loaded through (``SnapshotStore._load_sorted``)
+_LOAD_TABLE = "temp.segment_export_snapshot_load"
 
 
 class SnapshotStore:
@@ -115,8 +117,43 @@ class SnapshotStore:
     def replace(self, rows: Iterable[list[SnapshotRow]], signature: str) -> int:
         """A full run's snapshot: every row, in place of whatever was there. Returns the rows written."""
         self._forget_signature()
+        if self.state.dialect == "sqlite":
+            return self._finish(self._reload_sorted(rows), signature, replace=True)
         self.state._run(f"DELETE FROM {SNAPSHOT_TABLE} WHERE export_id = ? AND target_id = ?", self.ids).close()
         return self._write(rows, signature, replace=True)
+
+    def _reload_sorted(self, rows: Iterable[list[SnapshotRow]]) -> int:
+        """SQLite: a full snapshot is appended to a temporary table, then copied into the snapshot in the order of its
+        primary key (the row hash); when no other target has rows in the table, the old rows go in one truncating
+        ``DELETE`` and the key index is built once at the end. Returns the rows loaded.
+
+        Why: the rows come in profile-key order, so each insert landed on a random page of the primary key's B-tree
+        (by hash), and a delete of this target's rows on random pages of the key index. Measured on 300,000 rows
+        (CPU): a first write 11.6 -> 4.3 s, a rewrite over the old rows 15.2 -> ~5 s (see the commit)."""
+        state = self.state
+        others = state._run(
+            f"SELECT 1 FROM {SNAPSHOT_TABLE} WHERE export_id < ? OR export_id > ? OR (export_id = ? AND "
+            "(target_id < ? OR target_id > ?)) LIMIT 1", (*[self.ids[0]] * 3, *[self.ids[1]] * 2)).fetchone() is not None
+        if others:
+            state._run(f"DELETE FROM {SNAPSHOT_TABLE} WHERE export_id = ? AND target_id = ?", self.ids).close()
+        else:  # no WHERE: SQLite's truncate optimization (https://sqlite.org/lang_delete.html)
+            state._run(f"DELETE FROM {SNAPSHOT_TABLE}").close()
+            state._run(f"DROP INDEX IF EXISTS {SNAPSHOT_TABLE}_by_key").close()
+        state.conn.commit()  # other writers of the file are not held while the rows are loaded
+        state._run(f"CREATE TEMP TABLE IF NOT EXISTS {_LOAD_TABLE} (row_hash TEXT, profile_key TEXT, fragment TEXT, "
+                   "segment TEXT, profile_fingerprint TEXT, profile_segments TEXT)").close()
+        state._run(f"DELETE FROM {_LOAD_TABLE}").close()
+        loaded = 0
+        for chunk in rows:
+            state._insert(_LOAD_TABLE, (), chunk, ())
+            loaded += len(chunk)
+        # A row repeated in the source (same hash) is one snapshot row.
+        state._run(f"INSERT INTO {SNAPSHOT_TABLE} SELECT ?, ?, * FROM {_LOAD_TABLE} WHERE true ORDER BY row_hash "
+                   "ON CONFLICT DO NOTHING", self.ids).close()
+        state._run(f"DROP TABLE {_LOAD_TABLE}").close()
+        state._run(_DDL[1]).close()  # IF NOT EXISTS: builds the key index when it was dropped above
+        state.conn.commit()
+        return loaded
 
     def update(self, keys: Iterable[list[str]], rows: Iterable[list[SnapshotRow]], signature: str) -> int:
         """A warehouse-diff run's snapshot: the rows of the profiles it planned (``keys``) in place of theirs."""
@@ -140,6 +177,10 @@ class SnapshotStore:
             self.state._insert(SNAPSHOT_TABLE, self.ids, chunk, (), upsert="ON CONFLICT DO NOTHING")
             self.state.conn.commit()
             written += len(chunk)
+        return self._finish(written, signature, replace=replace)
+
+    def _finish(self, written: int, signature: str, *, replace: bool) -> int:
+        """After the rows: the signature (the snapshot is usable from here on) and, on PostgreSQL, statistics."""
         count = self.state._run(f"SELECT COUNT(*) FROM {SNAPSHOT_TABLE} WHERE export_id = ? AND target_id = ?", self.ids)
         total = int(count.fetchone()[0])
         count.close()
