@@ -129,7 +129,7 @@ class SnapshotStore:
 
         Why: the rows come in profile-key order, so each insert landed on a random page of the primary key's B-tree
         (by hash), and a delete of this target's rows on random pages of the key index. Measured on 300,000 rows
-        (CPU): a first write 11.6 -> 4.3 s, a rewrite over the old rows 15.2 -> ~5 s (see the commit)."""
+        (CPU): a first write 11.6 -> ~5 s, a rewrite over the old rows 15.2 -> ~5 s."""
         state = self.state
         others = state._run(
             f"SELECT 1 FROM {SNAPSHOT_TABLE} WHERE export_id < ? OR export_id > ? OR (export_id = ? AND "
