@@ -483,10 +483,43 @@ _resource_decoder = msgspec.json.Decoder(ProfileResource)
 _raw_decode = msgspec.json.decode
 
 
+#: what a profile holds that few profiles set, with the value it has when it is not set (kept out of Profile's
+#: slots: an imported profile sets none of them, and every slot is 8 bytes times millions of profiles)
+_RARE_DEFAULTS: dict[str, Any] = {
+    "organization": None, "locale": None, "title": None, "image": None, "location": None,
+    "suppressed": False, "consent": "NEVER_SUBSCRIBED", "consent_timestamp": None, "consent_source": None,
+    "consent_pending": None,
+}
+
+
+def _rare(name: str) -> property:
+    """A Profile attribute kept in its ``more`` dict (absent while it has its default)."""
+    default = _RARE_DEFAULTS[name]
+
+    def get(self: "Profile") -> Any:
+        more = self.more
+        return default if more is None else more.get(name, default)
+
+    def put(self: "Profile", value: Any) -> None:
+        more = self.more
+        if value is default or (value == default and type(value) is type(default)):
+            if more is not None:
+                more.pop(name, None)
+                if not more:
+                    self.more = None
+        elif more is None:
+            self.more = {name: value}
+        else:
+            more[name] = value
+
+    return property(get, put, doc=f"``{name}`` (kept in ``more`` unless it is {default!r})")
+
+
 class Profile(msgspec.Struct, gc=False):
     """A stored profile: fixed slots, no GC header (it holds only strings and the JSON dicts below, so it can be in
-    no reference cycle); ``state()`` shows the fields in this order. ``location`` and ``properties`` are None
-    while empty (shown as ``{}``): most imported profiles have no location."""
+    no reference cycle). What most imported profiles set has a slot; the rest (``_RARE_DEFAULTS``) reads and
+    writes like a slot but lives in ``more``. ``properties`` and ``location`` are None while empty (shown as
+    ``{}``)."""
 
     id: str
     email: Optional[str] = None
@@ -494,22 +527,20 @@ class Profile(msgspec.Struct, gc=False):
     external_id: Optional[str] = None
     first_name: Optional[str] = None
     last_name: Optional[str] = None
-    organization: Optional[str] = None
-    locale: Optional[str] = None
-    title: Optional[str] = None
-    image: Optional[str] = None
-    location: Optional[dict] = None
     properties: Optional[dict] = None
     created: Optional[str] = None
     updated: Optional[str] = None
-    suppressed: bool = False
-    consent: str = "NEVER_SUBSCRIBED"
-    consent_timestamp: Optional[str] = None
-    consent_source: Any = None
-    consent_pending: Optional[dict] = None
+    more: Optional[dict] = None
+
+    for _name in _RARE_DEFAULTS:
+        locals()[_name] = _rare(_name)
+    del _name
 
 
-_STATE_FIELDS = tuple(f for f in Profile.__struct_fields__ if f != "id")
+#: the fields ``state()`` shows, in its order (the order of the stored profile dicts before Profile)
+_STATE_FIELDS = ("email", "phone_number", "external_id", "first_name", "last_name", "organization", "locale", "title",
+                 "image", "location", "properties", "created", "updated", "suppressed", "consent", "consent_timestamp",
+                 "consent_source", "consent_pending")
 
 
 class JobError(msgspec.Struct, gc=False):
@@ -611,14 +642,33 @@ def check_profile(attrs: ProfileAttributes) -> Optional[tuple[str, str]]:
     return None
 
 
+_SHARED: dict[str, str] = {}
+_SHARED_MAX = 1 << 16  # distinct values kept; past that, new values are stored as they come (the cache stays small)
+_SHARED_LENGTH = 40
+
+
+def _share(value: Any) -> Any:
+    """One string object for every profile's equal short text (first names, a tier property): a decoded body
+    makes a new string per profile, and millions of copies of "Ada" or "gold" are most of a profile's bytes."""
+    if type(value) is not str or len(value) > _SHARED_LENGTH:
+        return value
+    shared = _SHARED.get(value)
+    if shared is not None:
+        return shared
+    if len(_SHARED) < _SHARED_MAX:
+        _SHARED[value] = value
+    return value
+
+
 def _merged(current: Optional[dict], given: Optional[dict]) -> Optional[dict]:
     """``location``/``properties`` after an import gave them: ``null`` clears, a dict is merged key by key into
-    what is stored (a copy of it, when nothing was); None stands for empty."""
+    what is stored (into a new dict, when nothing was); None stands for empty."""
     if given is None:
         return None
     if current is None:
-        return dict(given) if given else None
-    current.update(given)
+        return {key: _share(value) for key, value in given.items()} if given else None
+    for key, value in given.items():
+        current[key] = _share(value)
     return current
 
 
@@ -950,7 +1000,7 @@ class KlaviyoService:
         for key in _OTHER_TEXT_FIELDS:
             value = getattr(attrs, key)
             if value is not UNSET:
-                setattr(profile, key, value)
+                setattr(profile, key, _share(value))
         value = attrs.location
         if value is not UNSET:
             profile.location = _merged(profile.location, value)
