@@ -497,7 +497,14 @@ def new_hex(n: int) -> str:
 _EMAIL_RE = re.compile(r"^[A-Za-z0-9.!#$%&'*+/=?^_`{|}~-]+@[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?)+$")
 
 
+# A plainer shape that the rules below always accept (dot-separated atoms of common characters, alphanumeric
+# domain labels, a top-level domain of letters): one match decides the usual address.
+_PLAIN_EMAIL_RE = re.compile(r"[A-Za-z0-9_+-]+(?:\.[A-Za-z0-9_+-]+)*@[A-Za-z0-9]+(?:\.[A-Za-z0-9]+)*\.[A-Za-z]{2,}")
+
+
 def is_valid_email(value: Any) -> bool:
+    if type(value) is str and len(value) <= 254 and _PLAIN_EMAIL_RE.fullmatch(value):
+        return True
     if not isinstance(value, str) or len(value) > 254 or ".." in value:
         return False
     if not _EMAIL_RE.match(value):

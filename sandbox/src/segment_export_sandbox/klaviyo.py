@@ -433,8 +433,8 @@ class ProfileAttributes(msgspec.Struct, forbid_unknown_fields=True, gc=False):
     properties: Union[dict, None, UnsetType] = UNSET
 
 
-#: the plain text attributes a profile stores, other than the identifiers _upsert handles one by one
-_OTHER_TEXT_FIELDS = ("first_name", "last_name", "organization", "locale", "title", "image")
+#: the plain text attributes few profiles have (_upsert handles the identifiers and names one by one)
+_RARE_TEXT_FIELDS = ("organization", "locale", "title", "image")
 
 
 class ProfileResource(msgspec.Struct, forbid_unknown_fields=True, gc=False):
@@ -665,11 +665,13 @@ def _merged(current: Optional[dict], given: Optional[dict]) -> Optional[dict]:
     what is stored (into a new dict, when nothing was); None stands for empty."""
     if given is None:
         return None
-    if current is None:
-        return {key: _share(value) for key, value in given.items()} if given else None
+    if not given:
+        return current
+    merged = {} if current is None else current
+    shared = _SHARED.get
     for key, value in given.items():
-        current[key] = _share(value)
-    return current
+        merged[key] = (shared(value) or _share(value)) if type(value) is str else value
+    return merged
 
 
 class _IdBlocks:
@@ -911,37 +913,46 @@ class KlaviyoService:
                     job.started = start
                     target = min(job.total, int((now - start) * speed))
                     if job.applied < target:
-                        ids = _IdBlocks(target - job.applied)
-                        while job.applied < target:
-                            self._apply(acc, job, job.applied, ids)
-                            job.applied += 1
+                        self._apply(acc, job, target)
                     if job.applied >= job.total:
                         job.completed = start + job.total / speed
                         # What the API answers with after completion stays; the submitted profiles go.
                         job.resources = job.originals = None
                         job.profile_ids = tuple(job.profile_ids)
 
-    def _apply(self, acc: KAccount, job: ImportJob, index: int, ids: "_IdBlocks") -> None:
-        resource = job.resources[index]
-        attrs = resource.attributes
-        problem = check_profile(attrs)
-        code, title = "invalid", "Invalid input."
-        if problem is None and self.config.behaviour["klaviyo_identifier_conflict"] == "reject":
-            problem = self._conflict(acc, attrs, resource.id)
-            code, title = "duplicate_profile", "Conflict."
-        if problem is not None:
-            fld, detail = problem
-            pointer = f"/data/attributes/profiles/data/{index}/attributes" + (f"/{fld}" if fld else "")
-            job.errors.append(JobError(new_uuid(), code, title, detail, pointer, job.original_payload(index)))
-            job.failed_count += 1
-            return
-        profile, _ = self._upsert(acc, attrs, resource.id, resource.meta, ids.take)
-        pid = profile.id
-        for list_id in job.list_ids:
-            if list_id in acc.lists:
-                acc.lists[list_id].join(pid, profile.updated)
-        job.profile_ids[pid] = None
-        job.completed_count += 1
+    def _apply(self, acc: KAccount, job: ImportJob, target: int) -> None:
+        """Process the job's profiles up to ``target``: each valid one is upserted and joins the job's lists, each
+        invalid one (or conflicting, under ``klaviyo_identifier_conflict = reject``) becomes an import error.
+        What is the same for every profile of the pass (the switch, the lists, an id source) is looked up once."""
+        reject = self.config.behaviour["klaviyo_identifier_conflict"] == "reject"
+        lists = [acc.lists[list_id] for list_id in job.list_ids if list_id in acc.lists]
+        ids = _IdBlocks(target - job.applied).take
+        resources, processed, upsert = job.resources, job.profile_ids, self._upsert
+        index = job.applied
+        try:
+            while index < target:
+                resource = resources[index]
+                attrs = resource.attributes
+                problem = check_profile(attrs)
+                code, title = "invalid", "Invalid input."
+                if problem is None and reject:
+                    problem = self._conflict(acc, attrs, resource.id)
+                    code, title = "duplicate_profile", "Conflict."
+                if problem is not None:
+                    fld, detail = problem
+                    pointer = f"/data/attributes/profiles/data/{index}/attributes" + (f"/{fld}" if fld else "")
+                    job.errors.append(JobError(new_uuid(), code, title, detail, pointer, job.original_payload(index)))
+                    job.failed_count += 1
+                else:
+                    profile, _ = upsert(acc, attrs, resource.id, resource.meta, ids)
+                    pid = profile.id
+                    for lst in lists:
+                        lst.join(pid, profile.updated)
+                    processed[pid] = None
+                    job.completed_count += 1
+                index += 1
+        finally:
+            job.applied = index
 
     # --- profiles --------------------------------------------------------------------
 
@@ -964,50 +975,56 @@ class KlaviyoService:
                 return key, f"A profile already exists with this {name}, under another email or id ({other})."
         return None
 
-    def _find(self, acc: KAccount, attrs: ProfileAttributes, profile_id: Any) -> Optional[Profile]:
-        if profile_id and isinstance(profile_id, str) and profile_id in acc.profiles:
-            return acc.profiles[profile_id]
-        value = attrs.email
-        if isinstance(value, str):
-            pid = acc.by_email.get(value.lower())
-            if pid:
-                return acc.profiles[pid]
-        for value, index in ((attrs.phone_number, acc.by_phone), (attrs.external_id, acc.by_external_id)):
-            if isinstance(value, str):
-                pid = index.get(value)
-                if pid:
-                    return acc.profiles[pid]
-        return None
-
     def _upsert(
         self, acc: KAccount, attrs: ProfileAttributes, profile_id: Any, meta: Any, new_id: Callable[[], str] = new_ulid
     ) -> tuple[Profile, bool]:
-        # Runs once per imported profile (millions in a benchmark): fields spelled out, no per-call closures.
+        """Find the profile (by id, then email case-insensitively, phone number, external id) or create it, and
+        apply the attributes (see the module docstring). Runs once per imported profile (millions in a benchmark):
+        fields spelled out, stored values tested against None (they are str or None), no per-call closures."""
         now = iso_now(self.clock())
-        profile = self._find(acc, attrs, profile_id)
+        profiles = acc.profiles
+        email = attrs.email
+        email_key = email.lower() if email is not None and email is not UNSET else None
+        profile = profiles.get(profile_id) if profile_id and type(profile_id) is str else None
+        if profile is None and email_key is not None:
+            pid = acc.by_email.get(email_key)
+            profile = profiles[pid] if pid else None
+        if profile is None:
+            for value, index in ((attrs.phone_number, acc.by_phone), (attrs.external_id, acc.by_external_id)):
+                if value is not None and value is not UNSET:
+                    pid = index.get(value)
+                    if pid:
+                        profile = profiles[pid]
+                        break
         created = profile is None
         if profile is None:
             pid = new_id()
-            profile = acc.profiles[pid] = Profile(pid, created=now)
+            profile = profiles[pid] = Profile(pid, created=now)
         old_email, old_phone, old_external = profile.email, profile.phone_number, profile.external_id
-        value = attrs.email
-        if value is not UNSET and not (isinstance(value, str) and isinstance(old_email, str) and value.lower() == old_email.lower()):
-            profile.email = value  # (the same address in another case keeps the stored spelling)
+        if email is not UNSET and not (email_key is not None and old_email is not None and email_key == old_email.lower()):
+            profile.email = email  # (the same address in another case keeps the stored spelling)
         if attrs.phone_number is not UNSET:
             profile.phone_number = attrs.phone_number
         if attrs.external_id is not UNSET:
             profile.external_id = attrs.external_id
-        for key in _OTHER_TEXT_FIELDS:
-            value = getattr(attrs, key)
-            if value is not UNSET:
-                setattr(profile, key, _share(value))
+        value = attrs.first_name
+        if value is not UNSET:
+            profile.first_name = _SHARED.get(value) or _share(value)
+        value = attrs.last_name
+        if value is not UNSET:
+            profile.last_name = _SHARED.get(value) or _share(value)
+        if not (attrs.organization is attrs.locale is attrs.title is attrs.image is UNSET):
+            for key in _RARE_TEXT_FIELDS:
+                value = getattr(attrs, key)
+                if value is not UNSET:
+                    setattr(profile, key, _share(value))
         value = attrs.location
         if value is not UNSET:
             profile.location = _merged(profile.location, value)
         value = attrs.properties
         if value is not UNSET:
             profile.properties = _merged(profile.properties, value)
-        patch = meta.get("patch_properties") if isinstance(meta, dict) else None
+        patch = meta.get("patch_properties") if type(meta) is dict else None
         if patch:
             props = profile.properties if profile.properties is not None else {}
             self._patch_properties(props, patch)
@@ -1015,20 +1032,20 @@ class KlaviyoService:
         profile.updated = now
         pid = profile.id
         new = profile.email
-        if old_email != new and isinstance(old_email, str):
+        if old_email is not None and old_email != new:
             acc.by_email.pop(old_email.lower(), None)
-        if isinstance(new, str):
-            key = new.lower()
+        if new is not None:
+            key = email_key if new is email else new.lower()
             acc.by_email[new if key == new else key] = pid  # an address already in lower case is its own key
         new = profile.phone_number
-        if old_phone != new and isinstance(old_phone, str):
+        if old_phone is not None and old_phone != new:
             acc.by_phone.pop(old_phone, None)
-        if isinstance(new, str):
+        if new is not None:
             acc.by_phone[new] = pid
         new = profile.external_id
-        if old_external != new and isinstance(old_external, str):
+        if old_external is not None and old_external != new:
             acc.by_external_id.pop(old_external, None)
-        if isinstance(new, str):
+        if new is not None:
             acc.by_external_id[new] = pid
         return profile, created
 
