@@ -515,11 +515,38 @@ def _rare(name: str) -> property:
     return property(get, put, doc=f"``{name}`` (kept in ``more`` unless it is {default!r})")
 
 
+_KEY_TUPLES: dict[tuple, tuple] = {}
+_KEY_TUPLES_MAX = 4_096  # distinct key sequences shared; past that each profile keeps its own tuple of keys
+
+
+def _pack(props: Optional[dict]) -> Optional[tuple]:
+    """A properties dict as one tuple, ``(keys, value, value, ...)``, with the keys tuple shared by every profile
+    whose properties have the same keys in the same order (an export sends the same few): 64 bytes for two
+    properties instead of a dict's 180. None stands for none."""
+    if not props:
+        return None
+    keys = tuple(props)
+    shared = _KEY_TUPLES.get(keys)
+    if shared is None:
+        shared = keys
+        if len(_KEY_TUPLES) < _KEY_TUPLES_MAX:
+            _KEY_TUPLES[keys] = keys
+    return (shared, *props.values())
+
+
+def _unpack(packed: Optional[tuple]) -> Optional[dict]:
+    """The dict :func:`_pack` packed (a new one, in the same order), or None."""
+    if packed is None:
+        return None
+    return dict(zip(packed[0], packed[1:]))
+
+
 class Profile(msgspec.Struct, gc=False):
-    """A stored profile: fixed slots, no GC header (it holds only strings and the JSON dicts below, so it can be in
+    """A stored profile: fixed slots, no GC header (it holds only strings, tuples and JSON dicts, so it can be in
     no reference cycle). What most imported profiles set has a slot; the rest (``_RARE_DEFAULTS``) reads and
-    writes like a slot but lives in ``more``. ``properties`` and ``location`` are None while empty (shown as
-    ``{}``)."""
+    writes like a slot but lives in ``more``. ``properties`` reads as a new dict and is stored packed
+    (:func:`_pack`) in ``props``: write it back after changing it. ``properties`` and ``location`` are None while
+    empty (shown as ``{}``)."""
 
     id: str
     email: Optional[str] = None
@@ -527,10 +554,18 @@ class Profile(msgspec.Struct, gc=False):
     external_id: Optional[str] = None
     first_name: Optional[str] = None
     last_name: Optional[str] = None
-    properties: Optional[dict] = None
+    props: Optional[tuple] = None
     created: Optional[str] = None
     updated: Optional[str] = None
     more: Optional[dict] = None
+
+    @property
+    def properties(self) -> Optional[dict]:
+        return _unpack(self.props)
+
+    @properties.setter
+    def properties(self, value: Optional[dict]) -> None:
+        self.props = _pack(value)
 
     for _name in _RARE_DEFAULTS:
         locals()[_name] = _rare(_name)
@@ -1022,13 +1057,15 @@ class KlaviyoService:
         if value is not UNSET:
             profile.location = _merged(profile.location, value)
         value = attrs.properties
-        if value is not UNSET:
-            profile.properties = _merged(profile.properties, value)
         patch = meta.get("patch_properties") if type(meta) is dict else None
-        if patch:
-            props = profile.properties if profile.properties is not None else {}
-            self._patch_properties(props, patch)
-            profile.properties = props or None
+        if value is not UNSET or patch:
+            props = profile.properties
+            if value is not UNSET:
+                props = _merged(props, value)
+            if patch:
+                props = props if props is not None else {}
+                self._patch_properties(props, patch)
+            profile.properties = props
         profile.updated = now
         pid = profile.id
         new = profile.email
