@@ -447,28 +447,41 @@ _ulid_state: list[Any] = [-1, "", 0, ""]
 
 
 def new_ulid() -> str:
-    """A 26-char ULID (time-ordered), the shape of Klaviyo profile and job ids.
+    """A 26-char ULID (time-ordered), the shape of Klaviyo profile and job ids (see :func:`new_ulids`)."""
+    return new_ulids(1)[0]
+
+
+def new_ulids(count: int) -> list[str]:
+    """``count`` consecutive ULIDs of the current millisecond (time-ordered), the shape of Klaviyo profile and
+    job ids; one clock read and one lock for the lot, as an import job stamps thousands of profiles at once.
 
     Monotonic as the ULID spec allows: the first id of a millisecond draws 79 random bits (the top one clear, so
     the increments below cannot overflow 80 bits), later ids of the same millisecond, or of an earlier one if the
     clock steps back, add 1 to the last random part.  The time characters are encoded once per millisecond and
-    the random part's first 14 once per 1,024 ids: an import job stamps thousands of profiles a millisecond.
+    the random part's first 14 once per 1,024 ids.  ``count`` calls of :func:`new_ulid` in one millisecond give
+    the same ids.
     """
     ms = int(time.time() * 1000)
     pairs = _CROCKFORD_PAIRS
+    out: list[str] = []
+    append = out.append
     with _ulid_lock:
         state = _ulid_state
         if ms > state[0]:
-            rand = _ulid_random.getrandbits(79)
+            rand = _ulid_random.getrandbits(79) - 1  # the loop adds 1 before the first id
             state[0], state[1] = ms, "".join([pairs[(ms >> shift) & 1023] for shift in (40, 30, 20, 10, 0)])
             state[3] = ""
         else:
-            rand = state[2] + 1
-        low = rand & 1023
-        if low == 0 or not state[3]:  # a new draw, or the increment carried out of the last two characters
-            state[3] = "".join([pairs[(rand >> shift) & 1023] for shift in (70, 60, 50, 40, 30, 20, 10)])
-        state[2] = rand
-        return state[1] + state[3] + pairs[low]
+            rand = state[2]
+        head, middle = state[1], state[3]
+        for _ in range(count):
+            rand += 1
+            low = rand & 1023
+            if low == 0 or not middle:  # a new draw, or the increment carried out of the last two characters
+                middle = "".join([pairs[(rand >> shift) & 1023] for shift in (70, 60, 50, 40, 30, 20, 10)])
+            append(head + middle + pairs[low])
+        state[2], state[3] = rand, middle
+    return out
 
 
 def new_uuid() -> str:
@@ -484,7 +497,14 @@ def new_hex(n: int) -> str:
 _EMAIL_RE = re.compile(r"^[A-Za-z0-9.!#$%&'*+/=?^_`{|}~-]+@[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?)+$")
 
 
+# A plainer shape that the rules below always accept (dot-separated atoms of common characters, alphanumeric
+# domain labels, a top-level domain of letters): one match decides the usual address.
+_PLAIN_EMAIL_RE = re.compile(r"[A-Za-z0-9_+-]+(?:\.[A-Za-z0-9_+-]+)*@[A-Za-z0-9]+(?:\.[A-Za-z0-9]+)*\.[A-Za-z]{2,}")
+
+
 def is_valid_email(value: Any) -> bool:
+    if type(value) is str and len(value) <= 254 and _PLAIN_EMAIL_RE.fullmatch(value):
+        return True
     if not isinstance(value, str) or len(value) > 254 or ".." in value:
         return False
     if not _EMAIL_RE.match(value):
