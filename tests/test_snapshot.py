@@ -1,16 +1,68 @@
-"""The snapshot store's writes (``segment_export.snapshot``), on the embedded SQLite state: a full snapshot is
+"""The snapshot store's writes (``segment_export.snapshot``), on SQLite and PostgreSQL state: a full snapshot is
 loaded sorted through a temporary table, and must leave other targets' rows and the key index as they were."""
 
 from __future__ import annotations
 
+import os
 import sqlite3
+from typing import Any
+
+import pytest
 
 from segment_export.snapshot import SNAPSHOT_TABLE, SNAPSHOTS_TABLE, SnapshotStore
 from segment_export.state import StateStore
 
 
-def _store(conn: sqlite3.Connection, export_id: str, target_id: str = "t1") -> SnapshotStore:
-    state = StateStore(conn, "?", export_id, target_id, "test", dialect_name="sqlite")
+class Db:
+    """One state database: its DB-API connection, placeholder, dialect, and how to list the snapshot's indexes."""
+
+    def __init__(self, conn: Any, placeholder: str, dialect: str):
+        self.conn, self.ph, self.dialect = conn, placeholder, dialect
+
+    def execute(self, sql: str, params: tuple = ()) -> list[tuple]:
+        cursor = self.conn.cursor()
+        if params:
+            cursor.execute(sql.replace("?", self.ph), params)
+        else:
+            cursor.execute(sql)
+        rows = [tuple(r) for r in cursor.fetchall()] if cursor.description else []
+        cursor.close()
+        return rows
+
+    def indexes(self) -> set[str]:
+        if self.dialect == "sqlite":
+            sql = "SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = ?"
+        else:
+            sql = "SELECT indexname FROM pg_indexes WHERE schemaname = current_schema() AND tablename = ?"
+        return {name for (name,) in self.execute(sql, (SNAPSHOT_TABLE,))}
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db(request, tmp_path):
+    if request.param == "sqlite":
+        conn = sqlite3.connect(tmp_path / "state.db")
+        yield Db(conn, "?", "sqlite")
+        conn.close()
+        return
+    psycopg = pytest.importorskip("psycopg")
+    try:
+        admin = psycopg.connect("host=127.0.0.1 port=5432 user=postgres dbname=test", autocommit=True, connect_timeout=3)
+    except psycopg.OperationalError as exc:
+        if os.environ.get("CI"):
+            raise
+        pytest.skip(f"PostgreSQL not reachable: {exc}")
+    schema = f"segment_export_snapshot_test_{os.getpid()}"
+    admin.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+    admin.execute(f'CREATE SCHEMA "{schema}"')
+    conn = psycopg.connect(f"host=127.0.0.1 port=5432 user=postgres dbname=test options=-csearch_path={schema}")
+    yield Db(conn, "%s", "postgresql")
+    conn.close()
+    admin.execute(f'DROP SCHEMA "{schema}" CASCADE')
+    admin.close()
+
+
+def _store(db: Db, export_id: str, target_id: str = "t1") -> SnapshotStore:
+    state = StateStore(db.conn, db.ph, export_id, target_id, "test", dialect_name=db.dialect)
     state.ensure_tables()
     snapshot = SnapshotStore(state)
     snapshot.ensure_tables()
@@ -22,18 +74,13 @@ def _rows(prefix: str, n: int) -> list[tuple[str, str, str, str, str, str]]:
     return [(f"{(i * 7919) % n:08d}{prefix}", f"{prefix}{i:05d}", f'{{"n":{i}}}', "vip", f"fp{i}", '["vip"]') for i in range(n)]
 
 
-def _held(conn: sqlite3.Connection, export_id: str, target_id: str = "t1") -> list[tuple]:
-    return sorted(conn.execute(f"SELECT row_hash, profile_key, fragment, segment, profile_fingerprint, profile_segments "
+def _held(db: Db, export_id: str, target_id: str = "t1") -> list[tuple]:
+    return sorted(db.execute(f"SELECT row_hash, profile_key, fragment, segment, profile_fingerprint, profile_segments "
                                f"FROM {SNAPSHOT_TABLE} WHERE export_id = ? AND target_id = ?", (export_id, target_id)))
 
 
-def _indexes(conn: sqlite3.Connection) -> set[str]:
-    return {name for (name,) in conn.execute("SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = ?", (SNAPSHOT_TABLE,))}
-
-
-def test_a_full_snapshot_replaces_only_its_own_target_and_keeps_the_key_index(tmp_path):
-    conn = sqlite3.connect(tmp_path / "state.db")
-    a, b, a_other_target = _store(conn, "a"), _store(conn, "b"), _store(conn, "a", "t2")
+def test_a_full_snapshot_replaces_only_its_own_target_and_keeps_the_key_index(db):
+    a, b, a_other_target = _store(db, "a"), _store(db, "b"), _store(db, "a", "t2")
     b_rows, other_rows = _rows("b", 300), _rows("o", 50)
     assert b.replace([b_rows[:200], b_rows[200:]], "sig-b") == 300
     assert a_other_target.replace([other_rows], "sig-o") == 50
@@ -41,22 +88,24 @@ def test_a_full_snapshot_replaces_only_its_own_target_and_keeps_the_key_index(tm
     a.replace([first], "sig-a")
     second = _rows("x", 400)
     assert a.replace([second[:100], second[100:] + second[:1]], "sig-a2") == 401  # a row repeated in the source
-    assert _held(conn, "a") == sorted(second)
-    assert _held(conn, "b") == sorted(b_rows) and _held(conn, "a", "t2") == sorted(other_rows)
-    assert f"{SNAPSHOT_TABLE}_by_key" in _indexes(conn)
-    counts = dict(conn.execute(f"SELECT export_id || '/' || target_id, row_count FROM {SNAPSHOTS_TABLE}"))
+    assert _held(db, "a") == sorted(second)
+    assert _held(db, "b") == sorted(b_rows) and _held(db, "a", "t2") == sorted(other_rows)
+    assert f"{SNAPSHOT_TABLE}_by_key" in db.indexes()
+    counts = dict(db.execute(f"SELECT export_id || '/' || target_id, row_count FROM {SNAPSHOTS_TABLE}"))
     assert counts == {"b/t1": 300, "a/t2": 50, "a/t1": 400} and a.signature() == "sig-a2"
     assert a.rows_for(["x00003"]) == [r[:4] for r in second if r[1] == "x00003"]
 
 
-def test_a_target_alone_in_the_table_is_rewritten_whole_and_its_key_index_rebuilt(tmp_path):
-    conn = sqlite3.connect(tmp_path / "state.db")
-    a = _store(conn, "a")
+def test_a_target_alone_in_the_table_is_rewritten_whole_and_its_key_index_rebuilt(db):
+    a = _store(db, "a")
     a.replace([_rows("a", 300)], "sig-1")
     rows = _rows("y", 250)
     assert a.replace([rows], "sig-2") == 250
-    assert _held(conn, "a") == sorted(rows) and f"{SNAPSHOT_TABLE}_by_key" in _indexes(conn)
-    assert conn.execute("SELECT count(*) FROM sqlite_temp_master").fetchone() == (0,)  # the load table is gone
-    plan = " ".join(str(r) for r in conn.execute(
-        f"EXPLAIN QUERY PLAN SELECT * FROM {SNAPSHOT_TABLE} WHERE export_id = 'a' AND target_id = 't1' AND profile_key = 'y00001'"))
-    assert f"{SNAPSHOT_TABLE}_by_key" in plan
+    assert _held(db, "a") == sorted(rows) and f"{SNAPSHOT_TABLE}_by_key" in db.indexes()
+    load_tables = ("SELECT count(*) FROM sqlite_temp_master" if db.dialect == "sqlite" else
+                   "SELECT count(*) FROM pg_tables WHERE schemaname LIKE 'pg_temp%' AND tablename = 'segment_export_snapshot_load'")
+    assert db.execute(load_tables) == [(0,)]  # the load table is gone
+    if db.dialect == "sqlite":
+        plan = " ".join(str(r) for r in db.execute(
+            f"EXPLAIN QUERY PLAN SELECT * FROM {SNAPSHOT_TABLE} WHERE export_id = 'a' AND target_id = 't1' AND profile_key = 'y00001'"))
+        assert f"{SNAPSHOT_TABLE}_by_key" in plan
