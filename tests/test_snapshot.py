@@ -3,7 +3,6 @@ loaded sorted through a temporary table, and must leave other targets' rows and 
 
 from __future__ import annotations
 
-import os
 import sqlite3
 from typing import Any
 
@@ -44,21 +43,12 @@ def db(request, tmp_path):
         yield Db(conn, "?", "sqlite")
         conn.close()
         return
-    psycopg = pytest.importorskip("psycopg")
-    try:
-        admin = psycopg.connect("host=127.0.0.1 port=5432 user=postgres dbname=test", autocommit=True, connect_timeout=3)
-    except psycopg.OperationalError as exc:
-        if os.environ.get("CI"):
-            raise
-        pytest.skip(f"PostgreSQL not reachable: {exc}")
-    schema = f"segment_export_snapshot_test_{os.getpid()}"
-    admin.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
-    admin.execute(f'CREATE SCHEMA "{schema}"')
+    import psycopg
+
+    _, schema = request.getfixturevalue("pg_schema")  # a fresh schema (skipped without PostgreSQL, outside CI)
     conn = psycopg.connect(f"host=127.0.0.1 port=5432 user=postgres dbname=test options=-csearch_path={schema}")
     yield Db(conn, "%s", "postgresql")
     conn.close()
-    admin.execute(f'DROP SCHEMA "{schema}" CASCADE')
-    admin.close()
 
 
 def _store(db: Db, export_id: str, target_id: str = "t1") -> SnapshotStore:
