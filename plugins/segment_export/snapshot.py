@@ -132,9 +132,13 @@ class SnapshotStore:
         the indexes fit in ``shared_buffers`` (1M profiles: 10-20 s beside the run) and not after: at 10M profiles
         (2.3 GB of indexes, 128 MB of buffers) the write took ~20 min of one backend's CPU."""
         state, postgres = self.state, self.state.dialect == "postgres"
-        others = state._run(
+        probe = state._run(
             f"SELECT 1 FROM {SNAPSHOT_TABLE} WHERE export_id < ? OR export_id > ? OR (export_id = ? AND "
-            "(target_id < ? OR target_id > ?)) LIMIT 1", (*[self.ids[0]] * 3, *[self.ids[1]] * 2)).fetchone() is not None
+            "(target_id < ? OR target_id > ?)) LIMIT 1", (*[self.ids[0]] * 3, *[self.ids[1]] * 2))
+        # Another target writing its first rows between this probe and the DELETE would lose them: its snapshot is
+        # then incomplete, which its next run reads as rows changed (read again, compared with the state), not lost.
+        others = probe.fetchone() is not None
+        probe.close()
         if others or postgres:
             state._run(f"DELETE FROM {SNAPSHOT_TABLE} WHERE export_id = ? AND target_id = ?", self.ids).close()
         else:  # no WHERE: SQLite's truncate optimization (https://sqlite.org/lang_delete.html)
