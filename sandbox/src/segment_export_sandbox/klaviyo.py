@@ -705,8 +705,7 @@ def _share(value: Any) -> Any:
 
 def _shared_values(given: dict) -> list[Any]:
     """A dict's values, short strings shared (:func:`_share`)."""
-    shared = _SHARED.get
-    return [(shared(value) or _share(value)) if type(value) is str else value for value in given.values()]
+    return [_share(value) for value in given.values()]
 
 
 def _merged(current: Optional[dict], given: Optional[dict]) -> Optional[dict]:
@@ -717,9 +716,8 @@ def _merged(current: Optional[dict], given: Optional[dict]) -> Optional[dict]:
     if not given:
         return current
     merged = {} if current is None else current
-    shared = _SHARED.get
     for key, value in given.items():
-        merged[key] = (shared(value) or _share(value)) if type(value) is str else value
+        merged[key] = _share(value)
     return merged
 
 
@@ -974,7 +972,7 @@ class KlaviyoService:
         invalid one (or conflicting, under ``klaviyo_identifier_conflict = reject``) becomes an import error.
         What is the same for every profile of the pass (the switch, the lists, an id source) is looked up once."""
         reject = self.config.behaviour["klaviyo_identifier_conflict"] == "reject"
-        memberships = [acc.lists[list_id].profile_ids for list_id in job.list_ids if list_id in acc.lists]  # KList.join
+        lists = [acc.lists[list_id] for list_id in job.list_ids if list_id in acc.lists]
         ids = _IdBlocks(target - job.applied).take
         resources, processed, upsert = job.resources, job.profile_ids, self._upsert
         # The pass's profiles are processed at one moment of the model: one timestamp (to the second) for them all.
@@ -998,9 +996,8 @@ class KlaviyoService:
                 else:
                     profile, _ = upsert(acc, attrs, resource.id, resource.meta, ids, now)
                     pid = profile.id
-                    for members in memberships:
-                        if pid not in members:
-                            members[pid] = now
+                    for lst in lists:
+                        lst.join(pid, now)
                     processed[pid] = None
                     job.completed_count += 1
                 index += 1
@@ -1066,10 +1063,10 @@ class KlaviyoService:
             profile.external_id = attrs.external_id
         value = attrs.first_name
         if value is not UNSET:
-            profile.first_name = _SHARED.get(value) or _share(value)
+            profile.first_name = _share(value)
         value = attrs.last_name
         if value is not UNSET:
-            profile.last_name = _SHARED.get(value) or _share(value)
+            profile.last_name = _share(value)
         if not (attrs.organization is attrs.locale is attrs.title is attrs.image is UNSET):
             for key in _RARE_TEXT_FIELDS:
                 value = getattr(attrs, key)
