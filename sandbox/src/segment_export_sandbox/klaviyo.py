@@ -10,8 +10,8 @@ The store is sized for a benchmark of 10,000,000 imported profiles on a 24 GiB m
 ``msgspec.Struct`` objects without GC headers (:class:`Profile`: rarely set fields in one dict, properties packed
 in a tuple, short texts shared), a job body is decoded straight into structs (any body that decoding does not
 take goes through the general JSON + schema walk, so the errors are those of the schema), and a complete job keeps
-only what the API still answers with. About 650 bytes and 10-16 µs of CPU per imported profile (dicts: 2,200 bytes
-and 28 µs; 10 µs on an idle machine, 14-16 in session 9's benchmark); ``state()`` and every answer are the same
+only what the API still answers with. About 650 bytes and 10-16 µs of CPU per imported profile (10 µs in a 100k
+driver, 14-16 in session 9's benchmark; dicts: 2,200 bytes and 28 µs); ``state()`` and every answer are the same
 as with dicts.
 
 Modelled behaviour (and where it comes from)
