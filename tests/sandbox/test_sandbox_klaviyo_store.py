@@ -162,3 +162,42 @@ def test_a_stored_profile_stays_small():
         tracemalloc.stop()
     assert len(sb.state()["klaviyo"]["accounts"][next(iter(sb.klaviyo.accounts))]["profiles"]) == 20_000
     assert per_profile < 900, per_profile
+
+
+NEW_PROFILES = [
+    dict(email="a@example.com", first_name="Ada", last_name="Lovelace", phone_number="+12015550100", external_id="1",
+         properties={"loyalty_tier": "gold", "lifetime_value": 1.5}),
+    dict(email="Mixed.Case@Example.com", first_name=None, properties={}),
+    dict(email="c@example.com", last_name="Hopper", properties=None),
+    dict(phone_number="+12015550101", first_name="Grace"),
+    dict(external_id="5", email=None, phone_number=None, properties={"a": [1, 2], "b": {"c": "d"}, "e": None}),
+    dict(_kx="kx-token", first_name="Alan"),
+]
+
+
+def _stored(sb: Sandbox) -> tuple[list, dict]:
+    """The account's profiles in creation order (ids left out) and its identifier indexes (ids as positions)."""
+    sb.klaviyo.advance()
+    acc = next(iter(sb.klaviyo.accounts.values()))
+    order = {pid: i for i, pid in enumerate(acc.profiles)}
+    state = sb.state()["klaviyo"]["accounts"][acc.account_id]
+    indexes = {name: {key: order[pid] for key, pid in getattr(acc, name).items()}
+               for name in ("by_email", "by_phone", "by_external_id")}
+    members = [order[pid] for pid in state["lists"][KLAVIYO_LIST_ID]["profile_ids"]]
+    return list(state["profiles"].values()), {**indexes, "members": members}
+
+
+def test_a_new_profile_is_stored_as_the_general_path_stores_it():
+    """_upsert builds the usual new profile (no rare field, no patch) in one call; an explicit null organization
+    sends the same profile through the field-by-field path, with the same end state."""
+    fast, clock = service()
+    general, general_clock = service()
+    assert call(fast, "POST", JOBS, job(*[profile(**p) for p in NEW_PROFILES]))[0] == 202
+    assert call(general, "POST", JOBS, job(*[profile(**p, organization=None) for p in NEW_PROFILES]))[0] == 202
+    clock.now += 10
+    general_clock.now += 10
+    assert _stored(fast) == _stored(general)
+    profiles, indexes = _stored(fast)
+    assert len(profiles) == len(NEW_PROFILES)
+    assert indexes["by_email"] == {"a@example.com": 0, "mixed.case@example.com": 1, "c@example.com": 2}
+    assert profiles[1]["email"] == "Mixed.Case@Example.com" and profiles[0]["properties"] == NEW_PROFILES[0]["properties"]

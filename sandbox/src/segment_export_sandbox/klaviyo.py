@@ -140,7 +140,7 @@ import re
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable, Iterator, Optional, Union
 
 import msgspec
 from msgspec import UNSET, UnsetType
@@ -704,9 +704,10 @@ def _share(value: Any) -> Any:
     return value
 
 
-def _shared_values(given: dict) -> list[Any]:
-    """A dict's values, short strings shared (:func:`_share`)."""
-    return [_share(value) for value in given.values()]
+def _shared_values(given: dict) -> Iterator[Any]:
+    """A dict's values, short strings shared (:func:`_share`); an iterator, as :func:`_pack` unpacks it at once
+    (``map`` runs no frame of its own per profile, a list comprehension does)."""
+    return map(_share, given.values())
 
 
 def _merged(current: Optional[dict], given: Optional[dict]) -> Optional[dict]:
@@ -979,14 +980,16 @@ class KlaviyoService:
         # The pass's profiles are processed at one moment of the model: one timestamp (to the second) for them all.
         now = iso_now(self.clock())
         index = job.applied
+        completed = 0  # added to job.completed_count once, when the pass ends (however it ends)
         try:
             while index < target:
                 resource = resources[index]
                 resources[index] = None  # processed: its memory is free for the profiles that follow
                 attrs = resource.attributes
                 problem = check_profile(attrs)
-                code, title = "invalid", "Invalid input."
-                if problem is None and reject:
+                if problem is not None:
+                    code, title = "invalid", "Invalid input."
+                elif reject:
                     problem = self._conflict(acc, attrs, resource.id)
                     code, title = "duplicate_profile", "Conflict."
                 if problem is not None:
@@ -1000,10 +1003,11 @@ class KlaviyoService:
                     for lst in lists:
                         lst.join(pid, now)
                     processed[pid] = None
-                    job.completed_count += 1
+                    completed += 1
                 index += 1
         finally:
             job.applied = index
+            job.completed_count += completed
 
     # --- profiles --------------------------------------------------------------------
 
@@ -1052,6 +1056,31 @@ class KlaviyoService:
             if pid:
                 profile = profiles[pid]
         created = profile is None
+        patch = meta.get("patch_properties") if type(meta) is dict else None
+        if created and not patch and (
+                attrs.organization is attrs.locale is attrs.title is attrs.image is attrs.location is UNSET):
+            # The usual imported profile: new, none of the rare fields. Built in one call with what the general
+            # path below would set one by one (UNSET as None, names and property values shared, properties
+            # packed as given), and indexed under identifiers nothing else has (the lookups above missed).
+            pid = new_id()
+            phone, external = attrs.phone_number, attrs.external_id
+            if email is UNSET:
+                email = None
+            if phone is UNSET:
+                phone = None
+            if external is UNSET:
+                external = None
+            first, last, value = attrs.first_name, attrs.last_name, attrs.properties
+            profile = profiles[pid] = Profile(
+                pid, email, phone, external, None if first is UNSET else _share(first),
+                None if last is UNSET else _share(last), _pack(value, _shared_values) if value else None, now, now)
+            if email is not None:
+                acc.by_email[email if email_key == email else email_key] = pid  # a lower-case address is its own key
+            if phone is not None:
+                acc.by_phone[phone] = pid
+            if external is not None:
+                acc.by_external_id[external] = pid
+            return profile, True
         if profile is None:
             pid = new_id()
             profile = profiles[pid] = Profile(pid, created=now)
@@ -1077,7 +1106,6 @@ class KlaviyoService:
         if value is not UNSET:
             profile.location = _merged(profile.location, value)
         value = attrs.properties
-        patch = meta.get("patch_properties") if type(meta) is dict else None
         if created and not patch and value:
             profile.props = _pack(value, _shared_values)  # the usual new profile: packed as given, no dict between
         elif value is not UNSET or patch:
