@@ -10,9 +10,11 @@ The store is sized for a benchmark of 10,000,000 imported profiles on a 24 GiB m
 ``msgspec.Struct`` objects without GC headers (:class:`Profile`: rarely set fields in one dict, properties packed
 in a tuple, short texts shared), a job body is decoded straight into structs (any body that decoding does not
 take goes through the general JSON + schema walk, so the errors are those of the schema), and a complete job keeps
-only what the API still answers with. About 650 bytes and 10-16 µs of CPU per imported profile (10 µs in a 100k
-driver, 14-16 in session 9's benchmark; dicts: 2,200 bytes and 28 µs); ``state()`` and every answer are the same
-as with dicts.
+only what the API still answers with. About 650 bytes and 5 µs of CPU per imported profile: 4.6-4.8 µs of the
+sandbox process's CPU (utime+stime) for 10 jobs of 10,000 exporter-shaped profiles over HTTP, 7.5 µs for 100 jobs
+(1M profiles: bigger indexes, and 1.8 s of system time, page faults), ~47,000 instructions a profile in-process (callgrind);
+session 9's benchmark, beside the exporter on 2 cores, saw 14-16 (dicts: 2,200 bytes and 28 µs). ``state()`` and
+every answer are the same as with dicts.
 
 Modelled behaviour (and where it comes from)
 --------------------------------------------
