@@ -16,7 +16,7 @@ import queue
 import time
 import uuid
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
-from typing import Any, Callable, Generic, TypeVar
+from typing import Any, Callable, Generic, Iterable, Iterator, TypeVar
 
 from segment_export.batching import Batch, Batcher
 from segment_export.context import ExportError, RunContext
@@ -38,10 +38,47 @@ def _action(key: str, change: Change, result: BatchResult) -> str:
     return "updated" if key in result.updated_keys else "created"
 
 
-def _without_payload(change: Change) -> Change:
-    """What a batch's outcome needs of a change: the batch holds the payload until it is sent (a Klaviyo batch in
-    flight is 10,000 profiles, and eleven of them may be)."""
-    return tuple.__new__(Change, (change[0], change[1], change[2], None, change[4], change[5]))
+class BatchChanges:
+    """What a batch's outcome needs of its changes, column by column and without payloads: the batch holds the
+    payloads until it is sent, and a Klaviyo batch in flight is 10,000 profiles, twenty of them at once. A change
+    tuple per profile, with its own fingerprint string, cost ~190 bytes; here a profile costs ~64 (its key, kind
+    and segment tuples are shared references, its fingerprint 32 characters of one string per batch, joined by
+    ``seal``). Iterating gives the changes back (``fragment`` None), in the order they were added."""
+
+    __slots__ = ("keys", "kinds", "fingerprints", "segments", "previous")
+
+    def __init__(self) -> None:
+        self.keys: list[str] = []
+        self.kinds: list[str] = []
+        self.fingerprints: list[str | None] | str = []
+        self.segments: list[tuple[str, ...]] = []
+        self.previous: list[tuple[str, ...]] = []
+
+    def append(self, change: Change) -> None:
+        self.keys.append(change[0])
+        self.kinds.append(change[1])
+        self.fingerprints.append(change[2])  # type: ignore[union-attr]
+        self.segments.append(change[4])
+        self.previous.append(change[5])
+
+    def seal(self) -> None:
+        """The batch is complete: its fingerprints become one string (when all are the usual 32 characters)."""
+        fingerprints = self.fingerprints
+        if isinstance(fingerprints, list) and all(fp is not None and len(fp) == _FP for fp in fingerprints):
+            self.fingerprints = "".join(fingerprints)  # type: ignore[arg-type]
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def __iter__(self) -> Iterator[Change]:
+        make, fingerprints = tuple.__new__, self.fingerprints
+        joined = isinstance(fingerprints, str)
+        for i, (key, kind, segments, previous) in enumerate(zip(self.keys, self.kinds, self.segments, self.previous)):
+            fingerprint = fingerprints[i * _FP:(i + 1) * _FP] if joined else fingerprints[i]
+            yield make(Change, (key, kind, fingerprint, None, segments, previous))
+
+
+_FP = 32  # characters of a fingerprint (``exporter.fingerprint``)
 
 
 class BatchPool(Generic[T]):
@@ -104,7 +141,7 @@ class InFlight:
         self.handles: dict[int, str] = {}  # batch number → handle, once recorded
         self._reported: queue.SimpleQueue[tuple[int, str]] = queue.SimpleQueue()
 
-    def begin(self, number: int, changes: list[Change]) -> None:
+    def begin(self, number: int, changes: Iterable[Change]) -> None:
         """Record a batch's profiles before it is handed over."""
         batch_id = self.ids[number] = uuid.uuid4().hex
         with self.clock.phase("state"):
@@ -142,9 +179,9 @@ class Executor:
     def __init__(self, ctx: RunContext):
         self.ctx = ctx
         self.destination: Destination = ctx.destination
-        # batch number → its profiles' changes (no payloads), in the batch's key order: a list, not a dict by key,
-        # since a Klaviyo job in flight holds 10,000 of them and a dict entry costs more than the change itself
-        self.changes: dict[int, list[Change]] = {}
+        # batch number → its profiles' changes (no payloads), in the batch's key order (``BatchChanges``; a resumed
+        # batch's, a list): not a dict by key, since a Klaviyo job in flight holds 10,000 of them
+        self.changes: dict[int, Iterable[Change]] = {}
         self.inflight = InFlight(ctx.state, ctx) if ctx.tracks_batches and ctx.state is not None else None
         self.submit_only = ctx.options.submit_only and self.inflight is not None
         # Profiles handed over in batches; how many the run sends is known once the diff has formed every batch
@@ -206,12 +243,16 @@ class Executor:
         ctx, destination = self.ctx, self.destination
         batcher = Batcher(destination.max_batch_profiles, destination.max_batch_bytes)
         pool: BatchPool[Any] = BatchPool(destination.batches_in_flight, self._work(), self._done(), self._tick, ctx.log)
-        changes, make = self.changes, _without_payload
+        changes = self.changes
         diff_phase = ctx.clock.switch("diff")
         try:
             for change in plan:
                 closed = batcher.add(change[0], change[3])  # type: ignore[arg-type]
-                changes.setdefault(batcher.current_number, []).append(make(change))
+                number = batcher.current_number
+                held = changes.get(number)
+                if held is None:
+                    held = changes[number] = BatchChanges()
+                held.append(change)  # type: ignore[union-attr]
                 if closed is not None:
                     self._hand_over(pool, closed)
             last = batcher.flush()
@@ -234,6 +275,9 @@ class Executor:
             ) from pool.failure
 
     def _hand_over(self, pool: BatchPool[Any], batch: Batch) -> None:
+        changes = self.changes[batch.number]
+        if isinstance(changes, BatchChanges):
+            changes.seal()
         if self.inflight is not None:
             self.inflight.begin(batch.number, self.changes[batch.number])
         self.queued += len(batch)
@@ -306,7 +350,7 @@ class Executor:
                 state.rollback()
             raise
 
-    def save_outcome(self, keys: list[str], changes: list[Change], result: BatchResult, commit: bool = True) -> None:
+    def save_outcome(self, keys: list[str], changes: Iterable[Change], result: BatchResult, commit: bool = True) -> None:
         """Remember what the destination confirmed; queue its tag changes; one outcome row per profile.
         ``changes`` are the batch's, in the order of its ``keys``."""
         ctx = self.ctx
