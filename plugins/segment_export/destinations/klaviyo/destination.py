@@ -42,12 +42,12 @@ MAX_JOB_PROFILES = 10_000
 MAX_JOB_BYTES = 5_000_000  # "5 MB" per job; decimal megabytes, to stay clear of the cap either way
 MAX_PROFILE_BYTES = 100_000  # "100 KB" per profile
 # Jobs in flight at once. Klaviyo documents no cap on bulk profile import jobs in progress (see ``jobs``); the
-# submissions are paced by the endpoint's rate limits (10/s, 150/m). Each job in flight keeps its profiles' keys,
-# fingerprints and segments (about 250 bytes a profile: 2.5 MB a job), so this bounds memory. Ten are enough while
-# the task's main thread is what bounds an export: it forms batches at about 25,000 profiles a second (make bench,
-# README "Performance"), and ten jobs of 10,000 that take 2 s each from submission to being seen finished carry
-# 50,000 a second. Measured at 1,000,000 profiles: 16 in flight, 315 MB peak and the same wall time.
-JOBS_IN_FLIGHT = 10
+# submissions are paced by the endpoint's rate limits (10/s burst, 150/m steady). A job takes about 2 s from its
+# submission to being seen finished (the sandbox's documented-default latency, polled as ``jobs`` says), so at the
+# burst rate about 20 are in flight: fewer, and the task waits on the cap instead of the rate limit (measured at
+# 1,000,000 profiles from Parquet: 39.6 s with 10, 29-32 s with 20). Each job in flight keeps its profiles' keys,
+# fingerprints and segments (``execute.BatchChanges``, about 64 bytes a profile: 0.65 MB a job), so this bounds memory.
+JOBS_IN_FLIGHT = 20
 KEPT_SHARED_PROFILE = "kept in the list: shares a Klaviyo profile with a row still in the segment"
 # A list call naming a profile id Klaviyo no longer has (a remembered id gone stale): the spec lists only 4XX, so both
 # the likely answers are read as that and the call is made again by email (a list that is gone fails again: raised).
