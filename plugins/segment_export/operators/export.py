@@ -10,6 +10,7 @@ from airflow.sdk import BaseOperator
 
 from segment_export.destinations import destination_for
 from segment_export.exporter import ExportError, MassLeaveError, RejectedShareError, RunOptions, run_export
+from segment_export.malloc import return_large_blocks
 from segment_export.sources import source_for
 from segment_export.spec import ExportSpec
 from segment_export.state import StateStore
@@ -127,6 +128,7 @@ class SegmentExportOperator(BaseOperator):
         destination = destination_for(spec)
         state = StateStore.open(spec.state_conn_id, spec.id, destination.target_id)
         self.log.info("sync state: %s", state.description)
+        return_large_blocks()  # job bodies freed by the sending threads go back to the system (``malloc``)
         try:
             summary = run_export(spec, source, destination, state=state, options=options, logger=self.log)
         except RejectedShareError as exc:
