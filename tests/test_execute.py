@@ -18,12 +18,17 @@ def _changes(n: int) -> list[Change]:
     ]
 
 
-def test_changes_come_back_as_added_without_their_payloads():
-    given = _changes(50)
+def _held(changes: list[Change]) -> BatchChanges:
     held = BatchChanges()
-    for change in given:
+    for change in changes:
         held.append(change)
     held.seal()
+    return held
+
+
+def test_changes_come_back_as_added_without_their_payloads():
+    given = _changes(50)
+    held = _held(given)
     assert isinstance(held.fingerprints, str)  # joined: one string for the batch
     assert len(held) == 50
     assert list(held) == [c._replace(fragment=None) for c in given]
@@ -33,20 +38,14 @@ def test_changes_come_back_as_added_without_their_payloads():
 
 def test_fingerprints_of_another_length_stay_a_list():
     given = [Change("a@x.io", "create", "fp-short", None, ("s",), ()), Change("b@x.io", "update", None, None, (), ())]
-    held = BatchChanges()
-    for change in given:
-        held.append(change)
-    held.seal()
+    held = _held(given)
     assert isinstance(held.fingerprints, list)
     assert list(held) == given
 
 
 def test_a_batch_in_flight_costs_well_under_the_tuples_it_replaces():
     given = _changes(10_000)
-    held = BatchChanges()
-    for change in given:
-        held.append(change)
-    held.seal()
+    held = _held(given)
     compact = sum(sys.getsizeof(part) for part in (held.keys, held.kinds, held.fingerprints, held.segments, held.previous))
     # what the executor kept before: a payload-free tuple and a fingerprint string per profile, in a list
     tuples = sys.getsizeof(given) + sum(sys.getsizeof(c) + sys.getsizeof(c.fingerprint) for c in given)
