@@ -279,7 +279,7 @@ class Executor:
         if isinstance(changes, BatchChanges):
             changes.seal()
         if self.inflight is not None:
-            self.inflight.begin(batch.number, self.changes[batch.number])
+            self.inflight.begin(batch.number, changes)
         self.queued += len(batch)
         pool.submit(batch)
 
