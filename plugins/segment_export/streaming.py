@@ -1,0 +1,170 @@
+"""A first export streams: its batches leave while the segment is still being read.
+
+Why: the staged path (``exporter._Reader`` then ``plan.plan_run``) reads, maps and stages the whole segment, sorts it
+and merges it with the state before the first batch leaves. When the state remembers nothing (a first export, or
+one after ``clear``), every profile is new: the merge has nothing to compare, and what the sort still does is fold
+the rows of a profile that is in several segments into one profile. Measured at 1,000,000 profiles to Klaviyo
+(``make bench``, session 12): ~13 s of reading and mapping, then ~7 s of sorting and folding, all before or while
+the jobs, whose own floor is 10.5 s, went out one after another.
+
+How (two passes over the source, both ``Source.chunks``, so every kind of source streams the same way):
+
+1. ``KeyCounts.read``: the email column alone. Each row's profile key (``mapping.profile_key``, the key the mapper
+   gives a valid address) is hashed to 64 bits and counted with numpy: about 9 bytes a row while it is counted,
+   then 9 bytes a distinct key (the sorted hashes and a byte each).
+2. The rows, mapped, validated and encoded as in the staged path. A profile whose key is on this row alone goes
+   into a batch at once (a ``create``: nothing is remembered). The rows of a key that is on more than one row are
+   staged and folded once the read is over (``Staging.current``: the same fold as the staged path, so the profile
+   sent is the same), then batched. A hash collision only makes two unique keys wait for the fold.
+
+The source may change between the two passes. A row whose key the first pass did not see waits for the fold
+(with any other such rows). A row of a key that the first pass counted once, and that has already gone out, is
+left for the next run, as any row written after the read would be: it is neither sent nor staged (so the snapshot
+of a warehouse diff does not hold it, and the next run reads it as new), and the run logs how many there were.
+
+When it applies (``why_not``): the state remembers no profile of the target (or the run keeps none), the change
+detection is the full read, no limit truncates the segment, and the source is not an SQLite database whose state
+is SQLite too: the state's writes after each batch would wait on the read's open statement (SQLite has one writer,
+and a rollback-journal database makes it wait for readers). Otherwise the staged path, logged with the reason.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
+
+from segment_export import changes
+from segment_export.diff import Change
+from segment_export.mapping import profile_key
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from segment_export.context import RunContext
+
+_CREATE = "create"
+
+
+def why_not(ctx: RunContext, *, truncated: bool) -> str | None:
+    """Why this run takes the staged path (None: it streams)."""
+    state, source = ctx.state, ctx.source
+    if truncated or ctx.options.max_profiles is not None:
+        return "the limit truncates the segment (its first rows by order_by)"
+    if ctx.change_detection is not None and ctx.change_detection.mode != changes.FULL:
+        return "a warehouse diff reads only what changed"
+    if state is not None and state.dialect == "sqlite" and getattr(getattr(source, "dialect", None), "name", "") == "sqlite":
+        return "the state is SQLite, like the source: its writes would wait for the read"
+    if state is not None and state.count() > 0:
+        return "the state remembers profiles: the staged diff finds what changed"
+    return None
+
+
+class KeyCounts:
+    """The first pass: how many rows each profile key has, as sorted 64-bit hashes (``hashes``) and, aligned with
+    them, whether a key is on several rows (``repeated``) and whether the second pass has sent it (``seen``)."""
+
+    def __init__(self, hashes: np.ndarray, counts: np.ndarray):
+        self.hashes = hashes
+        self.repeated = bytearray((counts > 1).astype("u1").tobytes())
+        self.seen = bytearray(len(hashes))
+
+    @classmethod
+    def read(cls, chunks: Iterator[list[tuple[Any, ...]]]) -> KeyCounts:
+        """Count the keys of ``chunks``: rows of one column, the email. Blank and undecodable values count for
+        nothing (the mapper rejects those rows)."""
+        import numpy as np
+
+        parts = []
+        for rows in chunks:
+            keys = [profile_key(row[0]) for row in rows]
+            parts.append(np.fromiter((hash(k) for k in keys if k is not None), dtype=np.int64))
+        hashes, counts = np.unique(np.concatenate(parts) if parts else np.empty(0, np.int64), return_counts=True)
+        return cls(hashes, counts)
+
+    @property
+    def keys(self) -> int:
+        return len(self.hashes)
+
+    @property
+    def repeated_keys(self) -> int:
+        return sum(self.repeated)
+
+    def positions(self, keys: Sequence[str]) -> list[int]:
+        """Each key's position in ``hashes``, or -1 for a key the first pass did not count."""
+        import numpy as np
+
+        wanted = np.fromiter((hash(k) for k in keys), dtype=np.int64, count=len(keys))
+        at = np.searchsorted(self.hashes, wanted)
+        at[at == len(self.hashes)] = 0
+        found = self.hashes[at] == wanted if len(self.hashes) else np.zeros(len(keys), bool)
+        return np.where(found, at, -1).tolist()
+
+
+class Stream:
+    """The streamed read as a plan's changes (``plan.Plan``): iterate it once. ``map_chunk(rows, hash_index)`` maps
+    one chunk of rows into staged-profile tuples (``exporter._Reader.map_chunk``); ``after_read()`` runs once the
+    source is read, before the folded profiles go out (invalid rows' outcomes, the snapshot's writer)."""
+
+    def __init__(self, ctx: RunContext, columns: Sequence[str], email_column: str,
+                 map_chunk: Callable[[list[tuple[Any, ...]], int | None], list[tuple[str, str, bytes, str, str | None]]],
+                 after_read: Callable[[], None]):
+        self.ctx, self.columns, self.email_column = ctx, list(columns), email_column
+        self.map_chunk, self.after_read = map_chunk, after_read
+        self.streamed = self.held = self.late = 0
+        #: every staged row must be in the staging file (a snapshot is written from it), not only the folded ones
+        detection = ctx.change_detection
+        self.stage_all = detection is not None and detection.hashes_rows
+        self.alone: dict[str, tuple[str]] = {}
+
+    def __iter__(self) -> Iterator[Change]:
+        ctx, clock = self.ctx, self.ctx.clock
+        with clock.phase("read"):
+            counts = KeyCounts.read(ctx.source.chunks([self.email_column]))
+        ctx.log.info("streaming a first export: %d profile keys, %d of them on several rows (folded after the read)",
+                     counts.keys, counts.repeated_keys)
+        hashed = {"row_hash": True} if self.stage_all else {}
+        hash_index = len(self.columns) if self.stage_all else None
+        for rows in clock.fetched(ctx.source.chunks(self.columns, **hashed)):
+            yield from self._chunk(counts, rows, hash_index)
+        previous = clock.switch("stage")
+        self.after_read()
+        clock.switch(previous)
+        if self.late:
+            ctx.log.warning("%d rows appeared while the segment was read, for profiles already sent: left for the "
+                            "next run", self.late)
+        ctx.log.info("streamed %d profiles during the read; %d rows of repeated keys folded after it", self.streamed,
+                     self.held)
+        yield from _creates(ctx.staging.current(held_only=self.stage_all))
+
+    def _chunk(self, counts: KeyCounts, rows: list[tuple[Any, ...]], hash_index: int | None) -> Iterator[Change]:
+        profiles = self.map_chunk(rows, hash_index)
+        repeated, seen, alone = counts.repeated, counts.seen, self.alone
+        make = tuple.__new__
+        out: list[Change] = []
+        staged, held = [], []
+        for profile, at in zip(profiles, counts.positions([p[0] for p in profiles])):
+            if at < 0 or repeated[at]:
+                held.append(profile)
+                continue
+            if seen[at]:
+                self.late += 1  # the first pass counted this key once, and it went out: the next run's
+                continue
+            seen[at] = 1
+            staged.append(profile)
+            segment = profile[3]  # one shared tuple per segment: a batch in flight keeps 10,000 of them
+            segments = alone.get(segment) or alone.setdefault(segment, (segment,))
+            out.append(make(Change, (profile[0], _CREATE, profile[1], profile[2], segments, ())))
+        staging = self.ctx.staging
+        with self.ctx.clock.phase("stage"):
+            staging.add(held + staged if self.stage_all else held)
+            if held and self.stage_all:
+                staging.hold([p[0] for p in held])
+        self.streamed += len(out)
+        self.held += len(held)
+        return iter(out)
+
+
+def _creates(current: Iterator[Any]) -> Iterator[Change]:
+    """The folded profiles as ``create`` changes (the state remembers none of them)."""
+    make = tuple.__new__
+    for key, fingerprint, fragment, segments in current:
+        yield make(Change, (key, _CREATE, fingerprint, fragment, segments, ()))
