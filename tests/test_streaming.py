@@ -187,6 +187,32 @@ def test_rows_that_appear_between_the_two_passes(sandbox, tmp_path, airflow_conn
     assert "winback" in _held(sandbox, "mailchimp")[first[1].lower()][2]
 
 
+def test_a_sqlite_table_whose_state_is_in_its_own_file_streams_in_pages(segment_db, sandbox, monkeypatch, caplog):
+    """The default for a SQLite source: the state in the source's file. Each page of rows is its own statement, so
+    the state's writes during the read (each Klaviyo job is recorded in flight before it is submitted, here one per
+    50 profiles) never wait for the read ("database is locked", with one statement for the whole read)."""
+    caplog.set_level(logging.INFO)
+    spec = ExportSpec.model_validate({
+        "id": "paged_sqlite", "privacy_acknowledged": True,
+        "source": {"conn_id": "warehouse", "table": "segment_members", "segment_column": "segment",
+                   "segments": segment_data.SEGMENTS, "chunk_size": 50},
+        "destination": {"type": "klaviyo", "list_id": KLAVIYO_LIST_ID},
+        "mapping": {"email": "email", "first_name": "first_name"},
+    })
+    from segment_export.destinations.klaviyo.destination import KlaviyoDestination
+
+    monkeypatch.setattr(KlaviyoDestination, "max_batch_profiles", 50)
+    with sqlite3.connect(segment_db) as conn:  # row ids with gaps
+        conn.execute("DELETE FROM segment_members WHERE customer_id % 7 = 0")
+        expected = conn.execute("SELECT COUNT(DISTINCT lower(email)) FROM segment_members").fetchone()[0]
+    summary = run(spec, run_id="r1")
+    assert "streaming a first export" in caplog.text
+    assert summary.accepted == expected == len(_held(sandbox, "klaviyo")) and summary.consistent
+    with sqlite3.connect(segment_db) as conn:
+        assert conn.execute(f"SELECT COUNT(*) FROM {STATE_TABLE} WHERE export_id = 'paged_sqlite'").fetchone()[0] == expected
+    assert run(spec, run_id="r2").sent == 0
+
+
 def test_the_staged_path_where_streaming_does_not_apply(segment_db, sandbox, tmp_path, airflow_conn, caplog):
     caplog.set_level(logging.INFO)
     sqlite_spec = ExportSpec.model_validate({
@@ -194,8 +220,10 @@ def test_the_staged_path_where_streaming_does_not_apply(segment_db, sandbox, tmp
         "source": {"conn_id": "warehouse", "table": "segment_members", "segment_column": "segment", "segments": ["vip"]},
         "destination": {"type": "klaviyo", "list_id": KLAVIYO_LIST_ID}, "mapping": {"email": "email"},
     })
-    run(sqlite_spec, run_id="r1")
-    assert "staged read (the state is SQLite, like the source" in caplog.text
+    query_spec = ExportSpec.model_validate({**sqlite_spec.model_dump(exclude_none=True), "source": {
+        "conn_id": "warehouse", "query": "SELECT * FROM segment_members", "segment_column": "segment", "segments": ["vip"]}})
+    run(query_spec, run_id="r1")
+    assert "staged read (the state is SQLite, like the source, and the segment is not a table" in caplog.text
     caplog.clear()
     airflow_conn("state_db", conn_type="sqlite", host=str(tmp_path / "state.db"))
     spec = _spec("klaviyo", _csv(tmp_path / "segment.csv"))

@@ -23,9 +23,11 @@ left for the next run, as any row written after the read would be: it is neither
 of a warehouse diff does not hold it, and the next run reads it as new), and the run logs how many there were.
 
 When it applies (``why_not``): the state remembers no profile of the target (or the run keeps none), the change
-detection is the full read, no limit truncates the segment, and the source is not an SQLite database whose state
-is SQLite too: the state's writes after each batch would wait on the read's open statement (SQLite has one writer,
-and a rollback-journal database makes it wait for readers). Otherwise the staged path, logged with the reason.
+detection is the full read, and no limit truncates the segment. Otherwise the staged path, logged with the reason.
+When the source and the state are both SQLite (by default the same file), the state's writes after each batch
+would wait on the read's open statement (one writer, who waits for readers in a rollback-journal database): the
+rows are then read a page at a time by row id (``SqlSource.pages``), and a segment that has no row ids (a query, a
+view) takes the staged path.
 """
 
 from __future__ import annotations
@@ -51,11 +53,19 @@ def why_not(ctx: RunContext, *, truncated: bool) -> str | None:
         return "the limit truncates the segment (its first rows by order_by)"
     if ctx.change_detection is not None and ctx.change_detection.mode != changes.FULL:
         return "a warehouse diff reads only what changed"
-    if state is not None and state.dialect == "sqlite" and getattr(getattr(source, "dialect", None), "name", "") == "sqlite":
-        return "the state is SQLite, like the source: its writes would wait for the read"
+    if _shares_sqlite(ctx) and not source.pageable():  # type: ignore[attr-defined]
+        return ("the state is SQLite, like the source, and the segment is not a table with row ids to read in pages: "
+                "the state's writes would wait for the read")
     if state is not None and state.count() > 0:
         return "the state remembers profiles: the staged diff finds what changed"
     return None
+
+
+def _shares_sqlite(ctx: RunContext) -> bool:
+    """The source and the state are SQLite (by default, the same file): the rows are then read in pages
+    (``SqlSource.pages``), so that no read statement is open while the state is written."""
+    source_dialect = getattr(getattr(ctx.source, "dialect", None), "name", "")
+    return ctx.state is not None and ctx.state.dialect == "sqlite" and source_dialect == "sqlite"
 
 
 class KeyCounts:
@@ -123,7 +133,8 @@ class Stream:
                      counts.keys, counts.repeated_keys)
         hashed = {"row_hash": True} if self.stage_all else {}
         hash_index = len(self.columns) if self.stage_all else None
-        for rows in clock.fetched(ctx.source.chunks(self.columns, **hashed)):
+        read = ctx.source.pages if _shares_sqlite(ctx) else ctx.source.chunks  # type: ignore[attr-defined]
+        for rows in clock.fetched(read(self.columns, **hashed)):
             yield from self._chunk(counts, rows, hash_index)
         previous = clock.switch("stage")
         self.after_read()
