@@ -187,7 +187,7 @@ def test_rows_that_appear_between_the_two_passes(sandbox, tmp_path, airflow_conn
     assert "winback" in _held(sandbox, "mailchimp")[first[1].lower()][2]
 
 
-def test_a_sqlite_table_whose_state_is_in_its_own_file_streams_in_pages(segment_db, sandbox, monkeypatch, caplog):
+def test_a_sqlite_table_with_the_state_in_the_same_file_streams_chunk_by_chunk(segment_db, sandbox, monkeypatch, caplog):
     """The default for a SQLite source: the state in the source's file. Each page of rows is its own statement, so
     the state's writes during the read (each Klaviyo job is recorded in flight before it is submitted, here one per
     50 profiles) never wait for the read ("database is locked", with one statement for the whole read)."""
@@ -225,6 +225,13 @@ def test_the_staged_path_where_streaming_does_not_apply(segment_db, sandbox, tmp
     run(query_spec, run_id="r1")
     assert "staged read (the state is SQLite, like the source, and the segment is not a table" in caplog.text
     caplog.clear()
+    with sqlite3.connect(segment_db) as conn:  # a view has a NULL _rowid_ on SQLite: not read chunk by chunk
+        conn.execute("CREATE VIEW vip_members AS SELECT * FROM segment_members")
+    view_spec = ExportSpec.model_validate({**sqlite_spec.model_dump(exclude_none=True), "id": "staged_view", "source": {
+        "conn_id": "warehouse", "table": "vip_members", "segment_column": "segment", "segments": ["vip"]}})
+    assert run(view_spec, run_id="r1").accepted == len([r for r in segment_data.rows(1000) if r[-1] == "vip"])
+    assert "staged read (the state is SQLite, like the source, and the segment is not a table" in caplog.text
+    caplog.clear()
     airflow_conn("state_db", conn_type="sqlite", host=str(tmp_path / "state.db"))
     spec = _spec("klaviyo", _csv(tmp_path / "segment.csv"))
     run(spec, run_id="r1", max_profiles=50)
@@ -232,3 +239,43 @@ def test_the_staged_path_where_streaming_does_not_apply(segment_db, sandbox, tmp
     caplog.clear()
     run(spec, run_id="r2")
     assert "staged read (the state remembers profiles" in caplog.text
+
+
+def test_key_counts_count_rows_per_profile_key():
+    counts = streaming.KeyCounts.read(iter([[("A@x.com",), (" a@x.com ",), ("b@x.com",)], [(None,), ("",), ("c@x.com",)]]))
+    assert (counts.keys, counts.repeated_keys) == (3, 1)  # blanks count for nothing
+    a, b, unknown = counts.positions(["a@x.com", "b@x.com", "d@x.com"])
+    assert counts.repeated[a] == 1 and counts.repeated[b] == 0 and unknown == -1
+    empty = streaming.KeyCounts.read(iter([]))
+    assert (empty.keys, empty.positions(["a@x.com"])) == (0, [-1])
+
+
+def test_a_batch_failing_mid_read_closes_the_read_and_records_the_invalid_rows(sandbox, tmp_path, airflow_conn,
+                                                                              monkeypatch):
+    from segment_export.context import ExportError
+    from segment_export.destinations.mailchimp.destination import MailchimpDestination
+
+    db = tmp_path / "state.db"
+    airflow_conn("state_db", conn_type="sqlite", host=str(db))
+    spec = _spec("mailchimp", _csv(tmp_path / "segment.csv"))
+    closed = []
+    chunks = type(source_for(spec.source)).chunks
+
+    def tracked(self, columns, **kwargs):
+        try:
+            yield from chunks(self, columns, **kwargs)
+        finally:
+            closed.append(len(columns))
+
+    def fail(self, batch):
+        raise RuntimeError("the destination is down")
+
+    monkeypatch.setattr(type(source_for(spec.source)), "chunks", tracked)
+    monkeypatch.setattr(MailchimpDestination, "send", fail)
+    monkeypatch.setattr(MailchimpDestination, "max_batch_profiles", 10)  # the pool fills, and fails, mid-read
+    with pytest.raises(ExportError, match="the destination is down") as failed:
+        run(spec, run_id="r1")
+    assert failed.value.summary.read < len(_rows())  # it stopped mid-read
+    assert sorted(closed) == [1, 4]  # both passes' reads ended (email; email, first name, phone, segment)
+    _, outcomes = _remembered(db, spec.id)
+    assert {o[1] for o in outcomes} <= {"invalid"}  # only what was read is recorded; nothing claimed as sent

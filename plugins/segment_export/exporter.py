@@ -15,7 +15,7 @@
 A dry run stops after step 3 and reports the plan.
 
 The pieces: :class:`_Reader` (1, 2), ``plan.plan_run`` (3: a lazy ``Plan`` whose changes stream into the batches
-while the diff goes on), ``execute.Executor`` (0: resume what an earlier pass left in flight; 4: batches, handles,
+while the diff goes on; a first export's plan is ``streaming.Stream``, whose batches leave while step 2 reads), ``execute.Executor`` (0: resume what an earlier pass left in flight; 4: batches, handles,
 outcomes), ``apply.apply_changes`` (segment changes, leavers, the guard). :func:`run_export` puts them together.
 With ``RunOptions.submit_only`` (deferrable mode) an asynchronous destination's batches are submitted and their
 handles recorded, nothing is awaited; the run's next pass resumes them (step 0) and goes on as usual.
@@ -154,7 +154,8 @@ class _Reader:
         self.seg_index = columns.index(segment_column) if segment_column else None
 
     def check(self) -> LimitDecision:
-        """Step 1: the spec's columns, the limit, the target; then the run's change detection. Nothing is read."""
+        """Step 1: the spec's columns, the segment's row count against the limit, the target; then the run's change
+        detection. No row is read yet, nothing is sent."""
         ctx = self.ctx
         spec, options, source = ctx.spec, ctx.options, ctx.source
         # Before anything is read or sent: each named column must be one of the source's real columns.
@@ -192,11 +193,8 @@ class _Reader:
 
     def stream(self, after_read: Callable[[], None]) -> streaming.Stream:
         """Step 2, streamed (a first export, ``streaming``): the plan's changes as the rows are read."""
-        def done() -> None:
-            self.finish_read()
-            after_read()
-
-        return streaming.Stream(self.ctx, self.columns, self.ctx.spec.mapping.email, self.map_chunk, done)
+        return streaming.Stream(self.ctx, self.columns, self.ctx.spec.mapping.email, self.map_chunk, self.finish_read,
+                                after_read)
 
     def finish_read(self) -> None:
         self._record_invalid()
@@ -310,8 +308,10 @@ def _execute(ctx: RunContext) -> None:
     ctx.erased = erased_keys(ctx)  # erasure requests: the addresses this run must not send
     snapshot = changes.SnapshotWriter(ctx)  # beside the run, once the segment is read: what the next run diffs against
     why_staged = streaming.why_not(ctx, truncated=decision.truncated)
+    stream = None
     if why_staged is None:
-        plan = Plan(ctx, reader.stream(after_read=snapshot.start), queue=ctx.applies_changes)
+        stream = reader.stream(after_read=snapshot.start)
+        plan = Plan(ctx, stream, queue=ctx.applies_changes)
     else:
         ctx.log.info("staged read (%s)", why_staged)
         reader.stage(decision)
@@ -322,6 +322,8 @@ def _execute(ctx: RunContext) -> None:
         _plan_and_apply(ctx, executor, plan)
         succeeded = True
     finally:
+        if stream is not None:
+            stream.close()
         snapshot.finish(succeeded=succeeded)
 
 

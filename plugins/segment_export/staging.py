@@ -49,7 +49,7 @@ class Staging:
             -- outcome rows of invalid rows, written to the state once the source is read
             CREATE TABLE outcomes (key TEXT NOT NULL, action TEXT NOT NULL, reason TEXT);
             -- a streamed first export's keys on several rows, folded after the read (``streaming``)
-            CREATE TABLE held (key TEXT PRIMARY KEY) WITHOUT ROWID;
+            CREATE TABLE folded (key TEXT PRIMARY KEY) WITHOUT ROWID;
             -- a warehouse diff's planned profiles (``changes.read_changes``)
             CREATE TABLE affected (key TEXT PRIMARY KEY) WITHOUT ROWID;
             """
@@ -74,9 +74,9 @@ class Staging:
         encoded = [(key, fragment.encode(), segment, row_hash) for row_hash, key, fragment, segment in rows]
         self.add([(key, fingerprint(fragment), fragment, segment, row_hash) for key, fragment, segment, row_hash in encoded])
 
-    def hold(self, keys: Iterable[str]) -> None:
-        """Keys whose staged rows :meth:`current` folds when asked for the held profiles only (``streaming``)."""
-        self.conn.executemany("INSERT OR IGNORE INTO held VALUES (?)", ((key,) for key in keys))
+    def fold_later(self, keys: Iterable[str]) -> None:
+        """Keys whose staged rows :meth:`current` folds when asked for those only (``folded_only``, ``streaming``)."""
+        self.conn.executemany("INSERT OR IGNORE INTO folded VALUES (?)", ((key,) for key in keys))
 
     def queue_outcomes(self, outcomes: list[tuple[str, str, str | None]]) -> None:
         self.conn.executemany("INSERT INTO outcomes VALUES (?, ?, ?)", outcomes)
@@ -148,14 +148,14 @@ class Staging:
         each time. Measured: queuing a first Mailchimp run's tags for 200,000 profiles, 500 at a time, took
         12.3 s of CPU statement by statement against 1.2 s in one transaction."""
 
-    def current(self, held_only: bool = False) -> Iterator[Current]:
+    def current(self, folded_only: bool = False) -> Iterator[Current]:
         """The staged segment, one profile per key, in key order. A key staged from several rows is one profile
         in all their segments; when the rows' payloads differ, the smallest fingerprint wins, so the outcome does
         not depend on the order the source returned rows in. ``duplicates`` counts the folded rows.
-        ``held_only``: the profiles of the keys :meth:`hold` named (the rest of the staged rows went out already)."""
+        ``folded_only``: the profiles of the keys :meth:`fold_later` named (the other staged rows went out already)."""
         self.duplicates = 0
         make = tuple.__new__
-        where = " WHERE key IN (SELECT key FROM held)" if held_only else ""
+        where = " WHERE key IN (SELECT key FROM folded)" if folded_only else ""
         cursor = self.conn.execute(f"SELECT key, fingerprint, fragment, segment FROM profiles{where} ORDER BY key, fingerprint")
         held: list = []  # [key, fingerprint, fragment, segments] of the profile being folded
         # One tuple per combination of segments, shared by every profile in it: a segment holds few, and each

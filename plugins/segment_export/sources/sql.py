@@ -148,16 +148,16 @@ def build_select(
 
 #: SQLite's name for a table's row id, which a page of rows starts after (``build_page``)
 ROWID = "_rowid_"
-_FIRST_ROWID = -(2**63)
+_FIRST_ROWID, _LAST_ROWID = -(2**63), 2**63 - 1
 
 
 def build_page(spec: SourceSpec, dialect: SqlDialect, columns: Sequence[str], *, row_hash: bool = False,
                size: int) -> tuple[str, list[Any]]:
-    """SQLite, a table source: one page of the segment's rows, those whose row id is at least the last parameter,
-    by row id, each as its row id, its ``columns`` (and its hash). See ``SqlSource.pages``."""
+    """SQLite, a table source: one chunk of the segment's rows, those whose row id is at least the last parameter,
+    by row id, each as its row id, its ``columns`` (and its hash). See ``SqlSource.paged_chunks``."""
     from_sql, params = build_from(spec, dialect)
     hashed = f", {row_hash_sql(dialect, columns)}" if row_hash else ""
-    where = " AND " if " WHERE " in from_sql else " WHERE "
+    where = " AND " if params else " WHERE "  # build_from filters (with parameters) only by segment
     sql = (f"SELECT {ROWID}, {', '.join(dialect.q(c) for c in columns)}{hashed} {from_sql}{where}{ROWID} >= "
            f"{dialect.placeholder} ORDER BY {ROWID} LIMIT {int(size)}")
     return sql, params
@@ -319,21 +319,25 @@ class SqlSource(Source):
         return self._stream(sql, params)
 
     def pageable(self) -> bool:
-        """Whether :meth:`pages` can read this source: a table (not a view, nor a table without row ids) on SQLite."""
+        """Whether :meth:`paged_chunks` can read this source: a table with row ids on SQLite (a view's ``_rowid_``
+        is NULL, a ``WITHOUT ROWID`` table has none), without a column of that name."""
         if self.dialect.name != "sqlite" or not self.spec.table or ROWID in self.columns():
             return False
+        schema, _, name = self.spec.table.rpartition(".")
+        master = f"{self.dialect.q(schema)}.sqlite_master" if schema else "sqlite_master"
+        cursor = self._execute(f"SELECT type, sql FROM {master} WHERE name = ? COLLATE NOCASE", [name])
         try:
-            self._execute(f"SELECT {ROWID} {build_from(self.spec, self.dialect)[0]} LIMIT 0", list(self.spec.segments or []) if self.spec.segment_column else []).close()
-        except SourceError:
-            return False
-        return True
+            found = cursor.fetchall()
+        finally:
+            cursor.close()
+        return len(found) == 1 and found[0][0] == "table" and "WITHOUT ROWID" not in " ".join((found[0][1] or "").upper().split())
 
-    def pages(self, columns: Sequence[str], *, row_hash: bool = False) -> Iterator[list[Row]]:
+    def paged_chunks(self, columns: Sequence[str], *, row_hash: bool = False) -> Iterator[list[Row]]:
         """The rows (as ``chunks`` gives them), each chunk read by a statement of its own, in row id order.
 
         Why: on SQLite an open read statement holds a lock that a write to the same file must wait for before it
         commits; a streamed first export (``streaming``) writes the state after each batch while the segment is
-        read, and the state lives in the source's own file by default. Between two pages nothing is open."""
+        read, and the state lives in the source's own file by default. Between two chunks nothing is open."""
         self._check(columns)
         sql, params = build_page(self.spec, self.dialect, columns, row_hash=row_hash, size=self.chunk_size)
         start = _FIRST_ROWID
@@ -343,12 +347,11 @@ class SqlSource(Source):
                 rows = cursor.fetchall()
             finally:
                 cursor.close()
-            if not rows:
+            if rows:
+                yield [row[1:] for row in rows]
+            if len(rows) < self.chunk_size or rows[-1][0] == _LAST_ROWID:
                 return
             start = rows[-1][0] + 1
-            yield [row[1:] for row in rows]
-            if len(rows) < self.chunk_size:
-                return
 
     def changed_rows(self, columns: Sequence[str], snapshot_table: str, export_id: str, target_id: str) -> Iterator[list[Row]]:
         """The warehouse diff's rows (``build_changed_rows``): ``(*values, hash, None)`` for a row new or changed
