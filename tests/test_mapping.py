@@ -7,7 +7,7 @@ from decimal import Decimal
 
 import pytest
 
-from segment_export.mapping import MissingColumnsError, Profile, Rejection, RowMapper, profile_key
+from segment_export.mapping import MissingColumnsError, Profile, Rejection, RowMapper
 from segment_export.spec import MappingSpec
 
 COLUMNS = ["customer_id", "email", "first_name", "last_name", "phone", "tier", "ltv", "since", "secret"]
@@ -165,16 +165,3 @@ def test_the_phone_validity_shortcut_answers_as_the_library_does():
         assert (not isinstance(result, Rejection)) == expected, number
         if expected:
             assert result.phone_number == phonenumbers.format_number(parsed, phonenumbers.PhoneNumberFormat.E164)
-
-
-@pytest.mark.parametrize("value", [
-    "Ann@Example.com", "  padded@example.com ", "\tTAB@EXAMPLE.COM\n", "ünï@example.com", "K\u212aelvin@example.com",
-    b"Bytes@Example.com", "", "   ", None, 12345, "not-an-address",
-])
-def test_profile_key_is_the_key_the_mapper_gives(value):
-    """``streaming`` counts rows per key with ``profile_key`` before mapping them: it must be the mapper's key."""
-    profile = RowMapper(MappingSpec(email="email"), ["email"]).map((value,))
-    if isinstance(profile, Rejection):
-        assert profile_key(value) is None or "valid address" in profile.reason
-    else:
-        assert profile_key(value) == profile.key

@@ -15,7 +15,7 @@
 A dry run stops after step 3 and reports the plan.
 
 The pieces: :class:`_Reader` (1, 2), ``plan.plan_run`` (3: a lazy ``Plan`` whose changes stream into the batches
-while the diff goes on; a first export's plan is ``streaming.Stream``, whose batches leave while step 2 reads), ``execute.Executor`` (0: resume what an earlier pass left in flight; 4: batches, handles,
+while the diff goes on), ``execute.Executor`` (0: resume what an earlier pass left in flight; 4: batches, handles,
 outcomes), ``apply.apply_changes`` (segment changes, leavers, the guard). :func:`run_export` puts them together.
 With ``RunOptions.submit_only`` (deferrable mode) an asynchronous destination's batches are submitted and their
 handles recorded, nothing is awaited; the run's next pass resumes them (step 0) and goes on as usual.
@@ -29,13 +29,13 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from segment_export import changes, streaming
+from segment_export import changes
 from segment_export.apply import apply_changes
 from segment_export.context import ExportError, MassLeaveError, PhaseClock, RejectedShareError, RunContext
 from segment_export.destinations.base import Destination
 from segment_export.erasure import erased_keys, record_erased
 from segment_export.execute import Executor
-from segment_export.limit import LimitDecision, decide_limit
+from segment_export.limit import decide_limit
 from segment_export.mapping import Rejection, RowMapper
 from segment_export.plan import Plan, plan_run
 from segment_export.sources.base import Source, check_columns
@@ -153,9 +153,7 @@ class _Reader:
         self.email_only = RowMapper(MappingSpec(email=spec.mapping.email), columns)
         self.seg_index = columns.index(segment_column) if segment_column else None
 
-    def check(self) -> LimitDecision:
-        """Step 1: the spec's columns, the segment's row count against the limit, the target; then the run's change
-        detection. No row is read yet, nothing is sent."""
+    def stage(self) -> None:
         ctx = self.ctx
         spec, options, source = ctx.spec, ctx.options, ctx.source
         # Before anything is read or sent: each named column must be one of the source's real columns.
@@ -164,13 +162,13 @@ class _Reader:
         total = source.count()
         # A run-time limit is for trying an export on a few profiles: it truncates (by order_by, else email).
         on_exceed = "truncate" if options.max_profiles is not None else spec.limit.on_exceed
-        self.order_by = spec.limit.order_by or (spec.mapping.email if options.max_profiles is not None else None)
+        order_by = spec.limit.order_by or (spec.mapping.email if options.max_profiles is not None else None)
         decision = decide_limit(total, max_profiles, on_exceed)
         ctx.log.info("read plan: %s, %d rows in the segment, limit %d profiles", source.description, total, max_profiles)
         if decision.truncated:
             ctx.log.warning(
                 "the segment has %d rows, over the limit of %d: exporting the first %d by %r, skipping %d",
-                total, max_profiles, decision.read_limit, self.order_by, decision.skipped,
+                total, max_profiles, decision.read_limit, order_by, decision.skipped,
             )
         ctx.summary.skipped_by_limit = decision.skipped
         ctx.destination.preflight()  # read-only requests: a dry run checks the target too
@@ -179,27 +177,13 @@ class _Reader:
         ctx.summary.change_detection = detection.mode
         ctx.summary.segment_rows = total - decision.skipped
         ctx.log.info("change detection: %s read (%s)", detection.mode, detection.reason)
-        return decision
-
-    def stage(self, decision: LimitDecision) -> None:
-        """Step 2, the staged path: read (all, or what changed) and stage the whole segment before the plan."""
-        ctx = self.ctx
-        if ctx.change_detection.mode == changes.WAREHOUSE:
+        if detection.mode == changes.WAREHOUSE:
             changes.read_changes(ctx, self.columns, self._chunk)
         else:
-            order_by = self.order_by if decision.truncated else None
-            self._read_all(order_by, decision.read_limit, ctx.change_detection.hashes_rows)
-        self.finish_read()
-
-    def stream(self, after_read: Callable[[], None]) -> streaming.Stream:
-        """Step 2, streamed (a first export, ``streaming``): the plan's changes as the rows are read."""
-        return streaming.Stream(self.ctx, self.columns, self.ctx.spec.mapping.email, self.map_chunk, self.finish_read,
-                                after_read)
-
-    def finish_read(self) -> None:
+            self._read_all(order_by if decision.truncated else None, decision.read_limit, detection.hashes_rows)
         self._record_invalid()
-        with self.ctx.clock.phase("stage"):
-            self.ctx.staging.seal()
+        with ctx.clock.phase("stage"):
+            ctx.staging.seal()
 
     def _record_invalid(self) -> None:
         """The invalid rows' outcome rows, written once the source's cursor is closed: with the state in the
@@ -226,15 +210,8 @@ class _Reader:
                 ctx.staging.load_previous(ctx.state.previous())
 
     def _chunk(self, rows: list[tuple[Any, ...]], hash_index: int | None = None) -> None:
-        """Map, validate and stage one chunk of rows (see :meth:`map_chunk`)."""
-        profiles = self.map_chunk(rows, hash_index)
-        with self.ctx.clock.phase("stage"):
-            self.ctx.staging.add(profiles)
-
-    def map_chunk(self, rows: list[tuple[Any, ...]], hash_index: int | None = None) -> list[tuple[str, str, bytes, str, str | None]]:
-        """Map, validate and serialize one chunk of rows into staged-profile tuples (key, fingerprint, fragment,
-        segment, row hash); invalid rows get their outcome row. ``hash_index``: the position of each row's hash (a
-        run that keeps a snapshot of the segment, ``changes``)."""
+        """Map, validate and stage one chunk of rows; invalid rows get their outcome row. ``hash_index``: the
+        position of each row's hash (a run that keeps a snapshot of the segment, ``changes``)."""
         ctx = self.ctx
         summary, encode, clock, mapper = ctx.summary, ctx.destination.encode, ctx.clock, self.mapper
         seg_index, default_segment = self.seg_index, ctx.spec.id  # no segment column: the export is the one segment
@@ -256,11 +233,11 @@ class _Reader:
             segment = str(row[seg_index]) if seg_index is not None else default_segment
             profiles.append((profile.key, fingerprint(fragment), fragment, segment,
                              row[hash_index] if hash_index is not None else None))
+        clock.switch("stage")
+        ctx.staging.add(profiles)
         # A submit pass leaves them to the pass that finishes the run (it reads the segment again): once per run.
         if invalid and ctx.state is not None and not ctx.options.dry_run and not ctx.options.submit_only:
-            with clock.phase("stage"):
-                ctx.staging.queue_outcomes(invalid)  # recorded once the source is read (``_record_invalid``)
-        return profiles
+            ctx.staging.queue_outcomes(invalid)  # recorded once the source is read (``_record_invalid``)
 
     def _row_key(self, row: tuple[Any, ...], position: int) -> str:
         """The outcome key of a row rejected before sending: its profile key (the lower-cased email) when the
@@ -299,35 +276,23 @@ def _check_options(options: RunOptions, destination: Destination, state: StateSt
 
 
 def _execute(ctx: RunContext) -> None:
-    """Resume, check, then read and plan (streamed for a first export, else staged), then report (dry run) or
-    execute the plan and apply what it changes."""
+    """Resume, read and stage, plan, then report (dry run) or execute the plan and apply what it changes."""
     executor = Executor(ctx)
     executor.resume(count=ctx.options.resume_counts)
-    reader = _Reader(ctx)
-    decision = reader.check()
+    _Reader(ctx).stage()
     ctx.erased = erased_keys(ctx)  # erasure requests: the addresses this run must not send
-    snapshot = changes.SnapshotWriter(ctx)  # beside the run, once the segment is read: what the next run diffs against
-    why_staged = streaming.why_not(ctx, truncated=decision.truncated)
-    stream = None
-    if why_staged is None:
-        stream = reader.stream(after_read=snapshot.start)
-        plan = Plan(ctx, stream, queue=ctx.applies_changes)
-    else:
-        ctx.log.info("staged read (%s)", why_staged)
-        reader.stage(decision)
-        snapshot.start()
-        plan = plan_run(ctx)
+    snapshot = changes.SnapshotWriter(ctx)
+    snapshot.start()  # beside the run: what the next run diffs against
     succeeded = False
     try:
-        _plan_and_apply(ctx, executor, plan)
+        _plan_and_apply(ctx, executor)
         succeeded = True
     finally:
-        if stream is not None:
-            stream.close()
         snapshot.finish(succeeded=succeeded)
 
 
-def _plan_and_apply(ctx: RunContext, executor: Executor, plan: Plan) -> None:
+def _plan_and_apply(ctx: RunContext, executor: Executor) -> None:
+    plan = plan_run(ctx)
     try:
         if ctx.options.dry_run:
             report_plan(ctx, plan)

@@ -184,19 +184,6 @@ def normalise_email(value: Any) -> str | None:
     return text or None
 
 
-def profile_key(value: Any) -> str | None:
-    """The key of the profile a row's email value makes (``Profile.key``, as :class:`RowMapper` sets it for a
-    valid address), or None for a blank or undecodable value. ``streaming`` counts rows per key with it before
-    they are mapped, so it must agree with the mapper (tests/test_mapping.py checks that it does)."""
-    if type(value) is str:
-        return value.strip().lower() or None
-    try:
-        email = normalise_email(value)
-    except UnicodeDecodeError:
-        return None
-    return email.lower() if email else None
-
-
 class RowMapper:
     """Compiled mapping for one source's column order: ``map(row)`` turns a row tuple into a profile."""
 

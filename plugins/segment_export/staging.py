@@ -48,8 +48,6 @@ class Staging:
             CREATE TABLE leavers (key TEXT PRIMARY KEY, segments TEXT NOT NULL) WITHOUT ROWID;
             -- outcome rows of invalid rows, written to the state once the source is read
             CREATE TABLE outcomes (key TEXT NOT NULL, action TEXT NOT NULL, reason TEXT);
-            -- a streamed first export's keys on several rows, folded after the read (``streaming``)
-            CREATE TABLE folded (key TEXT PRIMARY KEY) WITHOUT ROWID;
             -- a warehouse diff's planned profiles (``changes.read_changes``)
             CREATE TABLE affected (key TEXT PRIMARY KEY) WITHOUT ROWID;
             """
@@ -73,10 +71,6 @@ class Staging:
 
         encoded = [(key, fragment.encode(), segment, row_hash) for row_hash, key, fragment, segment in rows]
         self.add([(key, fingerprint(fragment), fragment, segment, row_hash) for key, fragment, segment, row_hash in encoded])
-
-    def fold_later(self, keys: Iterable[str]) -> None:
-        """Keys whose staged rows :meth:`current` folds when asked for those only (``folded_only``, ``streaming``)."""
-        self.conn.executemany("INSERT OR IGNORE INTO folded VALUES (?)", ((key,) for key in keys))
 
     def queue_outcomes(self, outcomes: list[tuple[str, str, str | None]]) -> None:
         self.conn.executemany("INSERT INTO outcomes VALUES (?, ?, ?)", outcomes)
@@ -148,15 +142,13 @@ class Staging:
         each time. Measured: queuing a first Mailchimp run's tags for 200,000 profiles, 500 at a time, took
         12.3 s of CPU statement by statement against 1.2 s in one transaction."""
 
-    def current(self, folded_only: bool = False) -> Iterator[Current]:
+    def current(self) -> Iterator[Current]:
         """The staged segment, one profile per key, in key order. A key staged from several rows is one profile
         in all their segments; when the rows' payloads differ, the smallest fingerprint wins, so the outcome does
-        not depend on the order the source returned rows in. ``duplicates`` counts the folded rows.
-        ``folded_only``: the profiles of the keys :meth:`fold_later` named (the other staged rows went out already)."""
+        not depend on the order the source returned rows in. ``duplicates`` counts the folded rows."""
         self.duplicates = 0
         make = tuple.__new__
-        where = " WHERE key IN (SELECT key FROM folded)" if folded_only else ""
-        cursor = self.conn.execute(f"SELECT key, fingerprint, fragment, segment FROM profiles{where} ORDER BY key, fingerprint")
+        cursor = self.conn.execute("SELECT key, fingerprint, fragment, segment FROM profiles ORDER BY key, fingerprint")
         held: list = []  # [key, fingerprint, fragment, segments] of the profile being folded
         # One tuple per combination of segments, shared by every profile in it: a segment holds few, and each
         # profile's own tuple (and copy of the segment's name) would stay in memory while its batch is in flight.

@@ -146,23 +146,6 @@ def build_select(
     return sql, params
 
 
-#: SQLite's name for a table's row id, which a page of rows starts after (``build_page``)
-ROWID = "_rowid_"
-_FIRST_ROWID, _LAST_ROWID = -(2**63), 2**63 - 1
-
-
-def build_page(spec: SourceSpec, dialect: SqlDialect, columns: Sequence[str], *, row_hash: bool = False,
-               size: int) -> tuple[str, list[Any]]:
-    """SQLite, a table source: one chunk of the segment's rows, those whose row id is at least the last parameter,
-    by row id, each as its row id, its ``columns`` (and its hash). See ``SqlSource.paged_chunks``."""
-    from_sql, params = build_from(spec, dialect)
-    hashed = f", {row_hash_sql(dialect, columns)}" if row_hash else ""
-    where = " AND " if params else " WHERE "  # build_from filters (with parameters) only by segment
-    sql = (f"SELECT {ROWID}, {', '.join(dialect.q(c) for c in columns)}{hashed} {from_sql}{where}{ROWID} >= "
-           f"{dialect.placeholder} ORDER BY {ROWID} LIMIT {int(size)}")
-    return sql, params
-
-
 def build_changed_rows(spec: SourceSpec, dialect: SqlDialect, columns: Sequence[str], snapshot_table: str) -> tuple[str, list[Any]]:
     """The warehouse diff's one pass over the segment: the rows whose hash the export's snapshot does not hold
     (new or changed), each as its ``columns``, its hash and NULL; and the snapshot's rows the segment no longer
@@ -317,41 +300,6 @@ class SqlSource(Source):
         sql, params = build_select(self.spec, self.dialect, columns, order_by=order_by, tie_breaker=tie_breaker,
                                    limit=limit, row_hash=row_hash)
         return self._stream(sql, params)
-
-    def pageable(self) -> bool:
-        """Whether :meth:`paged_chunks` can read this source: a table with row ids on SQLite (a view's ``_rowid_``
-        is NULL, a ``WITHOUT ROWID`` table has none), without a column of that name."""
-        if self.dialect.name != "sqlite" or not self.spec.table or ROWID in self.columns():
-            return False
-        schema, _, name = self.spec.table.rpartition(".")
-        master = f"{self.dialect.q(schema)}.sqlite_master" if schema else "sqlite_master"
-        cursor = self._execute(f"SELECT type, sql FROM {master} WHERE name = ? COLLATE NOCASE", [name])
-        try:
-            found = cursor.fetchall()
-        finally:
-            cursor.close()
-        return len(found) == 1 and found[0][0] == "table" and "WITHOUT ROWID" not in " ".join((found[0][1] or "").upper().split())
-
-    def paged_chunks(self, columns: Sequence[str], *, row_hash: bool = False) -> Iterator[list[Row]]:
-        """The rows (as ``chunks`` gives them), each chunk read by a statement of its own, in row id order.
-
-        Why: on SQLite an open read statement holds a lock that a write to the same file must wait for before it
-        commits; a streamed first export (``streaming``) writes the state after each batch while the segment is
-        read, and the state lives in the source's own file by default. Between two chunks nothing is open."""
-        self._check(columns)
-        sql, params = build_page(self.spec, self.dialect, columns, row_hash=row_hash, size=self.chunk_size)
-        start = _FIRST_ROWID
-        while True:
-            cursor = self._execute(sql, params + [start])
-            try:
-                rows = cursor.fetchall()
-            finally:
-                cursor.close()
-            if rows:
-                yield [row[1:] for row in rows]
-            if len(rows) < self.chunk_size or rows[-1][0] == _LAST_ROWID:
-                return
-            start = rows[-1][0] + 1
 
     def changed_rows(self, columns: Sequence[str], snapshot_table: str, export_id: str, target_id: str) -> Iterator[list[Row]]:
         """The warehouse diff's rows (``build_changed_rows``): ``(*values, hash, None)`` for a row new or changed
