@@ -81,6 +81,20 @@ def test_inflight_batches_round_trip_and_clear(store):
     assert list(store.previous()) == [] and store.inflight() == {}
 
 
+def test_a_batchs_job_id_is_a_row_of_its_own_and_rows_written_the_earlier_way_still_resume(store):
+    rows = [(f"p{i}@x.io", f"{i:032x}", ("vip",), "create") for i in range(3)]
+    store.begin_batch("b1", rows)
+    store.batch_submitted("b1", "job-1")
+    # the batch's profiles were not rewritten to add the job id: it has a row of its own
+    assert _rows(store, f"SELECT part, job_id FROM {INFLIGHT_TABLE} ORDER BY part") == [(-1, "job-1"), (0, None)]
+    store.begin_batch("b0", rows[:1])  # recorded by an earlier version: the job id on the profiles' row
+    store._run(f"UPDATE {INFLIGHT_TABLE} SET job_id = 'job-0' WHERE batch_id = 'b0'", ()).close()
+    assert store.inflight() == {"b0": ("job-0", rows[:1]), "b1": ("job-1", rows)}
+    store.end_batch("b1")
+    store.end_batch("b0")
+    assert _rows(store, f"SELECT COUNT(*) FROM {INFLIGHT_TABLE}") == [(0,)]
+
+
 def test_a_large_batch_in_flight_round_trips_in_parts_where_text_is_small(store):
     rows = [(f"p{i:05d}@x.io", f"{i:032x}", ("vip", "news") if i % 2 else (), "create") for i in range(1_234)]
     store.begin_batch("big", rows)
