@@ -129,7 +129,7 @@ def test_the_xcom_value_does_not_share_counters_with_the_summary():
 
 
 def test_every_cpu_phase_is_described():
-    assert list(PHASES) == ["read", "map", "stage", "diff", "state", "other", "sending"]
+    assert list(PHASES) == ["read", "map", "stage", "diff", "state", "other", "sending", "workers"]
     assert all(PHASES.values())
 
 

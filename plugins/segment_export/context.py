@@ -101,6 +101,8 @@ class RunContext:
     erased: dict[str, str] = field(default_factory=dict)
     #: how this run reads its segment (``changes.ChangeDetection``), chosen once the source is checked
     change_detection: Any = None
+    #: CPU seconds of the processes that mapped rows beside the main thread (``mapworkers``)
+    worker_seconds: float = 0.0
 
     @property
     def tracks_batches(self) -> bool:

@@ -26,10 +26,11 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
-from segment_export import changes
+from segment_export import changes, mapworkers
 from segment_export.apply import apply_changes
 from segment_export.context import ExportError, MassLeaveError, PhaseClock, RejectedShareError, RunContext
 from segment_export.destinations.base import Destination
@@ -50,6 +51,8 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 EXAMPLES = 3
+#: one chunk mapped: its staged-profile tuples, and its invalid rows as (outcome key, reason)
+MappedRows = tuple[list[tuple[str, str, bytes, str, "str | None"]], list[tuple[str, str]]]
 #: top-level payload fields that describe the request, not the person (kept in a dry run's examples)
 _STRUCTURAL = frozenset({"type", "status", "subscribe"})
 _EMAIL_FIELDS = frozenset({"email", "email_address"})
@@ -72,6 +75,9 @@ class RunOptions:
     # The handles in flight are this same run's submit-only pass's: count their outcomes in this summary as sent,
     # accepted, rejected, skipped (not as ``resumed``), so that a deferred run's summary reads like a normal one's
     resume_counts: bool = False
+    # Worker processes that map a large segment's rows while the task's main thread reads and stages them
+    # (``mapworkers``); 0: mapped in the task's process. The operator sets it from ``[segment_export] map_workers``.
+    map_workers: int = 0
 
     def limit(self, spec: ExportSpec) -> int:
         if self.max_profiles is None:
@@ -198,46 +204,70 @@ class _Reader:
                 ctx.state.record_outcomes(ctx.options.run_id, chunk)
 
     def _read_all(self, order_by: str | None, limit: int | None, row_hash: bool) -> None:
-        """The full read: every row of the segment (each with its hash when the run keeps a snapshot)."""
-        ctx, clock = self.ctx, self.ctx.clock
+        """The full read: every row of the segment (each with its hash when the run keeps a snapshot), mapped in
+        worker processes too when the segment is large (``mapworkers``)."""
+        ctx, clock, summary = self.ctx, self.ctx.clock, self.ctx.summary
         hashed = {"row_hash": True} if row_hash else {}
         chunks = ctx.source.chunks(self.columns, order_by=order_by, tie_breaker=ctx.spec.mapping.email, limit=limit, **hashed)
         hash_index = len(self.columns) if row_hash else None
-        for rows in clock.fetched(chunks):
-            self._chunk(rows, hash_index)
+        workers = ctx.options.map_workers if summary.segment_rows >= mapworkers.MIN_ROWS else 0
+        with mapworkers.MapWorkers(self.map_rows, workers, ctx.log) as pool, _closed_after(chunks):
+            for rows in clock.fetched(chunks):
+                first = summary.read
+                summary.read += len(rows)
+                for mapped in pool.submit(rows, first, hash_index):
+                    self._stage(mapped)
+            with clock.phase("map"):  # the workers' last chunks
+                rest = pool.finish()
+            for mapped in rest:
+                self._stage(mapped)
+        ctx.worker_seconds += pool.cpu_seconds
         with clock.phase("stage"):
             if ctx.state is not None:
                 ctx.staging.load_previous(ctx.state.previous())
 
     def _chunk(self, rows: list[tuple[Any, ...]], hash_index: int | None = None) -> None:
-        """Map, validate and stage one chunk of rows; invalid rows get their outcome row. ``hash_index``: the
+        """Map, validate and stage one chunk of rows (the warehouse diff's changed rows)."""
+        first = self.ctx.summary.read
+        self.ctx.summary.read += len(rows)
+        self._stage(self.map_rows(rows, first, hash_index))
+
+    def map_rows(self, rows: list[tuple[Any, ...]], first: int, hash_index: int | None) -> MappedRows:
+        """One chunk's rows as staged-profile tuples (key, fingerprint, fragment, segment, row hash) and invalid
+        rows as (outcome key, reason). Pure (it runs in a map worker too): ``first`` is the number of rows read
+        before this chunk, for the outcome key of an invalid row without a valid address. ``hash_index``: the
         position of each row's hash (a run that keeps a snapshot of the segment, ``changes``)."""
         ctx = self.ctx
-        summary, encode, clock, mapper = ctx.summary, ctx.destination.encode, ctx.clock, self.mapper
+        encode, mapper = ctx.destination.encode, self.mapper
         seg_index, default_segment = self.seg_index, ctx.spec.id  # no segment column: the export is the one segment
-        first = summary.read
-        summary.read += len(rows)
         profiles: list[tuple[str, str, bytes, str, str | None]] = []
-        invalid: list[tuple[str, str, str]] = []
+        invalid: list[tuple[str, str]] = []
         for i, row in enumerate(rows):
             profile = mapper.map(row)
             if isinstance(profile, Rejection):
-                summary.add_invalid(profile.reason)
-                invalid.append((self._row_key(row, first + i + 1), "invalid", profile.reason))
+                invalid.append((self._row_key(row, first + i + 1), profile.reason))
                 continue
             fragment = encode(profile)
             if isinstance(fragment, Rejection):
-                summary.add_invalid(fragment.reason)
-                invalid.append((profile.key, "invalid", fragment.reason))
+                invalid.append((profile.key, fragment.reason))
                 continue
             segment = str(row[seg_index]) if seg_index is not None else default_segment
             profiles.append((profile.key, fingerprint(fragment), fragment, segment,
                              row[hash_index] if hash_index is not None else None))
-        clock.switch("stage")
-        ctx.staging.add(profiles)
-        # A submit pass leaves them to the pass that finishes the run (it reads the segment again): once per run.
-        if invalid and ctx.state is not None and not ctx.options.dry_run and not ctx.options.submit_only:
-            ctx.staging.queue_outcomes(invalid)  # recorded once the source is read (``_record_invalid``)
+        return profiles, invalid
+
+    def _stage(self, mapped: MappedRows) -> None:
+        """Stage a mapped chunk; count its invalid rows and queue their outcome rows."""
+        ctx = self.ctx
+        profiles, invalid = mapped
+        for _, reason in invalid:
+            ctx.summary.add_invalid(reason)
+        with ctx.clock.phase("stage"):
+            ctx.staging.add(profiles)
+            # A submit pass leaves them to the pass that finishes the run (it reads the segment again): once per run.
+            if invalid and ctx.state is not None and not ctx.options.dry_run and not ctx.options.submit_only:
+                # recorded once the source is read (``_record_invalid``)
+                ctx.staging.queue_outcomes([(key, "invalid", reason) for key, reason in invalid])
 
     def _row_key(self, row: tuple[Any, ...], position: int) -> str:
         """The outcome key of a row rejected before sending: its profile key (the lower-cased email) when the
@@ -245,6 +275,16 @@ class _Reader:
         outcomes table holds nothing personal beyond the keys the segment already has."""
         profile = self.email_only.map(row)
         return profile.key if not isinstance(profile, Rejection) else f"row {position}"
+
+
+@contextmanager
+def _closed_after(chunks: Any) -> Iterator[Any]:
+    """The source's chunks, closed (its cursor released) when the read ends, a failed one too: left to the garbage
+    collector, a generator's cursor would be closed after its connection."""
+    try:
+        yield chunks
+    finally:
+        getattr(chunks, "close", lambda: None)()
 
 
 def report_plan(ctx: RunContext, plan: Plan) -> None:
@@ -340,6 +380,8 @@ def run_export(
         phases = ctx.clock.seconds
         phases["other"] = max(main_cpu - sum(phases.values()), 0.0)
         phases["sending"] = max(process_cpu - main_cpu, 0.0)
+        if ctx.worker_seconds:
+            phases["workers"] = ctx.worker_seconds
         summary.cpu_seconds = {p: phases[p] for p in PHASES if p in phases}
     if not summary.dry_run and not summary.submitted:  # a submit pass knows no rejections yet: its second pass checks
         check_rejected_share(spec, summary)

@@ -41,8 +41,9 @@ class BatchResult:
     pending: int | None = None
 
 
-#: The phases an export's CPU time is counted in (``ExportSummary.cpu_seconds``). All but the last are the
-#: task's main thread; ``sending`` is every other thread (HTTP, request bodies, polling, answers, the sort helper).
+#: The phases an export's CPU time is counted in (``ExportSummary.cpu_seconds``). All but the last two are the
+#: task's main thread; ``sending`` is every other thread (HTTP, request bodies, polling, answers, the sort helper),
+#: ``workers`` the map worker processes (only when there were any).
 PHASES = {
     "read": "fetching rows from the source",
     "map": "mapping, validating and serializing rows",
@@ -51,6 +52,7 @@ PHASES = {
     "state": "writing sync state, outcomes and in-flight batches",
     "other": "the rest of the main thread (segment changes, leavers, waiting loop)",
     "sending": "the other threads: sending, and SQLite's helper while it sorts the staged segment",
+    "workers": "the processes that map a large segment's rows beside the main thread (mapworkers)",
 }
 
 

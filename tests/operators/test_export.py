@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import re
 import sqlite3
+from dataclasses import replace
 from urllib.parse import urlsplit
 
 import pytest
@@ -112,8 +113,21 @@ def test_nothing_in_the_spec_is_templated():
     ({"params": {"max_profiles": ""}}, RunOptions()),  # the form's empty field: the export's limit
     ({"params": {"max_profiles": 0}}, RunOptions()),
 ], ids=lambda v: json.dumps(v) if isinstance(v, (dict, type(None))) else None)
-def test_run_options_come_from_the_params_and_absent_ones_mean_a_normal_run(context, expected):
-    assert SegmentExportOperator.run_options(context) == expected
+def test_run_options_come_from_the_params_and_absent_ones_mean_a_normal_run(context, expected, monkeypatch):
+    monkeypatch.delenv("AIRFLOW__SEGMENT_EXPORT__MAP_WORKERS", raising=False)
+    assert SegmentExportOperator.run_options(context) == replace(expected, map_workers=operator_module.DEFAULT_MAP_WORKERS)
+
+
+@pytest.mark.parametrize("setting, workers", [("0", 0), ("2", 2), ("-1", 0), ("", operator_module.DEFAULT_MAP_WORKERS)])
+def test_map_workers_come_from_the_deployments_setting(setting, workers, monkeypatch):
+    monkeypatch.setenv("AIRFLOW__SEGMENT_EXPORT__MAP_WORKERS", setting)
+    assert SegmentExportOperator.run_options(None).map_workers == workers
+
+
+def test_a_map_workers_setting_that_is_not_a_number_fails_naming_it(monkeypatch):
+    monkeypatch.setenv("AIRFLOW__SEGMENT_EXPORT__MAP_WORKERS", "two")
+    with pytest.raises(ValueError, match=r"\[segment_export\] map_workers must be a whole number of processes, not 'two'"):
+        SegmentExportOperator.run_options(None)
 
 
 # -- execute ----------------------------------------------------------------------------------------------------
@@ -325,7 +339,7 @@ def test_a_deferrable_export_submits_defers_to_the_jobs_trigger_and_finishes_in_
     assert isinstance(trigger, DestinationJobsTrigger) and deferred.value.method_name == "execute_complete"
     handles = trigger.handles
     assert handles  # the Klaviyo job ids, kept in the in-flight table until execute_complete records them
-    inflight = sql(warehouse, "SELECT count(*) FROM segment_export_inflight_batches")[0][0]
+    inflight = sql(warehouse, "SELECT count(DISTINCT batch_id) FROM segment_export_inflight_batches")[0][0]
     assert inflight == len(handles)
 
     event = _first_event(trigger)  # what the triggerer runs

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 from dataclasses import replace
 from datetime import timedelta
 from typing import Any, Sequence
@@ -191,4 +193,26 @@ class SegmentExportOperator(BaseOperator):
             full_resync=bool(params.get("full_resync", False)),
             max_profiles=int(max_profiles) if max_profiles not in (None, "", 0) else None,
             allow_mass_leave=bool(params.get("allow_mass_leave", False)),
+            map_workers=map_workers(),
         )
+
+
+#: ``[segment_export] map_workers`` (or ``AIRFLOW__SEGMENT_EXPORT__MAP_WORKERS``): processes that map a large
+#: segment's rows beside the task's main thread (``mapworkers``); 0 maps them in the task's process.
+DEFAULT_MAP_WORKERS = 1
+
+
+def map_workers() -> int:
+    """The deployment's ``[segment_export] map_workers``, or 1."""
+    value = os.environ.get("AIRFLOW__SEGMENT_EXPORT__MAP_WORKERS")
+    if value is None:
+        try:
+            from airflow.sdk.configuration import conf
+
+            value = conf.get("segment_export", "map_workers", fallback=None)
+        except Exception:  # noqa: BLE001 - no configuration to read (a plain script): the default
+            value = None
+    try:
+        return max(int(value), 0) if value not in (None, "") else DEFAULT_MAP_WORKERS
+    except ValueError as exc:
+        raise ValueError(f"[segment_export] map_workers must be a whole number of processes, not {value!r}") from exc
