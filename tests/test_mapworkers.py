@@ -95,21 +95,54 @@ def test_a_worker_that_dies_leaves_the_mapping_to_the_task(sandbox, tmp_path, ai
 
     monkeypatch.setattr(_Reader, "map_rows", dying)
     died = _first_export(sandbox, tmp_path, airflow_conn, "klaviyo", workers=1)
-    assert "the map worker stopped" in caplog.text
+    assert "the map workers failed" in caplog.text
     monkeypatch.setattr(_Reader, "map_rows", original)
     alone = _first_export(sandbox, tmp_path, airflow_conn, "klaviyo", workers=0)
     del died["workers_cpu"], alone["workers_cpu"]
     assert died == alone
 
 
-def test_a_mapping_error_is_raised_as_without_workers(segment_db, sandbox, monkeypatch):
+def test_workers_that_cannot_start_leave_the_mapping_to_the_task(sandbox, tmp_path, airflow_conn, monkeypatch, caplog):
+    """As in Celery's prefork pool, whose daemonic processes may not have children."""
+    caplog.set_level(logging.INFO)
+    monkeypatch.setattr(mapworkers, "MIN_ROWS", 100)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("daemonic processes are not allowed to have children")
+
+    monkeypatch.setattr(mapworkers, "ProcessPoolExecutor", refuse)
+    refused = _first_export(sandbox, tmp_path, airflow_conn, "mailchimp", workers=1)
+    assert "map workers could not start (AssertionError: daemonic processes" in caplog.text
+    assert refused["workers_cpu"] is None and refused["counts"]["accepted"] > PROFILES * 0.9
+
+
+def test_rows_that_do_not_pickle_are_mapped_in_the_task(sandbox, tmp_path, airflow_conn, monkeypatch, caplog):
+    """A chunk the workers cannot take (here: a value pickle refuses) is mapped in the task's process, once."""
+    caplog.set_level(logging.WARNING)
+    monkeypatch.setattr(mapworkers, "MIN_ROWS", 100)
+    original = mapworkers.MapWorkers.submit
+
+    def unpicklable(self, rows, first, hash_index):
+        return original(self, [(*row, memoryview(b"x")) for row in rows] if first >= 300 else rows, first, hash_index)
+
+    monkeypatch.setattr(mapworkers.MapWorkers, "submit", unpicklable)
+    odd = _first_export(sandbox, tmp_path, airflow_conn, "klaviyo", workers=1)
+    assert "the map workers failed" in caplog.text
+    monkeypatch.setattr(mapworkers.MapWorkers, "submit", original)
+    alone = _first_export(sandbox, tmp_path, airflow_conn, "klaviyo", workers=0)
+    del odd["workers_cpu"], alone["workers_cpu"]
+    assert odd == alone
+
+
+@pytest.mark.parametrize("error", [KeyError, NotImplementedError])  # NotImplementedError: a RuntimeError
+def test_a_mapping_error_is_raised_as_without_workers(segment_db, sandbox, monkeypatch, error):
     from segment_export.mapping import RowMapper
 
     monkeypatch.setattr(mapworkers, "MIN_ROWS", 100)
 
     def broken(self, row):
-        raise KeyError("a bug in the mapping")
+        raise error("a bug in the mapping")
 
     monkeypatch.setattr(RowMapper, "map", broken)
-    with pytest.raises(KeyError, match="a bug in the mapping"):
+    with pytest.raises(error, match="a bug in the mapping"):
         run(_spec("klaviyo"), run_id="r1", map_workers=1)

@@ -386,7 +386,7 @@ class Executor:
                 # Segments are remembered once their tags are applied (Mailchimp); until then, the old ones.
                 accepted.append((key, fingerprints[i], previous[i] if manages else segments[i]))
                 outcomes.append((key, _action(key, kinds[i], result), None))
-                if manages:
+                if manages and segments[i] != previous[i]:  # a segment (tag) change to queue
                     tagged.append(Change(key, kinds[i], fingerprints[i], None, segments[i], previous[i]))  # type: ignore[arg-type]
             elif key in skipped_keys:
                 # A lasting refusal: remembered, so it is not retried until the row changes.

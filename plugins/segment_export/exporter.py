@@ -211,17 +211,17 @@ class _Reader:
         chunks = ctx.source.chunks(self.columns, order_by=order_by, tie_breaker=ctx.spec.mapping.email, limit=limit, **hashed)
         hash_index = len(self.columns) if row_hash else None
         workers = ctx.options.map_workers if summary.segment_rows >= mapworkers.MIN_ROWS else 0
-        with mapworkers.MapWorkers(self.map_rows, workers, ctx.log) as pool, _closed_after(chunks):
+        with mapworkers.MapWorkers(self.map_rows, workers, ctx.log) as mapping, _closed_after(chunks):
             for rows in clock.fetched(chunks):
                 first = summary.read
                 summary.read += len(rows)
-                for mapped in pool.submit(rows, first, hash_index):
+                for mapped in mapping.submit(rows, first, hash_index):
                     self._stage(mapped)
             with clock.phase("map"):  # the workers' last chunks
-                rest = pool.finish()
+                rest = mapping.finish()
             for mapped in rest:
                 self._stage(mapped)
-        ctx.worker_seconds += pool.cpu_seconds
+        ctx.worker_seconds += mapping.cpu_seconds
         with clock.phase("stage"):
             if ctx.state is not None:
                 ctx.staging.load_previous(ctx.state.previous())

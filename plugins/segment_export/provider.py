@@ -54,6 +54,14 @@ def get_provider_info() -> dict[str, Any]:
                         "example": "redis_budget",
                         "default": "",
                     },
+                    "map_workers": {
+                        "description": "Worker processes that map a large segment's rows (50,000 and more) while "
+                        "the export task reads and stages them; 0 maps them in the task's process. Linux (fork) only.",
+                        "version_added": None,
+                        "type": "integer",
+                        "example": "0",
+                        "default": "1",
+                    },
                 },
             },
         },

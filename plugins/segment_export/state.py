@@ -43,11 +43,11 @@ _DDL = (
     " export_id VARCHAR(200) NOT NULL, run_id VARCHAR(250) NOT NULL, profile_key VARCHAR(320) NOT NULL,"
     " action VARCHAR(16) NOT NULL, reason TEXT, recorded_at VARCHAR(40) NOT NULL)",
     # Batches handed to an asynchronous destination (Klaviyo jobs): written before the job is submitted, the job
-    # id added right after, deleted once the outcome is saved. What a killed task leaves here is resumed. The
-    # batch's profiles are JSON arrays ([key, fingerprint, segments, kind] each) rather than a row per profile:
-    # one insert and one indexed delete per 10,000 profiles instead of 10,000 of each. SQLite and PostgreSQL take
-    # a whole batch in one row (part 0); other databases get parts of INFLIGHT_PART_PROFILES, so that a part fits
-    # in a 64 KB TEXT (MySQL's).
+    # id in a row of its own (part -1) right after, all deleted once the outcome is saved. What a killed task leaves
+    # here is resumed. The batch's profiles are JSON arrays ([key, fingerprint, segments, kind] each) rather than a
+    # row per profile: one insert and one indexed delete per 10,000 profiles instead of 10,000 of each. SQLite and
+    # PostgreSQL take a whole batch's profiles in one row (part 0); other databases get parts of
+    # INFLIGHT_PART_PROFILES, so that a part fits in a 64 KB TEXT (MySQL's).
     f"CREATE TABLE IF NOT EXISTS {INFLIGHT_TABLE} ("
     " export_id VARCHAR(200) NOT NULL, target_id VARCHAR(200) NOT NULL, batch_id VARCHAR(100) NOT NULL,"
     " part INTEGER NOT NULL, job_id VARCHAR(100), profiles TEXT NOT NULL, PRIMARY KEY (batch_id, part))",

@@ -51,7 +51,7 @@ PHASES = {
     "diff": "sorting the staged segment, diffing it against the state, forming batches",
     "state": "writing sync state, outcomes and in-flight batches",
     "other": "the rest of the main thread (segment changes, leavers, waiting loop)",
-    "sending": "the other threads: sending, and SQLite's helper while it sorts the staged segment",
+    "sending": "the other threads: sending, SQLite's helper while it sorts the staged segment, and the map workers' queue",
     "workers": "the processes that map a large segment's rows beside the main thread (mapworkers)",
 }
 

@@ -37,6 +37,8 @@ import uuid
 from dataclasses import dataclass
 from typing import Any, Mapping
 
+from segment_export.settings import SECTION, setting
+
 #: the refill of a bucket, as a share of the documented steady rate: headroom for clock skew and network jitter
 STEADY_SHARE = 0.95
 #: Redis key prefix (a deployment sharing a Redis with others may set another in the Redis connection's extra)
@@ -44,7 +46,7 @@ DEFAULT_PREFIX = "segment_export:budget"
 #: how long a Mailchimp connection slot lives without renewal: a dead worker's slots are free after this
 DEFAULT_SLOT_TTL = 30.0
 #: the Airflow configuration option (``AIRFLOW__SEGMENT_EXPORT__RATE_BUDGET_CONN_ID``) naming the Redis connection
-CONFIG_SECTION, CONFIG_OPTION = "segment_export", "rate_budget_conn_id"
+CONFIG_SECTION, CONFIG_OPTION = SECTION, "rate_budget_conn_id"
 #: the destination connection's extra naming the Redis connection (wins over the configuration)
 EXTRA_FIELD = "rate_budget_conn_id"
 
@@ -273,14 +275,7 @@ def configured_conn_id(connection: Any) -> str | None:
     value = str(connection.extra_dejson.get(EXTRA_FIELD) or "").strip()
     if value:
         return value
-    value = os.environ.get(f"AIRFLOW__{CONFIG_SECTION.upper()}__{CONFIG_OPTION.upper()}")
-    if value is None:
-        try:
-            from airflow.sdk.configuration import conf
-
-            value = conf.get(CONFIG_SECTION, CONFIG_OPTION, fallback=None)
-        except Exception:  # noqa: BLE001 - no configuration to read (a plain script): no deployment default
-            value = None
+    value = setting(CONFIG_OPTION)
     return (value or "").strip() or None
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 
 from dataclasses import replace
 from datetime import timedelta
@@ -13,6 +12,7 @@ from airflow.sdk import BaseOperator
 from segment_export.destinations import destination_for
 from segment_export.exporter import ExportError, MassLeaveError, RejectedShareError, RunOptions, run_export
 from segment_export.malloc import return_large_blocks
+from segment_export.settings import setting
 from segment_export.sources import source_for
 from segment_export.spec import ExportSpec
 from segment_export.state import StateStore
@@ -204,14 +204,7 @@ DEFAULT_MAP_WORKERS = 1
 
 def map_workers() -> int:
     """The deployment's ``[segment_export] map_workers``, or 1."""
-    value = os.environ.get("AIRFLOW__SEGMENT_EXPORT__MAP_WORKERS")
-    if value is None:
-        try:
-            from airflow.sdk.configuration import conf
-
-            value = conf.get("segment_export", "map_workers", fallback=None)
-        except Exception:  # noqa: BLE001 - no configuration to read (a plain script): the default
-            value = None
+    value = setting("map_workers")
     try:
         return max(int(value), 0) if value not in (None, "") else DEFAULT_MAP_WORKERS
     except ValueError as exc:
