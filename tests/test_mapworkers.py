@@ -103,16 +103,16 @@ def test_a_worker_that_dies_leaves_the_mapping_to_the_task(sandbox, tmp_path, ai
 
 
 def test_workers_that_cannot_start_leave_the_mapping_to_the_task(sandbox, tmp_path, airflow_conn, monkeypatch, caplog):
-    """As in Celery's prefork pool, whose daemonic processes may not have children."""
+    """As under a process limit (fork fails)."""
     caplog.set_level(logging.INFO)
     monkeypatch.setattr(mapworkers, "MIN_ROWS", 100)
 
     def refuse(*args, **kwargs):
-        raise AssertionError("daemonic processes are not allowed to have children")
+        raise OSError(11, "Resource temporarily unavailable")
 
     monkeypatch.setattr(mapworkers, "ProcessPoolExecutor", refuse)
     refused = _first_export(sandbox, tmp_path, airflow_conn, "mailchimp", workers=1)
-    assert "map workers could not start (AssertionError: daemonic processes" in caplog.text
+    assert "map workers could not start (BlockingIOError: [Errno 11] Resource temporarily unavailable)" in caplog.text
     assert refused["workers_cpu"] is None and refused["counts"]["accepted"] > PROFILES * 0.9
 
 
@@ -146,3 +146,22 @@ def test_a_mapping_error_is_raised_as_without_workers(segment_db, sandbox, monke
     monkeypatch.setattr(RowMapper, "map", broken)
     with pytest.raises(error, match="a bug in the mapping"):
         run(_spec("klaviyo"), run_id="r1", map_workers=1)
+
+
+def _map_in_a_daemonic_process(_: int) -> tuple[bool, list[int], bool]:
+    """In a Celery prefork (billiard) process: map three chunks with a worker; (daemonic before, mapped, after)."""
+    import logging as logging_
+
+    daemonic = mapworkers.multiprocessing.current_process().daemon
+    with mapworkers.MapWorkers(lambda n: n * 2, 1, logging_.getLogger("test")) as mapping:
+        started = mapping.processes is not None
+        done = [*mapping.submit(1), *mapping.submit(2), *mapping.submit(3), *mapping.finish()]
+    return daemonic and started, sorted(done), mapworkers.multiprocessing.current_process().daemon
+
+
+def test_workers_start_in_celerys_prefork_pool():
+    """Celery's prefork processes count as daemonic, which multiprocessing forbids to have children; the workers
+    start there all the same (they die with the task), and the process is daemonic again after."""
+    billiard = pytest.importorskip("billiard")
+    with billiard.get_context("fork").Pool(1) as pool:
+        assert pool.map(_map_in_a_daemonic_process, [0]) == [(True, [2, 4, 6], True)]

@@ -15,8 +15,9 @@ order chunks are staged in does not matter (the staging sorts); a rejected row's
 ``row <n>``) is fixed when its chunk is read. A chunk handed to a worker is mapped exactly once: if the worker
 fails it (it died, or the rows do not pickle), the task's process maps it, and an error of the mapping itself is
 then raised from there, as without workers. Whenever the workers fail, or cannot start (no ``fork`` on the
-platform; Celery's prefork pool, whose daemonic processes may not have children; a process limit), that is
-logged once and the rest of the segment is mapped in the task's process.
+platform, a process limit), that is logged once and the rest of the segment is mapped in the task's process. In
+Celery's prefork pool, whose processes count as daemonic (and a daemonic process may not have children), the
+flag is lifted while the workers are forked: they die with the task, which is what the rule is for.
 
 Each worker dies with the task's process (``PR_SET_PDEATHSIG``), takes the default action on SIGTERM and SIGINT
 (not the task runner's handlers it inherited), and starts with the parent's objects frozen out of its garbage
@@ -94,7 +95,14 @@ class MapWorkers(Generic[Mapped]):
         _MAP = self.map_chunk
         gc.collect()
         gc.freeze()  # the parent's objects stay out of the workers' collections (no copy-on-write of its memory)
+        # In Celery's prefork pool the task's process counts as daemonic, and a daemonic process may not start
+        # children: the rule keeps a daemon's children from outliving it when it is ended. These die with it
+        # (PR_SET_PDEATHSIG), so the flag is lifted while they are forked (the public ``daemon`` setter).
+        current = multiprocessing.current_process()
+        daemonic = current.daemon
         try:
+            if daemonic:
+                current.daemon = False
             processes = ProcessPoolExecutor(max_workers=self.workers, mp_context=multiprocessing.get_context("fork"),
                                             initializer=_start_worker)
             try:
@@ -104,13 +112,15 @@ class MapWorkers(Generic[Mapped]):
             except BaseException:
                 processes.shutdown(wait=False, cancel_futures=True)
                 raise
-        except Exception as exc:  # noqa: BLE001 - no fork here, a daemonic process, a process limit...
+        except Exception as exc:  # noqa: BLE001 - no fork here, a process limit...
             _MAP = None
             self.log.info("rows are mapped in the task's process: map workers could not start (%s: %s)",
                           type(exc).__name__, exc)
             return
         finally:
             gc.unfreeze()
+            if daemonic:
+                current.daemon = True
         self.processes = processes
 
     def __enter__(self) -> MapWorkers[Mapped]:
