@@ -26,6 +26,7 @@ import hashlib
 import json
 import sqlite3
 import threading
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import lru_cache
@@ -205,6 +206,8 @@ class SnapshotWriter:
         self.thread: threading.Thread | None = None
         self.written: int | None = None
         self.error: BaseException | None = None
+        #: how long the write took, and how long the run waited for it after its last batch (seconds)
+        self.seconds = self.waited = 0.0
 
     @property
     def wanted(self) -> bool:
@@ -227,8 +230,10 @@ class SnapshotWriter:
         self.thread.start()
 
     def _write_beside(self, store: Any) -> None:
+        started = time.monotonic()
         try:
             self.written = self._write(SnapshotStore(store))
+            self.seconds = time.monotonic() - started
         except BaseException as exc:  # noqa: BLE001 - reported by finish()
             self.error = exc
             store.rollback()
@@ -248,11 +253,15 @@ class SnapshotWriter:
             return
         ctx = self.ctx
         if self.thread is not None:
+            waited = time.monotonic()
             self.thread.join()
+            self.waited = time.monotonic() - waited
         elif succeeded:
             with ctx.clock.phase("state"):
+                started = time.monotonic()
                 try:
                     self.written = self._write(self.detection.snapshot)  # type: ignore[union-attr]
+                    self.seconds = self.waited = time.monotonic() - started
                 except Exception as exc:  # noqa: BLE001 - the snapshot is a cache: the run's outcome stands
                     self.error = exc
                     ctx.state.rollback()  # type: ignore[union-attr]
@@ -262,5 +271,7 @@ class SnapshotWriter:
         elif self.written is not None:
             if self.detection.mode == FULL and succeeded:  # type: ignore[union-attr]
                 self.detection.snapshot.analyze_state()  # type: ignore[union-attr]
-            ctx.log.info("segment snapshot for the next run's warehouse diff: %d rows written (%s)", self.written,
-                         "all" if self.detection.mode == FULL else "the planned profiles'")  # type: ignore[union-attr]
+            ctx.log.info("segment snapshot for the next run's warehouse diff: %d rows written (%s) in %.1f s, of which "
+                         "the run waited %.1f s after its last batch", self.written,
+                         "all" if self.detection.mode == FULL else "the planned profiles'",  # type: ignore[union-attr]
+                         self.seconds, self.waited)
