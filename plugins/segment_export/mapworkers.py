@@ -6,8 +6,8 @@ machine's second core idles through the read: nothing is sent before the staged 
 the sending threads nor the API have work yet. Threads cannot share pure-Python work (the GIL); a forked process
 can, and it inherits what the mapping needs (the compiled ``RowMapper``, the destination's encoder) without
 pickling them. Only the rows and the mapped profiles cross, pickled: about 2 µs a row each way, against ~14 µs to
-map one. An experiment that streamed a first export's batches during the read instead (session 13, branch
-``experiment/streaming-first-export``) was slower: it moved none of this work off the main thread.
+map one. An experiment that streamed a first export's batches during the read instead (session 13, commits
+fa3aa35..89a356d, reverted by f3b897d) was slower: it moved none of this work off the main thread.
 
 How: the main thread reads each chunk and hands it to a worker while fewer than ``AHEAD`` chunks wait per worker,
 else maps it itself, so both stay busy whatever their speeds; each mapped chunk is staged as it comes back. The
