@@ -99,3 +99,45 @@ def test_a_target_alone_in_the_table_is_rewritten_whole_and_its_key_index_rebuil
         plan = " ".join(str(r) for r in db.execute(
             f"EXPLAIN QUERY PLAN SELECT * FROM {SNAPSHOT_TABLE} WHERE export_id = 'a' AND target_id = 't1' AND profile_key = 'y00001'"))
         assert f"{SNAPSHOT_TABLE}_by_key" in plan
+
+
+class _Psycopg2Like:
+    """A psycopg 3 connection whose cursors have no ``copy`` (as psycopg 2's): the load goes as JSON arrays."""
+
+    def __init__(self, conn):
+        self._conn = conn
+
+    def cursor(self, *args, **kwargs):
+        cursor = self._conn.cursor(*args, **kwargs)
+
+        class NoCopy:
+            def __getattr__(self, name):
+                if name == "copy":
+                    raise AttributeError(name)
+                return getattr(cursor, name)
+
+        return NoCopy()
+
+    def __getattr__(self, name):
+        return getattr(self._conn, name)
+
+
+def test_postgresql_loads_the_rows_by_copy_or_as_json_to_the_same_snapshot(db, monkeypatch):
+    """psycopg 3 loads with COPY (``snapshot._copy_rows``); another driver as JSON arrays. Both keep every
+    character of a staged row: tabs, newlines, backslashes and quotes in a fragment, text beyond ASCII."""
+    if db.dialect != "postgresql":
+        pytest.skip("COPY is PostgreSQL's")
+    odd = [("h1", "k1", '{"a":"tab\there\\nnewline \\\\ \\"q\\""}', "vip\tx", "fp1", '["vip\\tx"]'),
+           ("h2", "k2", '{"name":"Zoë \u00e9 \u4e2d"}', "news", "fp2", '["news"]'),
+           ("h3", "k3", "line\nbreak\\N", "a\\b", "fp3", '["a\\\\b"]')]
+    import segment_export.snapshot as snapshot_module
+
+    copy_rows, loaded = snapshot_module._copy_rows, []
+    monkeypatch.setattr(snapshot_module, "_copy_rows", lambda *args: loaded.append(copy_rows(*args)) or loaded[-1])
+    copied = _store(db, "copy")
+    assert copied.replace([odd[:2], odd[2:]], "sig") == 3
+    state = StateStore(_Psycopg2Like(db.conn), db.ph, "json", "t1", "test", dialect_name=db.dialect)
+    as_json = SnapshotStore(state)
+    assert as_json.replace([odd], "sig") == 3
+    assert loaded == [3, None]  # COPY through psycopg 3, JSON arrays through the other
+    assert _held(db, "copy") == _held(db, "json") == sorted(odd)
