@@ -272,6 +272,6 @@ class SnapshotWriter:
             if self.detection.mode == FULL and succeeded:  # type: ignore[union-attr]
                 self.detection.snapshot.analyze_state()  # type: ignore[union-attr]
             ctx.log.info("segment snapshot for the next run's warehouse diff: %d rows written (%s) in %.1f s, of which "
-                         "the run waited %.1f s after its last batch", self.written,
+                         "the run waited %.1f s at its end", self.written,
                          "all" if self.detection.mode == FULL else "the planned profiles'",  # type: ignore[union-attr]
                          self.seconds, self.waited)

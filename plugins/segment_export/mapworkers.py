@@ -99,14 +99,18 @@ class MapWorkers(Generic[Mapped]):
         # children: the rule keeps a daemon's children from outliving it when it is ended. These die with it
         # (PR_SET_PDEATHSIG), so the flag is lifted while they are forked (the public ``daemon`` setter).
         current = multiprocessing.current_process()
-        daemonic = current.daemon
+        lifted = False
         try:
-            if daemonic:
+            if current.daemon:
                 current.daemon = False
+                lifted = True
             processes = ProcessPoolExecutor(max_workers=self.workers, mp_context=multiprocessing.get_context("fork"),
                                             initializer=_start_worker)
             try:
-                for ready in [processes.submit(_ready) for _ in range(self.workers)]:
+                started = [processes.submit(_ready) for _ in range(self.workers)]  # the workers fork here
+                if lifted:
+                    current.daemon, lifted = True, False
+                for ready in started:
                     if not ready.result(timeout=30):
                         raise RuntimeError("a worker started without the mapping")
             except BaseException:
@@ -119,7 +123,7 @@ class MapWorkers(Generic[Mapped]):
             return
         finally:
             gc.unfreeze()
-            if daemonic:
+            if lifted:
                 current.daemon = True
         self.processes = processes
 

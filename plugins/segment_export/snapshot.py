@@ -228,7 +228,7 @@ def _copy_rows(conn: Any, table: str, rows: Iterable[list[SnapshotRow]]) -> int 
     field), about as much as sorting and writing the snapshot itself (8.0 s); COPY's text format is parsed as it
     streams. Measured (session 13): the whole write alone 26.4 -> 20.4 s (the client's CPU 5.9 -> 8.0 s: psycopg
     formats each row); in the benchmark's first export from PostgreSQL at 1M, which waits for this write, 78.6 s
-    with JSON against 62.4 and 68.5 s with COPY, run alternately."""
+    with JSON against 62.4 and 68.5 s with COPY, run alternately (indicative: the same JSON code also took 73.3 s)."""
     cursor = conn.cursor()
     if not callable(getattr(cursor, "copy", None)):
         cursor.close()
