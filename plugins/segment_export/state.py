@@ -342,7 +342,7 @@ class StateStore:
         JSON (~0.7 MB) per job; measured with py-spy, that update was 4.6 % of the task's main thread at 1,000,000
         profiles to Klaviyo. :meth:`inflight` reads the job id from whichever row of the batch has it, so rows
         written either way are resumed."""
-        self._run(f"INSERT INTO {INFLIGHT_TABLE} VALUES (?, ?, ?, ?, ?, ?)".replace("?", self.ph),
+        self._run(f"INSERT INTO {INFLIGHT_TABLE} VALUES (?, ?, ?, ?, ?, ?)",
                   (self.export_id, self.target_id, batch_id, _HANDLE_PART, job_id, "[]")).close()
         self.conn.commit()
 
