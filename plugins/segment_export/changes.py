@@ -206,7 +206,7 @@ class SnapshotWriter:
         self.thread: threading.Thread | None = None
         self.written: int | None = None
         self.error: BaseException | None = None
-        #: how long the write took, and how long the run waited for it after its last batch (seconds)
+        #: how long the write took, and how long the run waited for it at its end (seconds)
         self.seconds = self.waited = 0.0
 
     @property

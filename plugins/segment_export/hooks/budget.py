@@ -37,7 +37,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-from segment_export.settings import SECTION, setting
+from segment_export.settings import setting
 
 #: the refill of a bucket, as a share of the documented steady rate: headroom for clock skew and network jitter
 STEADY_SHARE = 0.95
@@ -46,7 +46,7 @@ DEFAULT_PREFIX = "segment_export:budget"
 #: how long a Mailchimp connection slot lives without renewal: a dead worker's slots are free after this
 DEFAULT_SLOT_TTL = 30.0
 #: the Airflow configuration option (``AIRFLOW__SEGMENT_EXPORT__RATE_BUDGET_CONN_ID``) naming the Redis connection
-CONFIG_SECTION, CONFIG_OPTION = SECTION, "rate_budget_conn_id"
+CONFIG_OPTION = "rate_budget_conn_id"
 #: the destination connection's extra naming the Redis connection (wins over the configuration)
 EXTRA_FIELD = "rate_budget_conn_id"
 
