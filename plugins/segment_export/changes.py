@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
 from segment_export.snapshot import SNAPSHOT_TABLE, SnapshotStore
+from segment_export.sources.sql import ROW_HASH_METHOD
 
 if TYPE_CHECKING:
     from segment_export.context import RunContext
@@ -62,11 +63,12 @@ def _code_digest(destination_type: str) -> str:
 
 def signature(spec: ExportSpec, columns: Sequence[str]) -> str:
     """What a snapshot's staged rows depend on besides the rows: the export (its id is the segment of a source
-    without a segment column), the mapping, the destination's settings, the columns read and their order, the code."""
+    without a segment column), the mapping, the destination's settings, the columns read and their order, the code,
+    and how rows are hashed (a snapshot hashed another way would read as every row changed and gone)."""
     described = {
         "export": spec.id, "columns": list(columns), "segment_column": spec.source.segment_column,
         "mapping": spec.mapping.model_dump(mode="json"), "destination": spec.destination.model_dump(mode="json"),
-        "code": _code_digest(spec.destination.type),
+        "code": _code_digest(spec.destination.type), "row_hash": ROW_HASH_METHOD,
     }
     return hashlib.blake2b(json.dumps(described, sort_keys=True).encode(), digest_size=16).hexdigest()
 
