@@ -10,6 +10,10 @@ documented collection, ``GET /api/profile-bulk-import-jobs`` with ``filter=any(s
 ``sort=-created_at`` and ``page[size]=100`` (Get Bulk Import Profiles Jobs: "Returns a maximum of 100 jobs per
 request"; filter ``status``: ``any``, ``equals``), every ``interval`` (0.75 s: 80 of the 150 a minute): one
 request finds every job of ours that finished, newest first, with the same attributes as the job's own resource.
+When the poller starts (the first job waited for, or the first after a pause), its first ``QUICK_ROUNDS`` looks
+are ``QUICK_INTERVAL`` (0.25 s) apart: a short run's one or two jobs (a rerun's) are seen within a quarter second
+of finishing rather than 0.75 s. Six reads in 1.5 s stay within the 10/s burst, and the first minute's (~83)
+within the 150 a minute.
 
 The collection is only a hint. A job it has not shown after ``direct_after`` seconds (the documents do not say
 how soon a finished job is listed, nor whether other jobs of the account crowd ours off the first pages) is
@@ -19,6 +23,7 @@ a job is never missed, only seen later, and a long job costs a few reads a minut
 
 from __future__ import annotations
 
+import itertools
 import logging
 import threading
 import time
@@ -32,6 +37,8 @@ if TYPE_CHECKING:
 
 #: pages of the finished-jobs collection read per round at most (newest first: ours are on the first one)
 MAX_PAGES = 3
+#: the first rounds after the poller starts, and how far apart (see the module docstring)
+QUICK_ROUNDS, QUICK_INTERVAL = 6, 0.25
 #: rounds in a row that may fail (after the hook's own retries) before the waiting threads are given the error
 MAX_FAILED_ROUNDS = 3
 
@@ -110,8 +117,8 @@ class JobBoard:
             raise
 
     def _rounds(self) -> None:
-        while True:
-            time.sleep(self.interval)
+        for started in itertools.count():
+            time.sleep(min(QUICK_INTERVAL, self.interval) if started < QUICK_ROUNDS else self.interval)
             with self._cond:
                 waiting = dict(self._waiting)
                 if not waiting:
