@@ -202,6 +202,9 @@ def build_changed_rows(spec: SourceSpec, dialect: SqlDialect, columns: Sequence[
     return sql, params
 
 
+#: PostgreSQL: the temporary table the warehouse diff's rows are written to (``SqlSource.changed_rows``)
+CHANGED_TABLE = "segment_export_changed_rows"
+
 #: PostgreSQL settings for the warehouse diff's statements, for their transaction only (``SET LOCAL``):
 #: - ``work_mem``: at the default 4 MB a hash join over a million hashes is split into 32 batches spilled to
 #:   temporary files; 128 MB (a hash table gets twice that, ``hash_mem_multiplier``) keeps a million rows' join in
@@ -329,9 +332,19 @@ class SqlSource(Source):
         since the snapshot, ``(None, ..., hash, profile key)`` for a snapshot row the segment no longer holds."""
         self._check(columns)
         sql, params = build_changed_rows(self.spec, self.dialect, columns, snapshot_table)
-        if self.dialect.name == "postgresql":
-            tune_diff_transaction(self.conn, SEGMENT_DIFF_SETTINGS)  # the read's transaction ends when the source is closed
-        return self._stream(sql, params + changed_rows_params(self.dialect, export_id, target_id))
+        params += changed_rows_params(self.dialect, export_id, target_id)
+        if self.dialect.name != "postgresql":
+            return self._stream(sql, params)
+        tune_diff_transaction(self.conn, SEGMENT_DIFF_SETTINGS)  # the read's transaction ends when the source is closed
+        # Into a temporary table, then streamed from it: PostgreSQL never plans a cursor's query in parallel
+        # ("a cursor created using DECLARE CURSOR will never use a parallel plan",
+        # https://www.postgresql.org/docs/current/when-can-parallel-query-be-used.html), and the rows are streamed
+        # through one so that a large change does not sit in the task's memory; CREATE TABLE AS may be planned in
+        # parallel. Measured at 1.1M rows, 40,000 out: the pass 2.7-2.8 s through a cursor, 2.2-2.4 s into the table.
+        for statement, args in ((f"DROP TABLE IF EXISTS pg_temp.{CHANGED_TABLE}", []),
+                                (f"CREATE TEMPORARY TABLE {CHANGED_TABLE} ON COMMIT DROP AS {sql}", params)):
+            self._execute(statement, args).close()
+        return self._stream(f"SELECT * FROM pg_temp.{CHANGED_TABLE}", [])
 
     def _stream(self, sql: str, params: list[Any]) -> Iterator[list[Row]]:
         cursor = self._execute(sql, params, stream=True)
