@@ -103,3 +103,63 @@ def check_postgres_streaming(source):
 def test_missing_source_connection_names_the_field():
     with pytest.raises(SourceError, match="source.conn_id 'no_such_warehouse': no such Airflow connection"):
         source_for(SourceSpec(conn_id="no_such_warehouse", table="t"))
+
+
+#: rows whose hashed columns (name, segment, score) differ only in what a careless row hash would mix up: NULL and
+#: '', a comma inside a value and between values, quotes, a float's last bit; the last row repeats the first
+_HASHED_ROWS = [
+    (1, None, 0.1, "vip"), (2, "", 0.1, "vip"), (3, "a,b", 0.1, "c"), (4, "a", 0.1, "b,c"),
+    (5, "x", 0.30000000000000004, "vip"), (6, "x", 0.3, "vip"), (7, '"x"', 0.3, "vip"), (8, None, 0.1, "vip"),
+]
+_HASHED = ["name", "segment", "score"]
+
+
+def _hashes(source):
+    return [row[-1] for chunk in source.chunks(_HASHED, row_hash=True) for row in chunk]
+
+
+def _check_row_hashes(source):
+    hashes = _hashes(source)  # in the rows' order: one small table, written once
+    assert len(hashes) == len(_HASHED_ROWS) and all(isinstance(h, str) and len(h) >= 32 for h in hashes)
+    assert len(set(hashes)) == len(_HASHED_ROWS) - 1  # only the repeated row hashes alike
+    assert hashes[0] == hashes[-1]
+    assert _hashes(source) == hashes  # the same on every read
+    ordered = [r for c in source.chunks(_HASHED, order_by="id", row_hash=True, limit=3) for r in c]
+    assert [r[0] for r in ordered] == [None, "", "a,b"] and [r[-1] for r in ordered] == hashes[:3]
+
+
+def test_sqlite_row_hashes_tell_rows_apart(tmp_path, airflow_conn):
+    import sqlite3
+
+    path = tmp_path / "hashed.db"
+    with sqlite3.connect(path) as db:
+        db.execute("CREATE TABLE t (id INTEGER, name TEXT, score REAL, segment TEXT)")
+        db.executemany("INSERT INTO t VALUES (?, ?, ?, ?)", _HASHED_ROWS)
+    airflow_conn("hashed", conn_type="sqlite", host=str(path))
+    source = source_for(SourceSpec(conn_id="hashed", table="t"))
+    try:
+        _check_row_hashes(source)
+    finally:
+        source.close()
+
+
+@pytest.mark.postgres
+def test_postgres_row_hashes_tell_rows_apart(pg_schema):
+    conn, schema = pg_schema
+    conn.execute(f'CREATE TABLE "{schema}".t (id int, name text, score double precision, segment text)')
+    with conn.cursor() as cur:
+        cur.executemany(f'INSERT INTO "{schema}".t VALUES (%s, %s, %s, %s)', _HASHED_ROWS)
+    source = source_for(SourceSpec(conn_id="pg_warehouse", table=f"{schema}.t"))
+    try:
+        _check_row_hashes(source)
+    finally:
+        source.close()
+
+
+def test_hashed_select_orders_by_columns_it_does_not_return():
+    spec = SourceSpec(conn_id="w", table="t", segment_column="seg", segments=["vip"])
+    sql, params = build_select(spec, SqlDialect(name="postgresql"), ["email"], order_by="id", tie_breaker="email",
+                               limit=5, row_hash=True)
+    assert sql.startswith("SELECT src.c0, src.row_hash FROM (SELECT c0, c1, ")
+    assert '"email" AS c0, "id" AS c1, ROW("email")::text AS row_text FROM "t" WHERE "seg" IN (%s)' in sql
+    assert sql.endswith(" ORDER BY src.c1, src.c0 LIMIT 5") and params == ["vip"]
