@@ -84,6 +84,17 @@ def test_the_same_row_twice_counts_as_a_duplicate_and_does_not_repeat_its_segmen
     assert staging.duplicates == 2
 
 
+def test_snapshot_rows_keep_one_row_per_hash_and_the_profile_each_key_makes(staging):
+    hashed = [("b@x.com", "fp-b", b"payload b", "vip", "h1"), ("a@x.com", "fp-a2", b"payload a2", "news", "h3"),
+              ("a@x.com", "fp-a1", b"payload a1", "vip", "h2"), ("a@x.com", "fp-a1", b"payload a1", "vip", "h2"),
+              ("c@x.com", "fp-c", b"payload c", "vip", None)]  # no hash: not in the snapshot (e.g. invalid)
+    staging.add(hashed)
+    rows = [r for chunk in staging.snapshot_rows(2) for r in chunk]
+    assert rows == [("h2", "a@x.com", "payload a1", "vip", "fp-a1", '["news", "vip"]'),  # the repeated row once
+                    ("h3", "a@x.com", "payload a2", "news", "fp-a1", '["news", "vip"]'),
+                    ("h1", "b@x.com", "payload b", "vip", "fp-b", '["vip"]')]
+
+
 def test_differing_payloads_of_one_key_fold_to_the_smallest_fingerprint_whatever_the_row_order(tmp_path):
     rows = [row("a@x.com", "vip", "fp-2"), row("a@x.com", "churn", "fp-1"), row("a@x.com", "new", "fp-3"),
             row("b@x.com", "vip", "fp-0")]

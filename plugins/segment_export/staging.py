@@ -98,7 +98,8 @@ class Staging:
 
     def snapshot_rows(self, size: int) -> Iterator[list[tuple[str, str, str, str, str, str]]]:
         """The staged rows as a snapshot keeps them (``snapshot.SnapshotRow``), ``size`` at a time, each with the
-        profile its key's rows make: the fingerprint and segments ``current`` folds them into."""
+        profile its key's rows make: the fingerprint and segments ``current`` folds them into. A row repeated in the
+        source (the same hash, so the same values and the same key) is one snapshot row: its primary key."""
         from segment_export.state import segments_json
 
         cursor = self.conn.cursor().execute(
@@ -108,8 +109,9 @@ class Staging:
         group: list[tuple[Any, ...]] = []
 
         def flush() -> None:
-            segments = segments_json(tuple(sorted({row[3] for row in group})))
-            out.extend((row[4], row[0], row[2].decode(), row[3], group[0][1], segments) for row in group)
+            segments, fingerprint = segments_json(tuple(sorted({row[3] for row in group}))), group[0][1]
+            unique = {row[4]: row for row in group}.values() if len(group) > 1 else group
+            out.extend((row[4], row[0], row[2].decode(), row[3], fingerprint, segments) for row in unique)
 
         while rows := cursor.fetchmany(5000):
             for row in rows:
