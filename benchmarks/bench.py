@@ -170,8 +170,9 @@ def postgres_table(n: int) -> str | None:
     return table
 
 
-#: the exporter's tables in the benchmark's PostgreSQL database that runs rewrite (``vacuum_postgres``)
-PG_EXPORT_TABLES = ("segment_export_state", "segment_export_snapshot")
+#: the exporter's tables in the benchmark's PostgreSQL database that runs rewrite (``vacuum_postgres``): the state
+#: and every export target's snapshot table
+PG_EXPORT_TABLES = "tablename = 'segment_export_state' OR tablename LIKE 'segment\\_export\\_snapshot\\_%'"
 
 
 def vacuum_postgres(*, full: bool = False) -> None:
@@ -185,9 +186,9 @@ def vacuum_postgres(*, full: bool = False) -> None:
     import psycopg
 
     with psycopg.connect(PG_CONNINFO, autocommit=True) as conn:
-        for table in PG_EXPORT_TABLES:
-            if conn.execute("SELECT to_regclass(%s)", (table,)).fetchone()[0] is not None:
-                conn.execute(f"VACUUM {'FULL ' if full else ''}ANALYZE {table}")
+        tables = conn.execute(f"SELECT tablename FROM pg_tables WHERE schemaname = 'public' AND ({PG_EXPORT_TABLES})")
+        for (table,) in tables.fetchall():
+            conn.execute(f'VACUUM {"FULL " if full else ""}ANALYZE "{table}"')
 
 
 # --- the sandbox --------------------------------------------------------------------------------------

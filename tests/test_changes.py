@@ -22,7 +22,7 @@ from segment_export_sandbox.config import default_behaviour
 from test_sync import run
 
 from segment_export.destinations import destination_for
-from segment_export.snapshot import SNAPSHOT_TABLE, SnapshotStore
+from segment_export.snapshot import SNAPSHOTS_TABLE, SnapshotStore, snapshot_table
 from segment_export.spec import ExportSpec
 from segment_export.state import STATE_TABLE, StateStore
 
@@ -82,7 +82,10 @@ class Warehouse:
             segment_data.write_sqlite(self.path, PROFILES)
         else:
             segment_data.write_postgres("host=127.0.0.1 port=5432 user=postgres dbname=test", self.table, PROFILES)
-            for table in (STATE_TABLE, SNAPSHOT_TABLE, "segment_export_snapshots", "segment_export_outcomes"):
+            if self.pg.execute("SELECT to_regclass(%s)", (SNAPSHOTS_TABLE,)).fetchone()[0]:
+                for ids in self.pg.execute(f"SELECT export_id, target_id FROM {SNAPSHOTS_TABLE} WHERE export_id LIKE 'changes_%%'").fetchall():
+                    self.pg.execute(f"DROP TABLE IF EXISTS {snapshot_table(*ids)}")
+            for table in (STATE_TABLE, SNAPSHOTS_TABLE, "segment_export_outcomes"):
                 if self.pg.execute("SELECT to_regclass(%s)", (table,)).fetchone()[0]:
                     self.pg.execute(f"DELETE FROM {table} WHERE export_id LIKE 'changes_%%'")
 
@@ -193,7 +196,7 @@ def test_no_snapshot_for_file_sources_truncating_limits_or_when_switched_off(seg
     run(off, run_id="r1")
     assert run(off, run_id="r2").change_detection == "full"
     with sqlite3.connect(segment_db) as conn:
-        assert conn.execute("SELECT COUNT(*) FROM sqlite_master WHERE name = ?", (SNAPSHOT_TABLE,)).fetchone()[0] == 0
+        assert conn.execute("SELECT COUNT(*) FROM sqlite_master WHERE name LIKE 'segment_export_snapshot%'").fetchone()[0] == 0
     csv = segment_data.write_csv(tmp_path / "segment.csv", 50)
     file_spec = ExportSpec.model_validate({**off.model_dump(exclude_none=True), "id": "changes_file",
                                            "source": {"path": str(csv), "segment_column": "segment", "segments": ["vip"]},
@@ -209,7 +212,7 @@ def test_snapshot_rows_are_the_segment_hashed_by_the_database(segment_db, sandbo
     try:
         snapshot = SnapshotStore(state)
         assert snapshot.signature() is not None
-        rows = state.conn.execute(f"SELECT COUNT(*), COUNT(DISTINCT profile_key) FROM {SNAPSHOT_TABLE}").fetchone()
+        rows = state.conn.execute(f"SELECT COUNT(*), COUNT(DISTINCT profile_key) FROM {snapshot.table}").fetchone()
         source_rows = state.conn.execute("SELECT COUNT(*), COUNT(DISTINCT lower(email)) FROM segment_members").fetchone()
         assert rows == source_rows  # every row maps to a profile in this segment; repeated rows are one
         assert list(snapshot.affected_keys()) == []  # the state is what the snapshot says

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from segment_export.snapshot import SNAPSHOT_TABLE, SNAPSHOTS_TABLE, SnapshotStore
+from segment_export.snapshot import SNAPSHOTS_TABLE, SnapshotStore, snapshot_table
 from segment_export.state import StateStore
 
 
@@ -28,12 +28,12 @@ class Db:
         cursor.close()
         return rows
 
-    def indexes(self) -> set[str]:
+    def indexes(self, table: str) -> set[str]:
         if self.dialect == "sqlite":
             sql = "SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = ?"
         else:
             sql = "SELECT indexname FROM pg_indexes WHERE schemaname = current_schema() AND tablename = ?"
-        return {name for (name,) in self.execute(sql, (SNAPSHOT_TABLE,))}
+        return {name for (name,) in self.execute(sql, (table,))}
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -66,7 +66,7 @@ def _rows(prefix: str, n: int) -> list[tuple[str, str, str, str, str, str]]:
 
 def _held(db: Db, export_id: str, target_id: str = "t1") -> list[tuple]:
     return sorted(db.execute(f"SELECT row_hash, profile_key, fragment, segment, profile_fingerprint, profile_segments "
-                               f"FROM {SNAPSHOT_TABLE} WHERE export_id = ? AND target_id = ?", (export_id, target_id)))
+                               f"FROM {snapshot_table(export_id, target_id)}"))
 
 
 def test_a_full_snapshot_replaces_only_its_own_target_and_keeps_the_key_index(db):
@@ -77,10 +77,11 @@ def test_a_full_snapshot_replaces_only_its_own_target_and_keeps_the_key_index(db
     first = _rows("a", 500)
     a.replace([first], "sig-a")
     second = _rows("x", 400)
-    assert a.replace([second[:100], second[100:] + second[:1]], "sig-a2") == 401  # a row repeated in the source
+    assert a.replace([second[:100], second[100:]], "sig-a2") == 400
     assert _held(db, "a") == sorted(second)
     assert _held(db, "b") == sorted(b_rows) and _held(db, "a", "t2") == sorted(other_rows)
-    assert f"{SNAPSHOT_TABLE}_by_key" in db.indexes()
+    assert len({a.table, b.table, a_other_target.table}) == 3  # a table per export target
+    assert all(f"{t.table}_by_key" in db.indexes(t.table) for t in (a, b, a_other_target))
     counts = dict(db.execute(f"SELECT export_id || '/' || target_id, row_count FROM {SNAPSHOTS_TABLE}"))
     assert counts == {"b/t1": 300, "a/t2": 50, "a/t1": 400} and a.signature() == "sig-a2"
     assert a.rows_for(["x00003"]) == [r[:4] for r in second if r[1] == "x00003"]
@@ -91,25 +92,25 @@ def test_a_target_alone_in_the_table_is_rewritten_whole_and_its_key_index_rebuil
     a.replace([_rows("a", 300)], "sig-1")
     rows = _rows("y", 250)
     assert a.replace([rows], "sig-2") == 250
-    assert _held(db, "a") == sorted(rows) and f"{SNAPSHOT_TABLE}_by_key" in db.indexes()
+    assert _held(db, "a") == sorted(rows) and f"{a.table}_by_key" in db.indexes(a.table)
     load_tables = ("SELECT count(*) FROM sqlite_temp_master" if db.dialect == "sqlite" else
                    "SELECT count(*) FROM pg_tables WHERE schemaname LIKE 'pg_temp%' AND tablename = 'segment_export_snapshot_load'")
     assert db.execute(load_tables) == [(0,)]  # the load table is gone
     if db.dialect == "sqlite":
         plan = " ".join(str(r) for r in db.execute(
-            f"EXPLAIN QUERY PLAN SELECT * FROM {SNAPSHOT_TABLE} WHERE export_id = 'a' AND target_id = 't1' AND profile_key = 'y00001'"))
-        assert f"{SNAPSHOT_TABLE}_by_key" in plan
+            f"EXPLAIN QUERY PLAN SELECT * FROM {a.table} WHERE profile_key = 'y00001'"))
+        assert f"{a.table}_by_key" in plan
 
 
-def _primary_key(db: Db) -> list[tuple]:
+def _primary_key(db: Db, table: str) -> list[tuple]:
     return db.execute("SELECT a.attname FROM pg_index i JOIN pg_attribute a ON a.attrelid = i.indrelid AND "
                       "a.attnum = ANY(i.indkey) WHERE i.indrelid = ?::regclass AND i.indisprimary ORDER BY a.attnum",
-                      (SNAPSHOT_TABLE,))
+                      (table,))
 
 
 def test_postgresql_copies_a_target_alone_straight_in_and_a_failure_rolls_the_whole_load_back(db):
-    """Alone in the table, a full snapshot is copied straight into it with its indexes dropped and built again
-    (``SnapshotStore._load_bare``), in one transaction: a load that fails halfway leaves the table with its primary
+    """Through psycopg 3, a full snapshot is copied straight into its table with its indexes dropped and built
+    again (``SnapshotStore._load_bare``), in one transaction: a load that fails halfway leaves the table with its primary
     key, its key index and the old rows, and without a signature (the next run reads the whole segment)."""
     if db.dialect != "postgresql":
         pytest.skip("the straight COPY is PostgreSQL's")
@@ -117,7 +118,7 @@ def test_postgresql_copies_a_target_alone_straight_in_and_a_failure_rolls_the_wh
     old = _rows("a", 300)
     assert a.replace([old[:100], old[100:]], "sig-1") == 300
     assert _held(db, "a") == sorted(old) and a.signature() == "sig-1"
-    assert _primary_key(db) == [("export_id",), ("target_id",), ("row_hash",)] and f"{SNAPSHOT_TABLE}_by_key" in db.indexes()
+    assert _primary_key(db, a.table) == [("row_hash",)] and f"{a.table}_by_key" in db.indexes(a.table)
 
     def failing():
         yield _rows("z", 50)
@@ -127,11 +128,11 @@ def test_postgresql_copies_a_target_alone_straight_in_and_a_failure_rolls_the_wh
         a.replace(failing(), "sig-2")
     a.state.rollback()  # as the snapshot writer does
     assert _held(db, "a") == sorted(old) and a.signature() is None
-    assert _primary_key(db) == [("export_id",), ("target_id",), ("row_hash",)] and f"{SNAPSHOT_TABLE}_by_key" in db.indexes()
+    assert _primary_key(db, a.table) == [("row_hash",)] and f"{a.table}_by_key" in db.indexes(a.table)
     with pytest.raises(Exception, match="unique|duplicate"):  # a repeated hash fails the key's build: rolled back too
         a.replace([_rows("d", 20) + _rows("d", 20)[:1]], "sig-3")
     a.state.rollback()
-    assert _held(db, "a") == sorted(old) and _primary_key(db) != []
+    assert _held(db, "a") == sorted(old) and _primary_key(db, a.table) == [("row_hash",)]
 
 
 class _Psycopg2Like:
@@ -172,6 +173,7 @@ def test_postgresql_loads_the_rows_by_copy_or_as_json_to_the_same_snapshot(db, m
     assert copied.replace([odd[:2], odd[2:]], "sig") == 3
     state = StateStore(_Psycopg2Like(db.conn), db.ph, "json", "t1", "test", dialect_name=db.dialect)
     as_json = SnapshotStore(state)
+    as_json.ensure_tables()
     assert as_json.replace([odd], "sig") == 3
-    assert loaded == [3, None]  # COPY through psycopg 3, JSON arrays through the other
+    assert loaded == [3]  # COPY through psycopg 3; the other loads JSON arrays
     assert _held(db, "copy") == _held(db, "json") == sorted(odd)

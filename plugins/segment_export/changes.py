@@ -33,7 +33,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
-from segment_export.snapshot import SNAPSHOT_TABLE, SnapshotStore
+from segment_export.snapshot import SnapshotStore
 from segment_export.sources.sql import ROW_HASH_METHOD
 
 if TYPE_CHECKING:
@@ -141,7 +141,7 @@ def read_changes(ctx: RunContext, columns: Sequence[str], stage_chunk: Any) -> N
     hash_index = len(columns)
     compared = _compare_beside(ctx)  # the snapshot against the state, while the segment is read
     gone: set[str] = set()
-    for rows in clock.fetched(ctx.source.changed_rows(columns, SNAPSHOT_TABLE, *snapshot.ids)):  # type: ignore[attr-defined]
+    for rows in clock.fetched(ctx.source.changed_rows(columns, snapshot.table)):  # type: ignore[attr-defined]
         current = [row for row in rows if row[-1] is None]
         left = [(row[-2], row[-1]) for row in rows if row[-1] is not None]
         if left:

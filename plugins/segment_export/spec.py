@@ -335,8 +335,8 @@ class SyncSpec(_Strict):
     warehouse_diff: bool = Field(
         True, description="On SQLite and PostgreSQL sources whose state lives beside the segment, runs after the first "
         "read only the rows that changed: the database compares the segment with a snapshot the last run left in "
-        "'segment_export_snapshot' (about the size of the segment's mapped columns). false: every run reads the "
-        "whole segment and keeps no snapshot.",
+        "a table of the export target's own, 'segment_export_snapshot_<digest>' (about the size of the segment's "
+        "mapped columns). false: every run reads the whole segment and keeps no snapshot.",
     )
 
 

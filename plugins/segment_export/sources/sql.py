@@ -176,29 +176,15 @@ def build_select(
 
 
 def build_changed_rows(spec: SourceSpec, dialect: SqlDialect, columns: Sequence[str], snapshot_table: str) -> tuple[str, list[Any]]:
-    """The warehouse diff's one pass over the segment: the rows whose hash the export's snapshot does not hold
-    (new or changed), each as its ``columns``, its hash and NULL; and the snapshot's rows the segment no longer
-    holds (changed or gone), each as NULLs, its hash and its profile key. A full outer join on the hash; the
-    snapshot's export and target are the last parameters (``changed_rows_params``).
-
-    PostgreSQL hashes (or merges) the join, which must then be on the hash alone: the snapshot is a subquery of
-    this export's rows. SQLite (3.39 and later) would scan such a subquery once per row (measured: 10 s for 3,300
-    rows); joined to the table itself, with the export and target in the join condition, it looks each row's
-    hash up in the snapshot's primary key, and the snapshot rows left over are filtered to this export's."""
+    """The warehouse diff's one pass over the segment: the rows whose hash the export target's snapshot table does
+    not hold (new or changed), each as its ``columns``, its hash and NULL; and the snapshot's rows the segment no
+    longer holds (changed or gone), each as NULLs, its hash and its profile key. A full outer join on the hash
+    (PostgreSQL hashes or merges it; SQLite, 3.39 and later, looks each row's hash up in the snapshot's primary
+    key)."""
     src, params = hashed_rows(spec, dialect, columns)
-    ph = dialect.placeholder
     head = f"SELECT {', '.join(f'src.c{i}' for i in range(len(columns)))}, COALESCE(src.row_hash, snap.row_hash), snap.profile_key FROM {src} "
-    if dialect.name == "sqlite":
-        sql = head + (
-            f"FULL OUTER JOIN {snapshot_table} snap ON snap.export_id = {ph} AND snap.target_id = {ph} "
-            f"AND snap.row_hash = src.row_hash WHERE snap.row_hash IS NULL "
-            f"OR (src.row_hash IS NULL AND snap.export_id = {ph} AND snap.target_id = {ph})"
-        )
-    else:
-        sql = head + (
-            f"FULL OUTER JOIN (SELECT row_hash, profile_key FROM {snapshot_table} WHERE export_id = {ph} AND target_id = {ph}) snap "
-            "ON snap.row_hash = src.row_hash WHERE src.row_hash IS NULL OR snap.row_hash IS NULL"
-        )
+    sql = head + (f"FULL OUTER JOIN {snapshot_table} snap ON snap.row_hash = src.row_hash "
+                  "WHERE src.row_hash IS NULL OR snap.row_hash IS NULL")
     return sql, params
 
 
@@ -226,11 +212,6 @@ def tune_diff_transaction(conn: Any, settings: dict[str, str] = DIFF_SETTINGS) -
             cursor.execute(f"SET LOCAL {name} = '{value}'")
     finally:
         cursor.close()
-
-
-def changed_rows_params(dialect: SqlDialect, export_id: str, target_id: str) -> list[Any]:
-    """The snapshot's parameters of ``build_changed_rows``, after the segment's."""
-    return [export_id, target_id] * (2 if dialect.name == "sqlite" else 1)
 
 
 class SqlSource(Source):
@@ -327,12 +308,11 @@ class SqlSource(Source):
                                    limit=limit, row_hash=row_hash)
         return self._stream(sql, params)
 
-    def changed_rows(self, columns: Sequence[str], snapshot_table: str, export_id: str, target_id: str) -> Iterator[list[Row]]:
+    def changed_rows(self, columns: Sequence[str], snapshot_table: str) -> Iterator[list[Row]]:
         """The warehouse diff's rows (``build_changed_rows``): ``(*values, hash, None)`` for a row new or changed
         since the snapshot, ``(None, ..., hash, profile key)`` for a snapshot row the segment no longer holds."""
         self._check(columns)
         sql, params = build_changed_rows(self.spec, self.dialect, columns, snapshot_table)
-        params += changed_rows_params(self.dialect, export_id, target_id)
         if self.dialect.name != "postgresql":
             return self._stream(sql, params)
         tune_diff_transaction(self.conn, SEGMENT_DIFF_SETTINGS)  # the read's transaction ends when the source is closed
