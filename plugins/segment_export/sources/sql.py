@@ -130,8 +130,11 @@ def hashed_rows(spec: SourceSpec, dialect: SqlDialect, columns: Sequence[str],
     once: slower, not wrong. ``hash_record_extended`` of the row itself would be cheaper still but is 64 bits, fails on
     types without a hash function and hashes ``1.0`` and ``1.00`` alike, which the mapping tells apart.
 
-    The subqueries are fenced with ``OFFSET 0``: not inlined, each expression is evaluated once a row, where the
-    parallel workers scan, rather than wherever the outer query uses it. SQLite: :func:`sqlite_row_hash`."""
+    The subqueries are fenced with ``OFFSET 0`` so that neither is inlined: the row's text is made once a row, by
+    the parallel workers where they scan, and the two hashes once a row above them, rather than wherever the outer
+    query uses them (a join's condition, its filter, its output). Measured at 1.1M rows, the hashes computed beside
+    the text in the workers (the text made twice): the diff's pass 2.8-2.9 s against 2.2-2.4 s this way. SQLite:
+    :func:`sqlite_row_hash`."""
     from_sql, params = build_from(spec, dialect)
     names = [*columns, *(c for c in extra if c not in columns)]
     quoted = ", ".join(dialect.q(c) for c in columns)
