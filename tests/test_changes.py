@@ -268,3 +268,21 @@ def test_without_a_second_connection_the_state_is_compared_after_the_read(pg_sch
     second = run(spec, run_id="r2")
     assert (second.change_detection, second.read, second.sent, second.accepted) == ("warehouse", 0, 1, 1)
     assert "compared with the state after the read (a second connection failed: too many connections)" in caplog.text
+
+
+def test_without_a_temporary_table_the_diff_streams_its_pass_and_finds_the_same_rows(pg_schema, tmp_path, airflow_conn,
+                                                                                      sandbox, monkeypatch):
+    """On PostgreSQL the diff's pass is written to a temporary table (so it may run in parallel); where that cannot
+    be created (a role without the TEMPORARY privilege; here, a name PostgreSQL refuses), the pass is streamed
+    through a cursor instead, in the same transaction, and finds the same changed rows."""
+    wh = Warehouse("postgresql", tmp_path, airflow_conn, pg_schema)
+    wh.reset()
+    spec = _spec("klaviyo", wh.conn_id, wh.table, True)
+    run(spec, run_id="r1")
+    wh.execute("UPDATE {t} SET first_name = 'Changed' WHERE customer_id = 7")
+    monkeypatch.setattr("segment_export.sources.sql.CHANGED_TABLE", 'no"such')
+    second = run(spec, run_id="r2")
+    assert (second.change_detection, second.sent, second.accepted) == ("warehouse", 1, 1)
+    assert 0 < second.read <= 2  # the changed row (and its profile's other row, if it has one)
+    email = wh.execute("SELECT email FROM {t} WHERE customer_id = 7 LIMIT 1")[0][0].lower()
+    assert klaviyo_profiles(sandbox.state(), KLAVIYO_LIST_ID)[email]["first_name"] == "Changed"

@@ -75,9 +75,22 @@ class SnapshotStore:
                 f"CREATE INDEX IF NOT EXISTS {self.table}_by_key ON {self.table} (profile_key)")
 
     def ensure_tables(self) -> None:
-        for ddl in (f"DROP TABLE IF EXISTS {SHARED_SNAPSHOT_TABLE}", _SNAPSHOTS_DDL, *self._ddl):
+        self._drop_shared_table()
+        for ddl in (_SNAPSHOTS_DDL, *self._ddl):
             self.state._run(ddl).close()
         self.state.conn.commit()
+
+    def _drop_shared_table(self) -> None:
+        """Drop the table earlier versions shared between targets, if it is there and free within two seconds: a
+        worker still on an earlier version may hold it (a rolling upgrade), and then it is dropped by a later run."""
+        state = self.state
+        try:
+            if state.dialect == "postgres":
+                state._run("SET LOCAL lock_timeout = '2s'").close()
+            state._run(f"DROP TABLE IF EXISTS {SHARED_SNAPSHOT_TABLE}").close()
+            state.conn.commit()
+        except Exception:  # noqa: BLE001 - a cache nobody reads any more: left for a later run
+            state.rollback()
 
     def signature(self) -> str | None:
         """The signature the snapshot was written under; None when there is none."""
@@ -251,12 +264,6 @@ class SnapshotStore:
         if self.state.dialect == "postgres":
             self.state._run(f"ANALYZE {STATE_TABLE}").close()
             self.state.conn.commit()
-
-    def clear(self) -> None:
-        """Forget the snapshot (the next run reads the whole segment)."""
-        self.state._run(f"DELETE FROM {SNAPSHOTS_TABLE} WHERE export_id = ? AND target_id = ?", self.ids).close()
-        self.state._run(f"DROP TABLE IF EXISTS {self.table}").close()
-        self.state.conn.commit()
 
 
 def _copy_rows(conn: Any, table: str, rows: Iterable[list[SnapshotRow]]) -> int | None:

@@ -324,9 +324,15 @@ class SqlSource(Source):
         # https://www.postgresql.org/docs/current/when-can-parallel-query-be-used.html), and the rows are streamed
         # through one so that a large change does not sit in the task's memory; CREATE TABLE AS may be planned in
         # parallel. Measured at 1.1M rows, 40,000 out: the pass 2.7-2.8 s through a cursor, 2.2-2.4 s into the table.
-        for statement, args in ((f"DROP TABLE IF EXISTS pg_temp.{CHANGED_TABLE}", []),
-                                (f"CREATE TEMPORARY TABLE {CHANGED_TABLE} ON COMMIT DROP AS {sql}", params)):
-            self._execute(statement, args).close()
+        # A role without the TEMPORARY privilege (granted to everyone by default) streams the pass itself instead.
+        self._execute("SAVEPOINT segment_export_changed_rows", []).close()
+        try:
+            for statement, args in ((f"DROP TABLE IF EXISTS pg_temp.{CHANGED_TABLE}", []),
+                                    (f"CREATE TEMPORARY TABLE {CHANGED_TABLE} ON COMMIT DROP AS {sql}", params)):
+                self._execute(statement, args).close()
+        except SourceError:
+            self._execute("ROLLBACK TO SAVEPOINT segment_export_changed_rows", []).close()
+            return self._stream(sql, params)
         return self._stream(f"SELECT * FROM pg_temp.{CHANGED_TABLE}", [])
 
     def _stream(self, sql: str, params: list[Any]) -> Iterator[list[Row]]:
