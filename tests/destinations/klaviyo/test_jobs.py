@@ -116,3 +116,33 @@ def test_a_failed_round_is_tried_again_and_a_lasting_failure_raised_in_the_waiti
     if poller is not None:
         poller.join(timeout=2)
         assert not poller.is_alive()
+
+
+def test_a_poller_starts_with_quick_rounds_only_after_a_minute_without_one(monkeypatch):
+    """The first looks are QUICK_INTERVAL apart when the poller starts after a pause (a rerun's one job), not when
+    it starts again right after the last one ended (one job after another)."""
+    from types import SimpleNamespace
+
+    import segment_export.destinations.klaviyo.jobs as jobs_module
+
+    class Listed(_Hook):
+        def iter_finished_job_pages(self, *, max_pages):
+            yield [{"id": "ours", "attributes": {"status": "complete"}}]
+
+    now = [1000.0]
+    sleeps: list[float] = []
+    monkeypatch.setattr(jobs_module, "time", SimpleNamespace(sleep=sleeps.append))  # the poller's only wait
+    board = JobBoard(Listed(), interval=0.75, clock=lambda: now[0])  # type: ignore[arg-type]
+
+    def wait_once() -> list[float]:
+        sleeps.clear()
+        assert board.wait({"id": "ours", "attributes": {"status": "queued"}})["attributes"]["status"] == "complete"
+        while board._poller is not None:  # it ends at its next round: nobody waits
+            board._poller.join(timeout=1)
+        return list(sleeps)
+
+    assert wait_once()[0] == jobs_module.QUICK_INTERVAL  # the first poller of the board
+    now[0] += 5.0
+    assert wait_once()[0] == 0.75  # started again 5 s after the last one stopped
+    now[0] += jobs_module.QUICK_AFTER
+    assert wait_once()[0] == jobs_module.QUICK_INTERVAL
