@@ -84,6 +84,7 @@ class SnapshotStore:
         """Drop the table earlier versions shared between targets, if it is there and free within two seconds: a
         worker still on an earlier version may hold it (a rolling upgrade), and then it is dropped by a later run."""
         state = self.state
+        state.conn.commit()  # what the run wrote before stays, whatever happens to the drop
         try:
             if state.dialect == "postgres":
                 state._run("SET LOCAL lock_timeout = '2s'").close()
