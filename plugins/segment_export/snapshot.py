@@ -109,13 +109,16 @@ class SnapshotStore:
         # anti-join, each looking keys up in the other table's index. A profile of several rows comes out once per
         # row; the caller keeps each key once.
         state_rows = f"SELECT profile_key, fingerprint, segments FROM {STATE_TABLE} WHERE export_id = ? AND target_id = ?"
-        if self.state.dialect == "postgres":
+        postgres = self.state.dialect == "postgres"
+        if postgres:
+            params = self.ids
             sql = (
                 f"SELECT COALESCE(n.profile_key, s.profile_key) FROM {self.table} n FULL OUTER JOIN ({state_rows}) s "
                 "ON s.profile_key = n.profile_key WHERE n.profile_key IS NULL OR s.profile_key IS NULL "
                 "OR s.fingerprint <> n.profile_fingerprint OR s.segments <> n.profile_segments"
             )
         else:
+            params = self.ids + self.ids
             sql = (
                 f"SELECT n.profile_key FROM {self.table} n LEFT JOIN {STATE_TABLE} s ON s.export_id = ? "
                 "AND s.target_id = ? AND s.profile_key = n.profile_key "
@@ -123,9 +126,9 @@ class SnapshotStore:
                 f"UNION ALL SELECT s.profile_key FROM {STATE_TABLE} s WHERE s.export_id = ? AND s.target_id = ? AND NOT EXISTS "
                 f"(SELECT 1 FROM {self.table} n WHERE n.profile_key = s.profile_key)"
             )
-        if self.state.dialect == "postgres":
+        if postgres:
             tune_diff_transaction(self.state.conn)  # until the transaction ends (the state commits after each write)
-        cursor = self.state._run(sql, self.ids + self.ids if self.state.dialect != "postgres" else self.ids)
+        cursor = self.state._run(sql, params)
         try:
             while rows := cursor.fetchmany(_CHUNK):
                 for (key,) in rows:
@@ -205,10 +208,7 @@ class SnapshotStore:
         drops back with the rest: the table never stays without its key. Rows repeated in the source are one staged
         row each (``Staging.snapshot_rows`` keeps one row per hash), so building the key cannot fail on them."""
         conn = self.state.conn
-        cursor = conn.cursor()
-        can_copy = callable(getattr(cursor, "copy", None))
-        cursor.close()
-        if not can_copy:
+        if not _can_copy(conn):
             return None
         run = self.state._run
         run("SET LOCAL lock_timeout = '10s'").close()  # TRUNCATE waits for other sessions' locks: not for ever
@@ -267,10 +267,19 @@ class SnapshotStore:
             self.state.conn.commit()
 
 
-def _copy_rows(conn: Any, table: str, rows: Iterable[list[SnapshotRow]]) -> int | None:
-    """PostgreSQL through psycopg 3: the rows loaded with one ``COPY … FROM STDIN`` (psycopg's
-    ``Cursor.copy``, https://www.psycopg.org/psycopg3/docs/basic/copy.html); None, and nothing read from ``rows``,
-    for another driver (psycopg 2's ``copy_expert`` takes a file, not rows), which then loads them as JSON arrays.
+def _can_copy(conn: Any) -> bool:
+    """Whether the connection's cursors stream rows into ``COPY … FROM STDIN`` (psycopg 3's ``Cursor.copy``;
+    psycopg 2's ``copy_expert`` takes a file, not rows, and its snapshot is loaded as JSON arrays)."""
+    cursor = conn.cursor()
+    try:
+        return callable(getattr(cursor, "copy", None))
+    finally:
+        cursor.close()
+
+
+def _copy_rows(conn: Any, table: str, rows: Iterable[list[SnapshotRow]]) -> int:
+    """PostgreSQL through psycopg 3 (``_can_copy``): the rows loaded with one ``COPY … FROM STDIN`` (psycopg's
+    ``Cursor.copy``, https://www.psycopg.org/psycopg3/docs/basic/copy.html). Returns the rows loaded.
 
     Why: at 1,100,000 rows the JSON arrays cost PostgreSQL 10.1 s to unpack (``json_array_elements`` and ``->>`` a
     field), about as much as sorting and writing the snapshot itself (8.0 s); COPY's text format is parsed as it
@@ -278,9 +287,6 @@ def _copy_rows(conn: Any, table: str, rows: Iterable[list[SnapshotRow]]) -> int 
     formats each row); in the benchmark's first export from PostgreSQL at 1M, which waits for this write, 78.6 s
     with JSON against 62.4 and 68.5 s with COPY, run alternately (indicative: the same JSON code also took 73.3 s)."""
     cursor = conn.cursor()
-    if not callable(getattr(cursor, "copy", None)):
-        cursor.close()
-        return None
     loaded = 0
     try:
         with cursor.copy(f"COPY {table} FROM STDIN") as copy:
